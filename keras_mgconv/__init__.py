@@ -1,0 +1,18 @@
+"""keras_mgconv: multigrid-in-channels (MGIC) convolutional networks for Keras."""
+
+from keras_mgconv.layers import (
+    ChannelProlongation,
+    ChannelRestriction,
+    GroupedConv2D,
+    MultigridConv2D,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelProlongation",
+    "ChannelRestriction",
+    "GroupedConv2D",
+    "MultigridConv2D",
+    "__version__",
+]

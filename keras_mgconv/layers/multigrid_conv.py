@@ -1,0 +1,296 @@
+"""MultigridConv2D: a convolution whose weights grow linearly with the width."""
+
+import tensorflow as tf
+
+from keras_mgconv._keras import keras
+from keras_mgconv.layers import _arguments
+from keras_mgconv.layers.channel_transfer import (
+    ChannelProlongation,
+    ChannelRestriction,
+    _check_group_size,
+)
+from keras_mgconv.layers.grouped_conv import GroupedConv2D
+
+
+def level_widths(filters, group_size=16, coarsest_channels=None):
+    """The channel widths of a multigrid hierarchy, finest first.
+
+    Level 0 has `filters` channels and each level half of the previous one; the
+    hierarchy stops at the first level of at most `coarsest_channels` channels.
+    Every level above the coarsest is smoothed and restricted in groups of
+    `group_size`, so it must be a multiple of `group_size`.
+
+    Args:
+        filters: the finest width.
+        group_size: the channels per group, an even int.
+        coarsest_channels: the widest allowed coarsest level; defaults to
+            `group_size`.
+
+    Returns:
+        Tuple of ints, e.g. `(256, 128, 64, 32, 16)` for 256 filters and group
+        size 16; `(filters,)` when `filters <= coarsest_channels`.
+
+    Raises:
+        ValueError: for non-positive arguments, an odd `group_size`, a
+            `coarsest_channels` above `filters`, or a level above the coarsest
+            that is not a multiple of `group_size`.
+    """
+    _arguments.positive_int("filters", filters)
+    _check_group_size(group_size)
+    if coarsest_channels is None:
+        coarsest_channels = group_size
+    _arguments.positive_int("coarsest_channels", coarsest_channels)
+    if coarsest_channels > filters:
+        raise ValueError(
+            "The coarsest level cannot be wider than the layer: "
+            f"`coarsest_channels` (default: `group_size`) must be at most "
+            f"`filters`. Received: coarsest_channels={coarsest_channels}, "
+            f"group_size={group_size}, filters={filters}."
+        )
+    widths = [filters]
+    while widths[-1] > coarsest_channels:
+        if widths[-1] % group_size:
+            raise ValueError(
+                f"Every level above the coarsest must be a multiple of "
+                f"`group_size`, so that all its channels are coupled; the widths "
+                f"{widths} stop at {widths[-1]}, which is not. Use `filters` "
+                f"divisible by {group_size * 2 ** (len(widths) - 1)}, another "
+                f"`group_size`, or `coarsest_channels` >= {widths[-1]}. "
+                f"Received: filters={filters}, "
+                f"group_size={group_size}, coarsest_channels={coarsest_channels}."
+            )
+        widths.append(widths[-1] // 2)
+    return tuple(widths)
+
+
+@keras.saving.register_keras_serializable(package="keras_mgconv")
+class MultigridConv2D(keras.layers.Layer):
+    """Multigrid-in-channels 2D convolution, a drop-in for `Conv2D`.
+
+    A `Conv2D` from C to C channels has `k*k*C*C` weights. This layer couples
+    every output channel with every input channel too, but through a V-cycle
+    over a hierarchy of channel widths (`levels`: C, C/2, ..., at most
+    `coarsest_channels`), so its weights grow linearly with C (Eliasof et al.,
+    "Multigrid-in-Channels Neural Network Architectures"):
+
+    ```
+    x_0     = connector(inputs)                 # only if width/stride/size change
+    x_{l+1} = R_l(x_l)                          # ChannelRestriction, l = 0..L-1
+    y_L     = S_L(x_L)                          # full k x k conv, coarsest level
+    z_l     = x_l + P_l(y_{l+1} - x_{l+1})      # ChannelProlongation: correction
+    y_l     = z_l + S_l(z_l)                    # grouped k x k smoothing
+    outputs = activation(y_0 + bias)
+    ```
+
+    `S_l` (l < L) is a grouped convolution with `group_size` channels per group;
+    the connector, present when the input width differs from `filters`, when
+    `strides > 1`, or when `padding="valid"` shrinks the image, is a k x k
+    convolution with `group_size` input channels per group (full where the
+    input has at most `group_size` channels or the group counts do not divide
+    both widths). A layer with `filters <= coarsest_channels` is a single full
+    convolution.
+
+    Weights (kernel size k = kh * kw, s = group_size, widths C_0..C_L = `levels`):
+
+    ```
+    sum_{l<L} (k * C_l * s  +  C_l * s)  +  k * C_L**2  +  connector  +  bias
+    connector = k * C_in * filters / G   (G its groups),  bias = filters
+    ```
+
+    e.g. 79,104 kernel weights for C=256, k=3x3, s=16 against 589,824 for
+    `Conv2D`; doubling C roughly doubles them.
+
+    Args:
+        filters: int, the output channels.
+        kernel_size: int or pair of ints.
+        strides: int or pair of ints.
+        padding: `"valid"` or `"same"`, as in `Conv2D` (output sizes are the same).
+        data_format: only `"channels_last"` is supported; `"channels_first"`
+            raises at construction.
+        activation: activation applied to the output, or None.
+        use_bias: whether to add one bias per output channel.
+        kernel_initializer, kernel_regularizer, kernel_constraint: applied to
+            every k x k kernel (connector, smoothers, coarsest level).
+        bias_initializer, bias_regularizer, bias_constraint: for the bias.
+        group_size: even int, channels per group (default 16).
+        coarsest_channels: int, the widest allowed coarsest level, where one full
+            convolution couples all channels (default: `group_size`).
+        implementation: `"auto"`, `"grouped"` or `"split"`, how grouped
+            convolutions run; see `keras_mgconv.layers.grouped_conv.grouped_conv2d`.
+        **kwargs: base layer arguments (`name`, `dtype`, `activity_regularizer`, ...).
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)`.
+
+    Output shape:
+        4D tensor `(batch, new_height, new_width, filters)`, as `Conv2D`'s.
+
+    Raises:
+        ValueError: at construction, for non-positive `filters` or
+            `group_size`, an odd `group_size`, `coarsest_channels > filters`,
+            widths not halvable in multiples of `group_size` down to
+            `coarsest_channels`, unknown `padding`, channels-first data, or
+            strides and kernel sizes that are not positive.
+
+    Example:
+
+    >>> x = np.random.rand(2, 16, 16, 64).astype("float32")
+    >>> layer = keras_mgconv.MultigridConv2D(64, 3, padding="same", group_size=16)
+    >>> tuple(layer(x).shape), layer.levels
+    ((2, 16, 16, 64), (64, 32, 16))
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid",
+                 data_format=None, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, group_size=16,
+                 coarsest_channels=None, implementation="auto", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = _arguments.positive_int("filters", filters)
+        self.kernel_size = _arguments.pair("kernel_size", kernel_size)
+        self.strides = _arguments.pair("strides", strides)
+        self.padding = _arguments.padding_mode(padding)
+        self.data_format = _arguments.channels_last(data_format)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.group_size = group_size
+        self.coarsest_channels = coarsest_channels
+        self._levels = level_widths(filters, group_size, coarsest_channels)
+        self.implementation = _arguments.implementation_mode(implementation)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    @property
+    def levels(self):
+        """The channel widths of the hierarchy, finest first, e.g. (64, 32, 16)."""
+        return self._levels
+
+    def _conv(self, name, filters, groups, strides=(1, 1), padding="same"):
+        serialize = keras.saving.serialize_keras_object
+        return GroupedConv2D(
+            filters,
+            self.kernel_size,
+            groups=groups,
+            strides=strides,
+            padding=padding,
+            use_bias=False,
+            kernel_initializer=serialize(self.kernel_initializer),
+            kernel_regularizer=serialize(self.kernel_regularizer),
+            kernel_constraint=serialize(self.kernel_constraint),
+            implementation=self.implementation,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def _connector_groups(self, input_channels):
+        groups = input_channels // self.group_size
+        if (input_channels <= self.group_size or input_channels % self.group_size
+                or self.filters % groups):
+            return 1
+        return groups
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        channels = _arguments.input_channels(self, input_shape)
+        coarsest_width = self._levels[-1]
+        self.connector = None
+        self.restrictions = []
+        self.prolongations = []
+        self.smoothers = []
+        if len(self._levels) == 1:
+            self.coarsest = self._conv(
+                "coarsest", coarsest_width, 1, self.strides, self.padding)
+            self.coarsest.build(input_shape)
+        else:
+            changes_shape = (
+                channels != self.filters
+                or self.strides != (1, 1)
+                or (self.padding == "valid" and self.kernel_size != (1, 1))
+            )
+            if changes_shape:
+                self.connector = self._conv(
+                    "connector", self.filters, self._connector_groups(channels),
+                    self.strides, self.padding)
+                self.connector.build(input_shape)
+            for level, width in enumerate(self._levels[:-1]):
+                shape = (None, None, None, width)
+                coarse_shape = (None, None, None, width // 2)
+                restriction = ChannelRestriction(
+                    self.group_size, implementation=self.implementation,
+                    dtype=self.dtype_policy, name=f"restriction_{level}")
+                prolongation = ChannelProlongation(
+                    self.group_size, implementation=self.implementation,
+                    dtype=self.dtype_policy, name=f"prolongation_{level}")
+                smoother = self._conv(
+                    f"smoother_{level}", width, width // self.group_size)
+                restriction.build(shape)
+                prolongation.build(coarse_shape)
+                smoother.build(shape)
+                self.restrictions.append(restriction)
+                self.prolongations.append(prolongation)
+                self.smoothers.append(smoother)
+            self.coarsest = self._conv("coarsest", coarsest_width, 1)
+            self.coarsest.build((None, None, None, coarsest_width))
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
+        self.built = True
+
+    def call(self, inputs):
+        fine = [inputs if self.connector is None else self.connector(inputs)]
+        for restriction in self.restrictions:
+            fine.append(restriction(fine[-1]))
+        outputs = self.coarsest(fine[-1])
+        for level in reversed(range(len(self.smoothers))):
+            corrected = fine[level] + self.prolongations[level](
+                outputs - fine[level + 1])
+            outputs = corrected + self.smoothers[level](corrected)
+        if self.bias is not None:
+            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, self.compute_dtype))
+        return self.activation(outputs)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, _ = tuple(input_shape)
+        return (
+            batch,
+            _arguments.conv_output_length(
+                height, self.kernel_size[0], self.strides[0], self.padding),
+            _arguments.conv_output_length(
+                width, self.kernel_size[1], self.strides[1], self.padding),
+            self.filters,
+        )
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "data_format": self.data_format,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": serialize(self.kernel_initializer),
+            "bias_initializer": serialize(self.bias_initializer),
+            "kernel_regularizer": serialize(self.kernel_regularizer),
+            "bias_regularizer": serialize(self.bias_regularizer),
+            "kernel_constraint": serialize(self.kernel_constraint),
+            "bias_constraint": serialize(self.bias_constraint),
+            "group_size": self.group_size,
+            "coarsest_channels": self.coarsest_channels,
+            "implementation": self.implementation,
+        }

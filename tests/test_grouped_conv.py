@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_mgconv
+from keras_mgconv._keras import keras
+from keras_mgconv.layers.grouped_conv import grouped_conv2d, grouped_gradient_supported
+
+from conftest import block_diagonal_kernel
+from layer_checks import check_layer
+
+
+@pytest.mark.parametrize("implementation", ["auto", "grouped", "split"])
+@pytest.mark.parametrize("strides,padding", [(1, "same"), (2, "same"), (1, "valid"), (2, "valid")])
+@pytest.mark.parametrize("groups,kernel_size", [(4, 3), (8, 1), (2, 5)])
+def test_grouped_conv2d_equals_full_conv_with_block_diagonal_kernel(
+        implementation, strides, padding, groups, kernel_size):
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((2, 9, 9, 16)).astype("float32")
+    kernel = rng.standard_normal((kernel_size, kernel_size, 16 // groups, 24)).astype("float32")
+    expected = tf.nn.conv2d(inputs, block_diagonal_kernel(kernel, groups), strides,
+                            padding.upper())
+    outputs = grouped_conv2d(inputs, kernel, groups, (strides, strides), padding,
+                             implementation)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_conv2d_gradients_match_between_implementations():
+    rng = np.random.default_rng(2)
+    inputs = tf.constant(rng.standard_normal((2, 8, 8, 32)).astype("float32"))
+    kernel = tf.constant(rng.standard_normal((3, 3, 8, 32)).astype("float32"))
+    grads = {}
+    for implementation in ("split", "auto"):
+        with tf.GradientTape() as tape:
+            tape.watch([inputs, kernel])
+            outputs = grouped_conv2d(inputs, kernel, 4, implementation=implementation)
+            loss = tf.reduce_sum(outputs ** 2)
+        grads[implementation] = tape.gradient(loss, [inputs, kernel])
+    for split_grad, auto_grad in zip(grads["split"], grads["auto"]):
+        np.testing.assert_allclose(split_grad, auto_grad, rtol=1e-4, atol=1e-3)
+
+
+def test_gradient_probe_answers_per_dtype():
+    assert isinstance(grouped_gradient_supported(tf.float32), bool)
+    # oneDNN differentiates grouped convolutions in float32 only: float16 never
+    # takes the direct path on a CPU-only machine.
+    if not tf.config.list_physical_devices("GPU"):
+        assert grouped_gradient_supported(tf.float16) is False
+
+
+def test_grouped_conv2d_rejects_unknown_implementation():
+    with pytest.raises(ValueError, match="implementation='fast'"):
+        grouped_conv2d(tf.ones((1, 4, 4, 4)), tf.ones((1, 1, 2, 4)), 2,
+                       implementation="fast")
+
+
+@pytest.mark.parametrize("kwargs,input_shape,output_shape,num_weights", [
+    ({"filters": 32, "kernel_size": 3, "groups": 4, "padding": "same"},
+     (None, 8, 8, 16), (None, 8, 8, 32), 2),
+    ({"filters": 16, "kernel_size": 3, "groups": 8, "strides": 2, "use_bias": False},
+     (None, 9, 9, 16), (None, 4, 4, 16), 1),
+    ({"filters": 8, "kernel_size": (1, 3), "groups": 1, "activation": "relu"},
+     (None, 6, 6, 4), (None, 6, 4, 8), 2),
+])
+def test_grouped_conv2d_layer(tmp_path, kwargs, input_shape, output_shape, num_weights):
+    check_layer(tmp_path, keras_mgconv.GroupedConv2D, kwargs, input_shape, output_shape,
+                num_weights)
+
+
+def test_grouped_conv2d_layer_matches_keras_conv2d_with_groups():
+    inputs = np.random.default_rng(3).standard_normal((2, 8, 8, 16)).astype("float32")
+    ours = keras_mgconv.GroupedConv2D(32, 3, groups=4, padding="same")
+    theirs = keras.layers.Conv2D(32, 3, groups=4, padding="same")
+    ours.build(inputs.shape)
+    theirs.build(inputs.shape)
+    assert ours.kernel.shape == theirs.kernel.shape
+    theirs.set_weights(ours.get_weights())
+    np.testing.assert_allclose(ours(inputs), theirs(inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"filters": 0, "kernel_size": 3}, "filters=0"),
+    ({"filters": 8, "kernel_size": 3, "groups": -1}, "groups=-1"),
+    ({"filters": 10, "kernel_size": 3, "groups": 4}, "filters=10, groups=4"),
+    ({"filters": 8, "kernel_size": (3, 0)}, r"kernel_size=\(3, 0\)"),
+    ({"filters": 8, "kernel_size": 3, "strides": 0}, "strides=0"),
+    ({"filters": 8, "kernel_size": 3, "padding": "causal"}, "padding='causal'"),
+    ({"filters": 8, "kernel_size": 3, "data_format": "channels_first"},
+     "data_format='channels_first'"),
+])
+def test_grouped_conv2d_layer_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_mgconv.GroupedConv2D(**kwargs)
+
+
+def test_grouped_conv2d_layer_rejects_input_channels_not_divisible_by_groups():
+    with pytest.raises(ValueError, match="input channels=6, groups=4"):
+        keras_mgconv.GroupedConv2D(8, 3, groups=4).build((None, 8, 8, 6))
