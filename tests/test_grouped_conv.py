@@ -61,6 +61,8 @@ def test_grouped_conv2d_rejects_unknown_implementation():
      (None, 9, 9, 16), (None, 4, 4, 16), 1),
     ({"filters": 8, "kernel_size": (1, 3), "groups": 1, "activation": "relu"},
      (None, 6, 6, 4), (None, 6, 4, 8), 2),
+    ({"filters": 16, "kernel_size": 3, "groups": 4, "padding": "same", "residual": True},
+     (None, 5, 5, 16), (None, 5, 5, 16), 2),
 ])
 def test_grouped_conv2d_layer(tmp_path, kwargs, input_shape, output_shape, num_weights):
     check_layer(tmp_path, keras_mgconv.GroupedConv2D, kwargs, input_shape, output_shape,
@@ -96,3 +98,30 @@ def test_grouped_conv2d_layer_rejects_bad_arguments(kwargs, message):
 def test_grouped_conv2d_layer_rejects_input_channels_not_divisible_by_groups():
     with pytest.raises(ValueError, match="input channels=6, groups=4"):
         keras_mgconv.GroupedConv2D(8, 3, groups=4).build((None, 8, 8, 6))
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 4, (3, 2)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_residual_adds_the_input(kernel_size, groups):
+    inputs = np.random.default_rng(4).standard_normal((2, 7, 7, 16)).astype("float32")
+    layer = keras_mgconv.GroupedConv2D(16, kernel_size, groups=groups, padding="same",
+                                       residual=True)
+    plain = keras_mgconv.GroupedConv2D(16, kernel_size, groups=groups, padding="same")
+    layer.build(inputs.shape)
+    plain.build(inputs.shape)
+    plain.set_weights(layer.get_weights())
+    np.testing.assert_allclose(layer(inputs), inputs + plain(inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"strides": 2, "padding": "same"}, r"strides=\(2, 2\), padding='same'"),
+    ({"padding": "valid"}, "padding='valid'"),
+])
+def test_residual_rejects_size_changes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_mgconv.GroupedConv2D(16, 3, residual=True, **kwargs)
+
+
+def test_residual_rejects_width_changes():
+    with pytest.raises(ValueError, match="input channels=8, output channels=16"):
+        keras_mgconv.GroupedConv2D(16, 3, padding="same", residual=True).build((None, 4, 4, 8))

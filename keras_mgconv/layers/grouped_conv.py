@@ -14,6 +14,7 @@ everywhere and computes exactly the same function with the same kernel.
 
 import functools
 
+import numpy as np
 import tensorflow as tf
 
 from keras_mgconv._keras import keras
@@ -95,6 +96,25 @@ def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
     return tf.concat(group_outputs, axis=-1)
 
 
+def identity_kernel(kernel_shape, groups):
+    """The grouped kernel whose convolution ("same" padding) returns its input.
+
+    Ones at the tap that "same" padding aligns with the output pixel
+    (`(k - 1) // 2`, also for even k), from each channel to itself.
+    """
+    kh, kw, group_channels, channels = kernel_shape
+    if group_channels * groups != channels:
+        raise ValueError(
+            "An identity kernel needs as many output as input channels. "
+            f"Received: kernel_shape={tuple(kernel_shape)}, groups={groups}."
+        )
+    kernel = np.zeros(kernel_shape, "float32")
+    output_channels = np.arange(channels)
+    kernel[(kh - 1) // 2, (kw - 1) // 2, output_channels % group_channels,
+           output_channels] = 1.0
+    return kernel
+
+
 class GroupedConvBase(keras.layers.Layer):
     """A layer holding one grouped convolution kernel and an optional bias.
 
@@ -106,7 +126,8 @@ class GroupedConvBase(keras.layers.Layer):
                  use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, kernel_constraint=None,
-                 bias_constraint=None, implementation="auto", **kwargs):
+                 bias_constraint=None, implementation="auto", residual=False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.kernel_size = _arguments.pair("kernel_size", kernel_size)
         self.strides = _arguments.pair("strides", strides)
@@ -119,6 +140,13 @@ class GroupedConvBase(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.implementation = _arguments.implementation_mode(implementation)
+        self.residual = bool(residual)
+        if self.residual and (self.strides != (1, 1) or self.padding != "same"):
+            raise ValueError(
+                "A residual convolution keeps the image size: it needs "
+                "strides=1 and padding='same'. Received: residual=True, "
+                f"strides={self.strides}, padding={self.padding!r}."
+            )
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     def _output_channels(self, input_channels):
@@ -147,13 +175,27 @@ class GroupedConvBase(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
+        self._identity = None
+        if self.residual:
+            if filters != channels:
+                raise ValueError(
+                    f"Layer {self.name!r}: a residual convolution needs as many "
+                    f"output as input channels. Received: input channels="
+                    f"{channels}, output channels={filters}."
+                )
+            self._identity = identity_kernel(self.kernel.shape, self.groups)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         self.built = True
 
     def call(self, inputs):
+        kernel = tf.cast(self.kernel, self.compute_dtype)
+        if self._identity is not None:
+            # inputs + conv(inputs) as one convolution: a pass over the
+            # activations fewer, forward and backward.
+            kernel += tf.constant(self._identity, self.compute_dtype)
         outputs = grouped_conv2d(
             inputs,
-            tf.cast(self.kernel, self.compute_dtype),
+            kernel,
             self.groups,
             self.strides,
             self.padding,
@@ -210,6 +252,10 @@ class GroupedConv2D(GroupedConvBase):
         bias_regularizer, kernel_constraint, bias_constraint: as in `Conv2D`.
         implementation: `"auto"` (default), `"grouped"` or `"split"`; see
             `grouped_conv2d`. All three compute the same outputs.
+        residual: if True, returns `activation(inputs + conv(inputs) + bias)`,
+            computed as one convolution whose kernel has the identity added
+            (no separate addition over the activations). Needs `filters` equal
+            to the input channels, strides 1 and `padding="same"`.
         **kwargs: base layer arguments (`name`, `dtype`, `activity_regularizer`, ...).
 
     Input shape:
@@ -220,8 +266,9 @@ class GroupedConv2D(GroupedConvBase):
 
     Raises:
         ValueError: for non-positive `filters` or `groups`, `filters` not a
-            multiple of `groups`, bad `padding` or `data_format`, or (at build
-            time) input channels not a multiple of `groups`.
+            multiple of `groups`, bad `padding` or `data_format`, `residual`
+            with strides or "valid" padding, or (at build time) input channels
+            not a multiple of `groups` or, with `residual`, not equal to `filters`.
 
     Example:
 
@@ -236,11 +283,13 @@ class GroupedConv2D(GroupedConvBase):
                  use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, kernel_constraint=None,
-                 bias_constraint=None, implementation="auto", **kwargs):
+                 bias_constraint=None, implementation="auto", residual=False,
+                 **kwargs):
         super().__init__(
             kernel_size, strides, padding, use_bias, kernel_initializer,
             bias_initializer, kernel_regularizer, bias_regularizer,
-            kernel_constraint, bias_constraint, implementation, **kwargs)
+            kernel_constraint, bias_constraint, implementation, residual,
+            **kwargs)
         self.filters = _arguments.positive_int("filters", filters)
         self.groups = _arguments.positive_int("groups", groups)
         if filters % groups:
@@ -282,5 +331,6 @@ class GroupedConv2D(GroupedConvBase):
             "bias_regularizer": serialize(self.bias_regularizer),
             "bias_constraint": serialize(self.bias_constraint),
             "implementation": self.implementation,
+            "residual": self.residual,
             **self._weights_config(),
         }

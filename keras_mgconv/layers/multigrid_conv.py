@@ -78,7 +78,8 @@ class MultigridConv2D(keras.layers.Layer):
     x_{l+1} = R_l(x_l)                          # ChannelRestriction, l = 0..L-1
     y_L     = S_L(x_L)                          # full k x k conv, coarsest level
     z_l     = x_l + P_l(y_{l+1} - x_{l+1})      # ChannelProlongation: correction
-    y_l     = z_l + S_l(z_l)                    # grouped k x k smoothing
+    y_l     = z_l + S_l(z_l)                    # grouped k x k smoothing, computed
+                                                # as one conv with kernel S_l + I
     outputs = activation(y_0 + bias)
     ```
 
@@ -171,7 +172,8 @@ class MultigridConv2D(keras.layers.Layer):
         """The channel widths of the hierarchy, finest first, e.g. (64, 32, 16)."""
         return self._levels
 
-    def _conv(self, name, filters, groups, strides=(1, 1), padding="same"):
+    def _conv(self, name, filters, groups, strides=(1, 1), padding="same",
+              residual=False):
         serialize = keras.saving.serialize_keras_object
         return GroupedConv2D(
             filters,
@@ -184,6 +186,7 @@ class MultigridConv2D(keras.layers.Layer):
             kernel_regularizer=serialize(self.kernel_regularizer),
             kernel_constraint=serialize(self.kernel_constraint),
             implementation=self.implementation,
+            residual=residual,
             dtype=self.dtype_policy,
             name=name,
         )
@@ -228,7 +231,8 @@ class MultigridConv2D(keras.layers.Layer):
                     self.group_size, implementation=self.implementation,
                     dtype=self.dtype_policy, name=f"prolongation_{level}")
                 smoother = self._conv(
-                    f"smoother_{level}", width, width // self.group_size)
+                    f"smoother_{level}", width, width // self.group_size,
+                    residual=True)
                 restriction.build(shape)
                 prolongation.build(coarse_shape)
                 smoother.build(shape)
@@ -257,7 +261,7 @@ class MultigridConv2D(keras.layers.Layer):
         for level in reversed(range(len(self.smoothers))):
             corrected = fine[level] + self.prolongations[level](
                 outputs - fine[level + 1])
-            outputs = corrected + self.smoothers[level](corrected)
+            outputs = self.smoothers[level](corrected)
         if self.bias is not None:
             outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, self.compute_dtype))
         return self.activation(outputs)

@@ -1,0 +1,23 @@
+"""The `Example:` sections of the public docstrings run and print what they claim."""
+
+import doctest
+
+import numpy as np
+import pytest
+
+import keras_mgconv
+from keras_mgconv.layers import channel_transfer, grouped_conv, multigrid_conv
+
+MODULES = [grouped_conv, channel_transfer, multigrid_conv]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    tests = finder.find(module, globs={"np": np, "keras_mgconv": keras_mgconv})
+    examples = sum(len(test.examples) for test in tests)
+    assert examples > 0
+    for test in tests:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
