@@ -32,3 +32,10 @@ def test_unknown_command_exits_2():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fly"])
     assert exit_info.value.code == 2
+
+
+def test_summary_connector_groups_divide_both_widths(capsys):
+    # 576 -> 96 with group size 8: 72 groups of 8 cannot split 96 outputs; 48 of 12 can.
+    cli.main(["summary", "--filters", "96", "--input-channels", "576", "--group-size", "8",
+              "--coarsest-channels", "12", "--kernel-size", "1"])
+    assert "connector: 48 group(s)" in capsys.readouterr().out

@@ -120,16 +120,16 @@ def documented_param_count(filters, channels, kernel_size, group_size, coarsest=
     total = sum(k * width * group_size + width * group_size for width in widths[:-1])
     total += k * widths[-1] ** 2
     if channels != filters:
-        groups = channels // group_size
-        if channels <= group_size or channels % group_size or filters % groups:
-            groups = 1
-        total += k * channels * filters // groups
+        groups = [g for g in range(1, channels + 1)
+                  if channels % g == 0 and filters % g == 0 and channels // g >= group_size]
+        total += k * channels * filters // max(groups, default=1)
     return total + (filters if use_bias else 0)
 
 
 @pytest.mark.parametrize("filters,channels,kernel_size,group_size,coarsest", [
     (256, 256, 3, 16, None), (1024, 1024, 3, 16, None), (64, 64, 3, 8, None),
     (128, 128, 1, 32, None), (96, 48, 3, 8, 24), (128, 24, 3, 16, 32), (64, 16, 5, 16, None),
+    (96, 576, 1, 8, 12), (64, 8, 3, 16, None), (96, 40, 3, 8, 12),
 ])
 def test_param_count_follows_documented_formula(filters, channels, kernel_size, group_size,
                                                 coarsest):

@@ -86,10 +86,10 @@ class MultigridConv2D(keras.layers.Layer):
     `S_l` (l < L) is a grouped convolution with `group_size` channels per group;
     the connector, present when the input width differs from `filters`, when
     `strides > 1`, or when `padding="valid"` shrinks the image, is a k x k
-    convolution with `group_size` input channels per group (full where the
-    input has at most `group_size` channels or the group counts do not divide
-    both widths). A layer with `filters <= coarsest_channels` is a single full
-    convolution.
+    grouped convolution with the most groups G that divide both widths while
+    giving each group at least `group_size` input channels (G = C_in /
+    group_size where that divides `filters`; full where C_in <= group_size).
+    A layer with `filters <= coarsest_channels` is a single full convolution.
 
     Weights (kernel size k = kh * kw, s = group_size, widths C_0..C_L = `levels`):
 
@@ -192,10 +192,10 @@ class MultigridConv2D(keras.layers.Layer):
         )
 
     def _connector_groups(self, input_channels):
-        groups = input_channels // self.group_size
-        if (input_channels <= self.group_size or input_channels % self.group_size
-                or self.filters % groups):
-            return 1
+        """The most groups dividing both widths with `group_size` inputs or more each."""
+        groups = max(1, input_channels // self.group_size)
+        while input_channels % groups or self.filters % groups:
+            groups -= 1
         return groups
 
     def build(self, input_shape):

@@ -1,0 +1,33 @@
+"""Model factories: multigrid networks and their baselines from the same code."""
+
+from keras_mgconv.models.mobilenet_v2 import MobileNetV2
+from keras_mgconv.models.resnet import (
+    CIFARResNet,
+    ResNet,
+    ResNet18,
+    ResNet20,
+    ResNet32,
+    ResNet34,
+    ResNet44,
+    ResNet50,
+    ResNet56,
+    ResNet110,
+    basic_block,
+    bottleneck_block,
+)
+
+__all__ = [
+    "CIFARResNet",
+    "MobileNetV2",
+    "ResNet",
+    "ResNet18",
+    "ResNet20",
+    "ResNet32",
+    "ResNet34",
+    "ResNet44",
+    "ResNet50",
+    "ResNet56",
+    "ResNet110",
+    "basic_block",
+    "bottleneck_block",
+]

@@ -1,0 +1,143 @@
+"""What every model factory shares: argument checks, the convolution switch, the head.
+
+The switch `conv()` is the single place where a factory's convolution becomes
+multigrid or stays standard, so the baseline and the multigrid network are the
+same code.
+"""
+
+import os
+
+from keras_mgconv._keras import keras
+from keras_mgconv.layers import MultigridConv2D, _arguments
+from keras_mgconv.layers.channel_transfer import _check_group_size
+
+
+class ConvSettings:
+    """How a factory builds its block convolutions.
+
+    Args:
+        multigrid: False builds standard `Conv2D`s (the baseline).
+        group_size: channels per group of the multigrid layers.
+        coarsest_channels: the widest coarsest level (default `group_size`).
+        use_bias: whether block convolutions have a bias (keras.applications'
+            ResNet does, MobileNetV2 does not).
+    """
+
+    def __init__(self, multigrid, group_size, coarsest_channels, use_bias=False):
+        self.multigrid = bool(multigrid)
+        self.group_size = _check_group_size(group_size)
+        self.coarsest_channels = (
+            group_size if coarsest_channels is None
+            else _arguments.positive_int("coarsest_channels", coarsest_channels))
+        self.use_bias = use_bias
+
+    def is_multigrid(self, filters):
+        """Whether a block convolution of this width becomes a MultigridConv2D.
+
+        Widths above `coarsest_channels` that are multiples of `group_size` do;
+        the others stay full convolutions, which couple all their channels anyway.
+        """
+        return (self.multigrid and filters > self.coarsest_channels
+                and filters % self.group_size == 0)
+
+    def coarsest_width(self, filters):
+        """The coarsest level for `filters`: channels halve while they stay
+        above `coarsest_channels` and multiples of `group_size`."""
+        width = filters
+        while width > self.coarsest_channels and width % self.group_size == 0:
+            width //= 2
+        return width
+
+    def check_widths(self, widths, model_name):
+        """Refuses a `group_size` that would leave no multigrid layer in the model."""
+        if self.multigrid and not any(self.is_multigrid(w) for w in widths):
+            raise ValueError(
+                f"{model_name}: `group_size` must divide the block widths "
+                f"{sorted(set(widths))} above `coarsest_channels`, or the network "
+                f"would have no multigrid layer. Received: group_size="
+                f"{self.group_size}, coarsest_channels={self.coarsest_channels}."
+            )
+
+
+def conv(settings, filters, kernel_size, strides=1, padding="same", name=None):
+    """A block convolution: MultigridConv2D or Conv2D, as the settings say."""
+    if settings.is_multigrid(filters):
+        return MultigridConv2D(
+            filters, kernel_size, strides=strides, padding=padding,
+            use_bias=settings.use_bias, group_size=settings.group_size,
+            coarsest_channels=settings.coarsest_width(filters), name=name)
+    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                               use_bias=settings.use_bias, name=name)
+
+
+def check_factory_arguments(weights, include_top, pooling, classes, width):
+    """keras.applications' checks, plus ours; raises ValueError naming the argument."""
+    if weights == "imagenet":
+        raise ValueError(
+            "No pretrained ImageNet weights exist for multigrid networks: pass "
+            "weights=None to start from random weights, or the path of a weights "
+            "file you trained. Received: weights='imagenet'."
+        )
+    if weights is not None and not (isinstance(weights, (str, os.PathLike))
+                                    and os.path.exists(weights)):
+        raise ValueError(
+            "The `weights` argument should be None or the path to an existing "
+            f"weights file. Received: weights={weights!r}."
+        )
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(
+            "The `pooling` argument should be None, 'avg' or 'max'. "
+            f"Received: pooling={pooling!r}."
+        )
+    if include_top and pooling is not None:
+        raise ValueError(
+            "`pooling` applies only to the feature extractor (include_top=False); "
+            "with include_top=True the classifier pools globally. "
+            f"Received: include_top=True, pooling={pooling!r}."
+        )
+    if include_top:
+        _arguments.positive_int("classes", classes)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+        raise ValueError(
+            "Invalid value for argument `width`. Expected a positive multiplier "
+            f"of the block channels. Received: width={width!r}."
+        )
+
+
+def model_inputs(input_shape, input_tensor, default_shape, min_size):
+    """The input layer of a factory, from `input_shape` or `input_tensor`."""
+    if input_shape is None:
+        input_shape = (default_shape if input_tensor is None
+                       else tuple(input_tensor.shape[1:]))
+    input_shape = tuple(input_shape)
+    if (len(input_shape) != 3 or input_shape[-1] is None
+            or any(size is not None and size < min_size for size in input_shape[:2])):
+        raise ValueError(
+            f"`input_shape` must be (height, width, channels) with known channels "
+            f"and height and width of at least {min_size}. "
+            f"Received: input_shape={input_shape}."
+        )
+    if input_tensor is None:
+        return keras.Input(shape=input_shape), None
+    if not keras.backend.is_keras_tensor(input_tensor):
+        return keras.Input(tensor=input_tensor, shape=input_shape), input_tensor
+    return input_tensor, input_tensor
+
+
+def finish_model(inputs, input_tensor, x, include_top, pooling, classes,
+                 classifier_activation, weights, name):
+    """Adds the classifier or pooling, builds the Model, loads `weights`."""
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dense(classes, activation=classifier_activation,
+                               name="predictions")(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    if input_tensor is not None:
+        inputs = keras.utils.get_source_inputs(input_tensor)
+    model = keras.Model(inputs, x, name=name)
+    if weights is not None:
+        model.load_weights(weights)
+    return model

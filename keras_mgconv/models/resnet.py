@@ -1,0 +1,239 @@
+"""ResNets, multigrid or standard from the same code.
+
+CIFAR-style (He et al. 2016, section 4.2): 3x3 stem, three stages of 16/32/64
+channels with n basic blocks each (depth 6n+2), parameter-free shortcuts
+(option A: subsample and zero-pad channels). ImageNet-style: 7x7 stem and
+max-pool, basic blocks (ResNet18/34) or bottlenecks (ResNet50), projection
+shortcuts, laid out exactly as keras.applications' ResNet50 so that the
+baselines have the same parameters.
+
+With `multigrid=True` every convolution inside a residual block (the 3x3 ones
+and the bottlenecks' 1x1 reduce/expand) becomes a MultigridConv2D; the stem, the
+shortcuts and the classifier stay standard.
+"""
+
+import tensorflow as tf
+
+from keras_mgconv._keras import keras
+from keras_mgconv.models import common
+
+# keras.applications' ResNet normalisation epsilon.
+_BN_EPSILON = 1.001e-5
+
+
+@keras.saving.register_keras_serializable(package="keras_mgconv")
+class ChannelZeroPadding(keras.layers.Layer):
+    """Appends zero channels: the parameter-free shortcut of He et al.'s option A."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+
+    def call(self, inputs):
+        return tf.pad(inputs, [[0, 0], [0, 0], [0, 0], [0, self.channels]])
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def _batch_norm(x, name, momentum):
+    return keras.layers.BatchNormalization(
+        epsilon=_BN_EPSILON, momentum=momentum, name=name)(x)
+
+
+def _shortcut(x, filters, stride, option, momentum, name):
+    channels = x.shape[-1]
+    if stride == 1 and channels == filters:
+        return x
+    if option == "zero_pad":
+        if stride != 1:
+            x = keras.layers.MaxPooling2D(1, strides=stride, name=f"{name}_subsample")(x)
+        return ChannelZeroPadding(filters - channels, name=f"{name}_pad")(x)
+    x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_0_conv")(x)
+    return _batch_norm(x, f"{name}_0_bn", momentum)
+
+
+def basic_block(x, filters, stride, settings, shortcut, momentum, name):
+    """Two 3x3 convolutions and the skip connection."""
+    skip = _shortcut(x, filters, stride, shortcut, momentum, name)
+    x = common.conv(settings, filters, 3, strides=stride, name=f"{name}_1_conv")(x)
+    x = _batch_norm(x, f"{name}_1_bn", momentum)
+    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = common.conv(settings, filters, 3, name=f"{name}_2_conv")(x)
+    x = _batch_norm(x, f"{name}_2_bn", momentum)
+    x = keras.layers.Add(name=f"{name}_add")([skip, x])
+    return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+
+basic_block.expansion = 1
+
+
+def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
+    """1x1 reduce (with the stride, as keras.applications' ResNet50), 3x3, 1x1 expand."""
+    skip = _shortcut(x, 4 * filters, stride, shortcut, momentum, name)
+    x = common.conv(settings, filters, 1, strides=stride, name=f"{name}_1_conv")(x)
+    x = _batch_norm(x, f"{name}_1_bn", momentum)
+    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = common.conv(settings, filters, 3, name=f"{name}_2_conv")(x)
+    x = _batch_norm(x, f"{name}_2_bn", momentum)
+    x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
+    x = common.conv(settings, 4 * filters, 1, name=f"{name}_3_conv")(x)
+    x = _batch_norm(x, f"{name}_3_bn", momentum)
+    x = keras.layers.Add(name=f"{name}_add")([skip, x])
+    return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+
+bottleneck_block.expansion = 4
+
+
+def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
+           weights=None, input_tensor=None, pooling=None, classes=1000,
+           classifier_activation="softmax", name="resnet", multigrid=True,
+           group_size=16, coarsest_channels=None, width=1.0,
+           batch_norm_momentum=0.99):
+    """Builds a ResNet from its block function and stage specification.
+
+    The named models (`ResNet20` ... `ResNet110`, `ResNet18`, `ResNet34`,
+    `ResNet50`) are this builder with their data.
+
+    Args:
+        block: `basic_block` or `bottleneck_block`.
+        stages: list of `(filters, blocks, stride)`, one per stage.
+        stem: `"cifar"` (3x3 convolution, for 32x32 inputs) or `"imagenet"`
+            (7x7 stride-2 convolution and 3x3 stride-2 max-pool).
+        shortcut: `"zero_pad"` (parameter-free, option A) or `"projection"`
+            (1x1 convolution and batch norm) where the shape changes.
+        input_shape, include_top, weights, input_tensor, pooling, classes,
+        classifier_activation, name: as in `keras.applications.ResNet50`;
+            `weights` is None or the path of a weights file ("imagenet" is
+            refused: there are no pretrained multigrid weights).
+        multigrid: True replaces the block convolutions by MultigridConv2D;
+            False builds the standard network.
+        group_size: channels per group of the multigrid layers.
+        coarsest_channels: widest coarsest level (default `group_size`).
+        width: multiplier on every stage's channels (and the stem's).
+        batch_norm_momentum: momentum of every BatchNormalization; lower it
+            (e.g. 0.9) for runs of a few hundred steps.
+
+    Returns:
+        A `keras.Model`.
+
+    Raises:
+        ValueError: for 'imagenet' weights, a missing weights file, pooling
+            with include_top, classes < 1, width <= 0, input sizes below the
+            network's minimum, a `group_size` that is not a positive even int,
+            or one that divides none of the block widths.
+    """
+    common.check_factory_arguments(weights, include_top, pooling, classes, width)
+    settings = common.ConvSettings(multigrid, group_size, coarsest_channels,
+                                   use_bias=stem == "imagenet")
+    stage_filters = [max(1, round(filters * width)) for filters, _, _ in stages]
+    settings.check_widths(
+        [f * m for f in stage_filters for m in {1, block.expansion}], name)
+    cifar = stem == "cifar"
+    inputs, input_tensor = common.model_inputs(
+        input_shape, input_tensor, (32, 32, 3) if cifar else (224, 224, 3),
+        min_size=8 if cifar else 32)
+
+    stem_filters = max(1, round((16 if cifar else 64) * width))
+    if cifar:
+        x = keras.layers.Conv2D(stem_filters, 3, padding="same", use_bias=False,
+                                name="conv1_conv")(inputs)
+        x = _batch_norm(x, "conv1_bn", batch_norm_momentum)
+        x = keras.layers.Activation("relu", name="conv1_relu")(x)
+    else:
+        x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
+        x = keras.layers.Conv2D(stem_filters, 7, strides=2, name="conv1_conv")(x)
+        x = _batch_norm(x, "conv1_bn", batch_norm_momentum)
+        x = keras.layers.Activation("relu", name="conv1_relu")(x)
+        x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
+        x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+
+    for stage, (filters, (_, blocks, stride)) in enumerate(zip(stage_filters, stages)):
+        for index in range(blocks):
+            x = block(x, filters, stride if index == 0 else 1, settings, shortcut,
+                      batch_norm_momentum, name=f"conv{stage + 2}_block{index + 1}")
+
+    return common.finish_model(inputs, input_tensor, x, include_top, pooling, classes,
+                               classifier_activation, weights, name)
+
+
+def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
+                input_tensor=None, pooling=None, classes=10,
+                classifier_activation="softmax", name=None, multigrid=True,
+                group_size=16, coarsest_channels=None, width=1.0,
+                batch_norm_momentum=0.99):
+    """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
+
+    n basic blocks per stage of 16/32/64 channels, 32x32 inputs and 10 classes
+    by default; the other arguments are `ResNet`'s.
+
+    Raises:
+        ValueError: for a depth that is not 6n+2 with n >= 1, and as `ResNet`.
+
+    Example:
+
+    >>> model = keras_mgconv.models.CIFARResNet(20, group_size=8)
+    >>> model.count_params() < keras_mgconv.models.CIFARResNet(
+    ...     20, multigrid=False).count_params()
+    True
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            "A CIFAR ResNet has depth 6n+2 for n >= 1 (20, 32, 44, 56, 110, ...). "
+            f"Received: depth={depth!r}."
+        )
+    blocks = (depth - 2) // 6
+    return ResNet(basic_block, [(16, blocks, 1), (32, blocks, 2), (64, blocks, 2)],
+                  "cifar", "zero_pad", input_shape, include_top, weights, input_tensor,
+                  pooling, classes, classifier_activation, name or f"resnet{depth}",
+                  multigrid, group_size, coarsest_channels, width, batch_norm_momentum)
+
+
+def _cifar_resnet(depth):
+    def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
+                pooling=None, classes=10, classifier_activation="softmax", name=None,
+                multigrid=True, group_size=16, coarsest_channels=None, width=1.0,
+                batch_norm_momentum=0.99):
+        return CIFARResNet(depth, input_shape, include_top, weights, input_tensor,
+                           pooling, classes, classifier_activation, name, multigrid,
+                           group_size, coarsest_channels, width, batch_norm_momentum)
+
+    factory.__name__ = f"ResNet{depth}"
+    factory.__doc__ = (
+        f"CIFAR ResNet-{depth}: `CIFARResNet({depth}, ...)`; see its docstring.")
+    return factory
+
+
+def _imagenet_resnet(block, blocks_per_stage, depth):
+    def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
+                pooling=None, classes=1000, classifier_activation="softmax", name=None,
+                multigrid=True, group_size=16, coarsest_channels=None, width=1.0,
+                batch_norm_momentum=0.99):
+        stages = [(filters, blocks, 1 if index == 0 else 2) for index, (filters, blocks)
+                  in enumerate(zip((64, 128, 256, 512), blocks_per_stage))]
+        return ResNet(block, stages, "imagenet", "projection", input_shape, include_top,
+                      weights, input_tensor, pooling, classes, classifier_activation,
+                      name or f"resnet{depth}", multigrid, group_size,
+                      coarsest_channels, width, batch_norm_momentum)
+
+    factory.__name__ = f"ResNet{depth}"
+    factory.__doc__ = (
+        f"ImageNet ResNet-{depth}: 7x7 stem, {blocks_per_stage} "
+        f"{'bottleneck' if block is bottleneck_block else 'basic'} blocks per stage "
+        f"of 64/128/256/512 channels, 224x224 inputs by default.\n\n"
+        f"    Arguments as `ResNet`, whose docstring explains them.\n")
+    return factory
+
+
+ResNet20 = _cifar_resnet(20)
+ResNet32 = _cifar_resnet(32)
+ResNet44 = _cifar_resnet(44)
+ResNet56 = _cifar_resnet(56)
+ResNet110 = _cifar_resnet(110)
+ResNet18 = _imagenet_resnet(basic_block, (2, 2, 2, 2), 18)
+ResNet34 = _imagenet_resnet(basic_block, (3, 4, 6, 3), 34)
+ResNet50 = _imagenet_resnet(bottleneck_block, (3, 4, 6, 3), 50)
