@@ -42,14 +42,9 @@ def measure(layer, inputs, targets, repeats):
     model = keras.Sequential([keras.Input(inputs.shape[1:]), layer])
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     forward = tf.function(lambda x: model(x, training=False))
-    height, width = model.output_shape[1:3]
-    kernel_weights = sum(
-        int(np.prod(w.shape)) for w in model.trainable_weights if "bias" not in w.name)
     return {
         "params": model.count_params(),
-        # Every convolution inside both layers runs at the output resolution,
-        # so the multiply-adds are the kernel weights times the output pixels.
-        "multiply_adds": kernel_weights * height * width,
+        "multiply_adds": keras_mgconv.count_multiply_adds(model),
         "forward_s": median_seconds(lambda: forward(inputs).numpy(), repeats),
         "train_step_s": median_seconds(
             lambda: model.train_on_batch(inputs, targets), repeats),

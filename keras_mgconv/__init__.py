@@ -1,5 +1,7 @@
 """keras_mgconv: multigrid-in-channels (MGIC) convolutional networks for Keras."""
 
+from keras_mgconv import models
+from keras_mgconv.complexity import count_multiply_adds
 from keras_mgconv.layers import (
     ChannelProlongation,
     ChannelRestriction,
@@ -15,4 +17,6 @@ __all__ = [
     "GroupedConv2D",
     "MultigridConv2D",
     "__version__",
+    "count_multiply_adds",
+    "models",
 ]

@@ -1,0 +1,83 @@
+"""Counting the multiply-adds of a built Keras model.
+
+A convolution (standard, grouped or depthwise) or a dense layer does one
+multiply-add per kernel weight at every output position. A MultigridConv2D runs
+all its convolutions, connector included, at its output resolution, so the same
+rule holds with the kernel weights of all its sublayers. Biases, normalisation,
+activations, pooling and additions are not counted (the usual convention).
+"""
+
+import math
+
+from keras_mgconv._keras import keras
+from keras_mgconv.layers import GroupedConv2D, MultigridConv2D
+
+_COUNTED = (
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.Dense,
+    GroupedConv2D,
+    MultigridConv2D,
+)
+
+
+def _kernel_weights(layer):
+    return sum(math.prod(weight.shape) for weight in layer.trainable_weights
+               if "kernel" in weight.name)
+
+
+def layer_multiply_adds(layer, output_shape):
+    """Multiply-adds of one counted layer for one example.
+
+    Args:
+        layer: a built Conv2D, DepthwiseConv2D, Dense, GroupedConv2D or
+            MultigridConv2D.
+        output_shape: its output shape, batch dimension first (ignored).
+
+    Returns:
+        int: kernel weights times output positions.
+    """
+    if not isinstance(layer, _COUNTED):
+        raise ValueError(
+            f"Cannot count the multiply-adds of layer {layer.name!r} of type "
+            f"{type(layer).__name__}; counted types: "
+            f"{', '.join(t.__name__ for t in _COUNTED)}.")
+    positions = math.prod(output_shape[1:-1])
+    return positions * _kernel_weights(layer)
+
+
+def count_multiply_adds(model):
+    """Multiply-adds of one forward pass of a built functional model, per example.
+
+    Counts Conv2D, DepthwiseConv2D, Dense, GroupedConv2D and MultigridConv2D
+    layers (the latter with everything inside it), also inside nested models.
+
+    Args:
+        model: a built functional or Sequential `keras.Model`.
+
+    Returns:
+        int.
+
+    Raises:
+        ValueError: if a counted layer's output has unknown spatial size
+            (build the model with a fixed `input_shape`).
+
+    Example:
+
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> model = keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    >>> count_multiply_adds(model)  # 8 * 8 positions * (3 * 3 * 3 * 4) weights
+    6912
+    """
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += count_multiply_adds(layer)
+        elif isinstance(layer, _COUNTED):
+            output_shape = tuple(layer.output.shape)
+            if any(size is None for size in output_shape[1:]):
+                raise ValueError(
+                    f"Layer {layer.name!r} has output shape {output_shape}: build "
+                    f"the model with a fixed input_shape to count multiply-adds.")
+            total += layer_multiply_adds(layer, output_shape)
+    return total

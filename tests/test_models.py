@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+
+import keras_mgconv
+from keras_mgconv import models
+from keras_mgconv._keras import keras
+
+# Every named factory at the smallest input its architecture takes.
+FACTORIES = [
+    (models.ResNet20, (16, 16, 3)),
+    (models.ResNet32, (16, 16, 3)),
+    (models.ResNet44, (16, 16, 3)),
+    (models.ResNet56, (16, 16, 3)),
+    (models.ResNet110, (16, 16, 3)),
+    (models.ResNet18, (32, 32, 3)),
+    (models.ResNet34, (32, 32, 3)),
+    (models.ResNet50, (32, 32, 3)),
+    (models.MobileNetV2, (32, 32, 3)),
+]
+
+
+def _multigrid_layers(model):
+    return [layer for layer in model.layers
+            if isinstance(layer, keras_mgconv.MultigridConv2D)]
+
+
+@pytest.mark.parametrize("factory,input_shape", FACTORIES,
+                         ids=[f.__name__ for f, _ in FACTORIES])
+def test_factory_builds_trains_and_reloads(tmp_path, factory, input_shape):
+    model = factory(input_shape=input_shape, classes=3)
+    baseline = factory(input_shape=input_shape, classes=3, multigrid=False)
+    assert _multigrid_layers(model) and not _multigrid_layers(baseline)
+    assert model.count_params() < baseline.count_params()
+    assert model.output_shape == baseline.output_shape == (None, 3)
+
+    rng = np.random.default_rng(0)
+    x = rng.random((2, *input_shape), dtype=np.float32)
+    y = rng.integers(0, 3, 2)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    history = model.fit(x, y, epochs=1, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_mobilenet_v2_baseline_equals_keras_applications():
+    ours = models.MobileNetV2(multigrid=False, weights=None)
+    theirs = keras.applications.MobileNetV2(weights=None)
+    assert ours.count_params() == theirs.count_params() == 3_538_984
+    # Same layers under the same names, up to the (unnamed there) pooling of the top.
+    assert [layer.name for layer in ours.layers[1:-2]] == [layer.name for layer in theirs.layers[1:-2]]
+
+
+@pytest.mark.parametrize("alpha", [0.35, 0.5, 1.3])
+def test_mobilenet_v2_baseline_parity_for_alpha(alpha):
+    ours = models.MobileNetV2((96, 96, 3), alpha=alpha, multigrid=False)
+    theirs = keras.applications.MobileNetV2((96, 96, 3), alpha=alpha, weights=None)
+    assert ours.count_params() == theirs.count_params()
+
+
+def test_resnet50_baseline_equals_keras_applications():
+    ours = models.ResNet50(multigrid=False, weights=None)
+    theirs = keras.applications.ResNet50(weights=None)
+    assert ours.count_params() == theirs.count_params() == 25_636_712
+
+
+def test_cifar_resnet56_baseline_has_about_085m_parameters():
+    # He et al. 2016, Table 6: 0.85M.
+    assert 0.84e6 < models.ResNet56(multigrid=False).count_params() < 0.87e6
+
+
+def test_baseline_and_multigrid_share_the_graph():
+    baseline = models.ResNet20(multigrid=False)
+    multigrid = models.ResNet20(group_size=8)
+    assert ([layer.name for layer in baseline.layers[1:]]
+            == [layer.name for layer in multigrid.layers[1:]])
+    # Every block convolution above the coarsest width became multigrid; the stem stayed.
+    swapped = {layer.name for layer in _multigrid_layers(multigrid)}
+    assert "conv1_conv" not in swapped
+    assert len(swapped) == 18
+
+
+def test_widened_multigrid_network_is_smaller_than_the_baseline():
+    # The paper's point: 2x wider and still fewer parameters than the 1x baseline.
+    assert (models.ResNet56(width=2, group_size=8).count_params()
+            < models.ResNet56(multigrid=False).count_params())
+
+
+def test_width_multiplies_block_channels():
+    model = models.ResNet20(width=2, multigrid=False)
+    assert model.get_layer("conv4_block3_2_conv").filters == 128
+
+
+def test_multigrid_block_layers_follow_group_size_rule():
+    # MobileNetV2 at group size 16: 24-wide projections are not multiples of 16
+    # and stay full; the 144-wide expansion halves to 72 (not a multiple): coarsest 72.
+    model = models.MobileNetV2((32, 32, 3), group_size=16)
+    assert not isinstance(model.get_layer("block_1_project"), keras_mgconv.MultigridConv2D)
+    assert model.get_layer("block_2_expand").levels == (144, 72)
+
+
+def test_include_top_false_with_pooling_and_input_tensor():
+    features = models.ResNet18(input_shape=(64, 64, 3), include_top=False, pooling="avg")
+    assert features.output_shape == (None, 512)
+    tensor = keras.Input((32, 32, 3))
+    model = models.ResNet20(input_tensor=tensor, include_top=False)
+    assert model.output_shape == (None, 8, 8, 64)
+
+
+def test_weights_file_is_loaded(tmp_path):
+    model = models.ResNet20(input_shape=(16, 16, 3))
+    path = str(tmp_path / "resnet20.weights.h5")
+    model.save_weights(path)
+    reloaded = models.ResNet20(input_shape=(16, 16, 3), weights=path)
+    x = np.random.default_rng(1).random((1, 16, 16, 3), dtype=np.float32)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: models.CIFARResNet(58), "depth=58"),
+    (lambda: models.CIFARResNet(2), "depth=2"),
+    (lambda: models.MobileNetV2(alpha=0), "alpha=0"),
+    (lambda: models.MobileNetV2(alpha=-1.0), "alpha=-1.0"),
+    (lambda: models.ResNet20(width=0), "width=0"),
+    (lambda: models.ResNet50(width=-2), "width=-2"),
+    (lambda: models.ResNet20(group_size=24), "group_size=24"),
+    (lambda: models.ResNet20(group_size=7), "group_size=7"),
+    (lambda: models.MobileNetV2(weights="imagenet"), "weights='imagenet'"),
+    (lambda: models.ResNet50(weights="missing.weights.h5"), "weights='missing.weights.h5'"),
+    (lambda: models.ResNet18(include_top=True, pooling="avg"), "pooling='avg'"),
+    (lambda: models.ResNet18(include_top=False, pooling="mean"), "pooling='mean'"),
+    (lambda: models.ResNet56(classes=0), "classes=0"),
+    (lambda: models.MobileNetV2(input_shape=(16, 16, 3)), r"input_shape=\(16, 16, 3\)"),
+])
+def test_invalid_arguments_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
