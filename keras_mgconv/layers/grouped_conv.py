@@ -96,19 +96,14 @@ def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
     return tf.concat(group_outputs, axis=-1)
 
 
-def identity_kernel(kernel_shape, groups):
+def identity_kernel(kernel_shape):
     """The grouped kernel whose convolution ("same" padding) returns its input.
 
     Ones at the tap that "same" padding aligns with the output pixel
     (`(k - 1) // 2`, also for even k), from each channel to itself.
     """
     kh, kw, group_channels, channels = kernel_shape
-    if group_channels * groups != channels:
-        raise ValueError(
-            "An identity kernel needs as many output as input channels. "
-            f"Received: kernel_shape={tuple(kernel_shape)}, groups={groups}."
-        )
-    kernel = np.zeros(kernel_shape, "float32")
+    kernel = np.zeros(tuple(kernel_shape), "float32")
     output_channels = np.arange(channels)
     kernel[(kh - 1) // 2, (kw - 1) // 2, output_channels % group_channels,
            output_channels] = 1.0
@@ -159,6 +154,12 @@ class GroupedConvBase(keras.layers.Layer):
         channels = _arguments.input_channels(self, input_shape)
         filters = self._output_channels(channels)
         self.groups = self._groups(channels)
+        if self.residual and filters != channels:
+            raise ValueError(
+                f"Layer {self.name!r}: a residual convolution needs as many "
+                f"output as input channels. Received: input channels="
+                f"{channels}, output channels={filters}."
+            )
         self.kernel = self.add_weight(
             name="kernel",
             shape=(*self.kernel_size, channels // self.groups, filters),
@@ -175,15 +176,7 @@ class GroupedConvBase(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-        self._identity = None
-        if self.residual:
-            if filters != channels:
-                raise ValueError(
-                    f"Layer {self.name!r}: a residual convolution needs as many "
-                    f"output as input channels. Received: input channels="
-                    f"{channels}, output channels={filters}."
-                )
-            self._identity = identity_kernel(self.kernel.shape, self.groups)
+        self._identity = identity_kernel(self.kernel.shape) if self.residual else None
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         self.built = True
 
