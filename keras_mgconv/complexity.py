@@ -26,26 +26,6 @@ def _kernel_weights(layer):
                if "kernel" in weight.name)
 
 
-def layer_multiply_adds(layer, output_shape):
-    """Multiply-adds of one counted layer for one example.
-
-    Args:
-        layer: a built Conv2D, DepthwiseConv2D, Dense, GroupedConv2D or
-            MultigridConv2D.
-        output_shape: its output shape, batch dimension first (ignored).
-
-    Returns:
-        int: kernel weights times output positions.
-    """
-    if not isinstance(layer, _COUNTED):
-        raise ValueError(
-            f"Cannot count the multiply-adds of layer {layer.name!r} of type "
-            f"{type(layer).__name__}; counted types: "
-            f"{', '.join(t.__name__ for t in _COUNTED)}.")
-    positions = math.prod(output_shape[1:-1])
-    return positions * _kernel_weights(layer)
-
-
 def count_multiply_adds(model):
     """Multiply-adds of one forward pass of a built functional model, per example.
 
@@ -79,5 +59,5 @@ def count_multiply_adds(model):
                 raise ValueError(
                     f"Layer {layer.name!r} has output shape {output_shape}: build "
                     f"the model with a fixed input_shape to count multiply-adds.")
-            total += layer_multiply_adds(layer, output_shape)
+            total += math.prod(output_shape[1:-1]) * _kernel_weights(layer)
     return total

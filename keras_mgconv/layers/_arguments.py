@@ -17,6 +17,18 @@ def positive_int(name, value):
     return value
 
 
+def group_size(value):
+    """Returns `value` if it is a positive even int: groups halve between levels."""
+    positive_int("group_size", value)
+    if value % 2:
+        raise ValueError(
+            "Invalid value for argument `group_size`. Expected an even number, "
+            "since each group is halved between levels. "
+            f"Received: group_size={value}."
+        )
+    return value
+
+
 def pair(name, value):
     """Normalises an int or a pair of ints to a tuple of two positive ints."""
     values = (value, value) if isinstance(value, int) else value

@@ -10,17 +10,6 @@ from keras_mgconv.layers import _arguments
 from keras_mgconv.layers.grouped_conv import GroupedConvBase
 
 
-def _check_group_size(group_size):
-    _arguments.positive_int("group_size", group_size)
-    if group_size % 2:
-        raise ValueError(
-            "Invalid value for argument `group_size`. Expected an even number, "
-            "since each group is halved between levels. "
-            f"Received: group_size={group_size}."
-        )
-    return group_size
-
-
 class _ChannelTransfer(GroupedConvBase):
     """A bias-free 1x1 grouped convolution initialised to group averaging.
 
@@ -31,7 +20,7 @@ class _ChannelTransfer(GroupedConvBase):
     def __init__(self, group_size=16, kernel_initializer=None,
                  kernel_regularizer=None, kernel_constraint=None,
                  implementation="auto", **kwargs):
-        self.group_size = _check_group_size(group_size)
+        self.group_size = _arguments.group_size(group_size)
         self._default_initializer = kernel_initializer is None
         super().__init__(
             kernel_size=1,

@@ -4,11 +4,7 @@ import tensorflow as tf
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import _arguments
-from keras_mgconv.layers.channel_transfer import (
-    ChannelProlongation,
-    ChannelRestriction,
-    _check_group_size,
-)
+from keras_mgconv.layers.channel_transfer import ChannelProlongation, ChannelRestriction
 from keras_mgconv.layers.grouped_conv import GroupedConv2D
 
 
@@ -36,7 +32,7 @@ def level_widths(filters, group_size=16, coarsest_channels=None):
             that is not a multiple of `group_size`.
     """
     _arguments.positive_int("filters", filters)
-    _check_group_size(group_size)
+    _arguments.group_size(group_size)
     if coarsest_channels is None:
         coarsest_channels = group_size
     _arguments.positive_int("coarsest_channels", coarsest_channels)

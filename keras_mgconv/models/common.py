@@ -9,7 +9,6 @@ import os
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
-from keras_mgconv.layers.channel_transfer import _check_group_size
 
 
 class ConvSettings:
@@ -25,7 +24,7 @@ class ConvSettings:
 
     def __init__(self, multigrid, group_size, coarsest_channels, use_bias=False):
         self.multigrid = bool(multigrid)
-        self.group_size = _check_group_size(group_size)
+        self.group_size = _arguments.group_size(group_size)
         self.coarsest_channels = (
             group_size if coarsest_channels is None
             else _arguments.positive_int("coarsest_channels", coarsest_channels))
