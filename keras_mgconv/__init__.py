@@ -1,6 +1,7 @@
 """keras_mgconv: multigrid-in-channels (MGIC) convolutional networks for Keras."""
 
-from keras_mgconv import models
+# `data` registers the embedded `digits` dataset with TFDS.
+from keras_mgconv import data, models
 from keras_mgconv.complexity import count_multiply_adds
 from keras_mgconv.layers import (
     ChannelProlongation,
@@ -18,5 +19,6 @@ __all__ = [
     "MultigridConv2D",
     "__version__",
     "count_multiply_adds",
+    "data",
     "models",
 ]
