@@ -1,12 +1,16 @@
 """The `keras-mgconv` command.
 
+    keras-mgconv train                       # multigrid ResNet20 on the embedded digits
+    keras-mgconv train --model ResNet56 --dataset cifar10 --epochs 200 --width 2
+    keras-mgconv evaluate runs/ResNet20-digits/best.keras --dataset digits
     keras-mgconv summary --filters 256 --group-size 16
 
-prints a MultigridConv2D's level widths and its weights against a Conv2D's.
-Bad arguments print one line and exit with status 2.
+Bad arguments print one line and exit with status 2; an interrupted `train`
+resumes when it is run again with the same arguments.
 """
 
 import argparse
+import os
 import sys
 
 
@@ -31,6 +35,45 @@ def _summary(args):
           f"(Conv2D: {conv.count_params():,}, ratio {layer.count_params() / conv.count_params():.3f})")
 
 
+def _train(args):
+    from keras_mgconv import training
+
+    output_dir = args.output_dir or os.path.join(
+        "runs", f"{args.model}-{'multigrid' if args.multigrid else 'baseline'}-{args.dataset}")
+    summary = training.train(
+        model=args.model, dataset=args.dataset, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate,
+        schedule=args.schedule, optimizer=args.optimizer, momentum=args.momentum,
+        weight_decay=args.weight_decay, multigrid=args.multigrid,
+        group_size=args.group_size, width=args.width, image_size=args.image_size,
+        output_dir=output_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
+        strategy=args.strategy, batch_norm_momentum=args.batch_norm_momentum,
+        seed=args.seed, overwrite=args.overwrite)
+    print(f"{summary['model']} ({'multigrid' if summary['multigrid'] else 'baseline'}) on "
+          f"{summary['dataset']}: {summary['parameters']:,} parameters, "
+          f"{summary['multiply_adds']:,} multiply-adds per image, best test accuracy "
+          f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+          f"{summary['train_time']:.1f} s of training. Written to {output_dir}")
+
+
+def _evaluate(args):
+    from keras_mgconv import training
+
+    result = training.evaluate(args.model_path, dataset=args.dataset, split=args.split,
+                               batch_size=args.batch_size, data_dir=args.data_dir,
+                               manual_dir=args.manual_dir)
+    print(f"{args.model_path} on {args.dataset} ({result['split']}): "
+          f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
+
+
+def _add_data_arguments(parser):
+    parser.add_argument("--dataset", default="digits",
+                        help="TFDS dataset name (default: the embedded offline 'digits')")
+    parser.add_argument("--data-dir", default=None, help="TFDS data directory")
+    parser.add_argument("--manual-dir", default=None,
+                        help="folder of manually downloaded dataset files (imagenet2012)")
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-mgconv",
@@ -46,6 +89,46 @@ def _parser():
     summary.add_argument("--input-channels", type=int, default=None,
                          help="input width (default: --filters)")
     summary.set_defaults(run=_summary)
+
+    train = commands.add_parser(
+        "train", help="train a multigrid or baseline network on a TFDS dataset",
+        description="Train a model with model.fit. Writes best.keras, last.keras, "
+                    "history.csv, TensorBoard logs and summary.json to --output-dir; "
+                    "rerun the same command to resume an interrupted run.")
+    train.add_argument("--model", default="ResNet20", help="factory name (default ResNet20): "
+                       "ResNet20/32/44/56/110, ResNet18/34/50, MobileNetV2")
+    _add_data_arguments(train)
+    train.add_argument("--epochs", type=int, default=15)
+    train.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    train.add_argument("--learning-rate", type=float, default=0.1)
+    train.add_argument("--schedule", default="cosine", help="cosine, step or constant")
+    train.add_argument("--optimizer", default="sgd", help="sgd (Nesterov), adam or adamw")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--multigrid", action=argparse.BooleanOptionalAction, default=True,
+                       help="--no-multigrid trains the baseline network")
+    train.add_argument("--group-size", type=int, default=None,
+                       help="multigrid group size (default: the factory's)")
+    train.add_argument("--width", type=float, default=1.0, help="channel multiplier")
+    train.add_argument("--image-size", type=int, default=None,
+                       help="resize images to this square size")
+    train.add_argument("--batch-norm-momentum", type=float, default=None,
+                       help="default: chosen from the steps per epoch")
+    train.add_argument("--strategy", default="default",
+                       help="default, mirrored, multi_worker (from TF_CONFIG) or tpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output-dir", default=None,
+                       help="default: runs/MODEL-multigrid|baseline-DATASET")
+    train.add_argument("--overwrite", action="store_true",
+                       help="discard a finished or unfinished run in --output-dir")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved .keras classifier")
+    evaluate.add_argument("model_path", help="a .keras file, e.g. runs/.../best.keras")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--split", default=None, help="default: the test split")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
@@ -56,6 +139,9 @@ def main(argv=None):
         args.run(args)
     except ValueError as error:
         parser.exit(2, f"keras-mgconv {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"keras-mgconv {args.command}: interrupted; run the same command "
+                         f"again to resume from the last completed epoch.\n")
     return 0
 
 

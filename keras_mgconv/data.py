@@ -21,6 +21,7 @@ meaning.
 """
 
 import collections
+import functools
 from unittest import mock
 
 import numpy as np
@@ -215,12 +216,12 @@ def _convert_channels(image, channels):
     return tf.image.rgb_to_grayscale(image)
 
 
-def _random_resized_crop(image, size):
+def _random_resized_crop(image, size, seed):
     """Inception-style crop: 8-100% of the area, aspect ratio 3/4 to 4/3, flipped later."""
-    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.zeros((1, 0, 4)), min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros((1, 0, 4)), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
     return tf.image.resize(tf.slice(image, begin, crop_size), size)
 
 
@@ -232,14 +233,18 @@ def _center_crop(image, size):
     return tf.image.resize_with_crop_or_pad(resized, height, width)
 
 
-def _preprocess_function(info, image_shape, training, augment):
+def _preprocess_function(info, image_shape, augment):
     height, width, channels = image_shape
     size = (height, width)
     small = _is_small(info)
     padding = max(1, round(max(size) / 8))
     flip = augment and info.flippable
 
-    def preprocess(image, label):
+    def preprocess(seed, example):
+        # Stateless random ops: the same `seed` gives the same augmentations in
+        # every process, whatever else has drawn random numbers.
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image, label = example
         image = _convert_channels(tf.cast(image, tf.float32), channels)
         if small:
             if tuple(image.shape[:2]) != size:
@@ -247,13 +252,13 @@ def _preprocess_function(info, image_shape, training, augment):
             if augment:
                 image = tf.image.resize_with_crop_or_pad(
                     image, height + 2 * padding, width + 2 * padding)
-                image = tf.image.random_crop(image, image_shape)
-        elif training and augment:
-            image = _random_resized_crop(image, size)
+                image = tf.image.stateless_random_crop(image, image_shape, crop_seed)
+        elif augment:
+            image = _random_resized_crop(image, size, crop_seed)
         else:
             image = _center_crop(image, size)
         if flip:
-            image = tf.image.random_flip_left_right(image)
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return tf.ensure_shape(image, image_shape), label
 
     return preprocess
@@ -261,15 +266,14 @@ def _preprocess_function(info, image_shape, training, augment):
 
 def image_pipeline(name, split, batch_size, training=False, image_shape=None,
                    augment=None, data_dir=None, manual_dir=None, cache=None,
-                   shuffle_buffer=None, seed=None, drop_remainder=False):
+                   shuffle_buffer=None, seed=None, drop_remainder=False, epochs=None):
     """A batched, prefetched `tf.data.Dataset` of (image, label) from TFDS.
 
     Args:
         name: TFDS dataset name.
         split: TFDS split, e.g. "train", "test", "train[:90%]".
         batch_size: examples per batch (the global batch under tf.distribute).
-        training: shuffle (files and examples, reshuffled every epoch) and
-            augment.
+        training: shuffle (reshuffled every epoch) and augment.
         image_shape: (height, width, channels) to bring the images to; None
             keeps the dataset's own (fixed-size datasets only). Grayscale and
             RGB images are converted into each other where the channels differ.
@@ -281,7 +285,13 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
         shuffle_buffer: examples in the shuffle buffer; default the whole
             split, at most 10,000.
         seed: seed for shuffling and augmentation, for reproducible order.
-        drop_remainder: drop the last partial batch (needed for TPUs).
+        drop_remainder: drop each epoch's last partial batch (needed for TPUs).
+        epochs: for training, the epochs to hold back to back, e.g.
+            `range(3, 15)`: each is shuffled and augmented as `seed` and its
+            number alone determine, and holds only full batches. `train` uses
+            it so that a resumed run, and any number of replicas, see the
+            batches of an uninterrupted run on one device. None (the default)
+            gives one epoch, shuffled anew each time it is iterated.
 
     Returns:
         A `tf.data.Dataset` of (float32 images of `image_shape` with pixel values
@@ -302,20 +312,42 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     info = image_dataset_info(name, data_dir, manual_dir)
     image_shape = _target_shape(info, image_shape)
     augment = training if augment is None else augment
-    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-    dataset = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
-                        shuffle_files=training, read_config=read_config)
-    examples = int(dataset.cardinality())
+    read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                                  try_autocache=False)
+    examples = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
+                         shuffle_files=training, read_config=read_config)
+    count = int(examples.cardinality())
     if cache is None:
-        cache = _is_small(info) and examples * int(np.prod(info.image_shape)) <= _CACHE_BYTES
+        cache = _is_small(info) and count * int(np.prod(info.image_shape)) <= _CACHE_BYTES
     if cache:
-        dataset = dataset.cache()
-    if training:
-        dataset = dataset.shuffle(shuffle_buffer or min(max(examples, 1), 10_000), seed=seed,
-                                  reshuffle_each_iteration=True)
-    dataset = dataset.map(_preprocess_function(info, image_shape, training, augment),
-                          num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=seed is not None or not training)
+        examples = examples.cache()
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
+    if training and epochs is not None:
+        # Concatenated epochs with seeds of their own, not a reshuffling repeat():
+        # tf.data's reshuffling state lives in the dataset, so the order would
+        # depend on how many iterators anything has opened on it before.
+        if not isinstance(epochs, range) or epochs.step != 1 or epochs.start < 0:
+            raise ValueError(f"`epochs` must be a range of epoch numbers, e.g. range(3, 15). "
+                             f"Received: epochs={epochs!r}.")
+        full_batches = count // batch_size * batch_size
+        examples = functools.reduce(tf.data.Dataset.concatenate, [
+            examples.shuffle(_shuffle_buffer(shuffle_buffer, count), seed=seed + number,
+                             reshuffle_each_iteration=False).take(full_batches)
+            for number in epochs])
+        first_index = epochs.start * full_batches
+    elif training:
+        examples = examples.shuffle(_shuffle_buffer(shuffle_buffer, count), seed=seed,
+                                    reshuffle_each_iteration=True)
+        first_index = 0
+    else:
+        first_index = 0
+    preprocess = _preprocess_function(info, image_shape, augment)
+    # Stateless augmentation seeded by (seed, position in the stream).
+    dataset = examples.enumerate(first_index).map(
+        lambda index, example: preprocess(tf.stack([tf.constant(seed, tf.int64), index]),
+                                          example),
+        num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     options = tf.data.Options()
     # The TFDS files are few; split the examples, not the files, across workers.
@@ -324,12 +356,18 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def _shuffle_buffer(shuffle_buffer, count):
+    return shuffle_buffer or min(max(count, 1), 10_000)
+
+
 def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
                         max_images=10_000):
-    """A `keras.layers.Normalization` adapted to the training split, per channel.
+    """A `keras.layers.Normalization` with the training split's per-channel statistics.
 
     Mean and variance are computed over the first `max_images` training images
     (rounded up to a batch of 256), brought to `image_shape` as for evaluation.
+    The layer holds them as constants, so it can join a model built under any
+    `tf.distribute` strategy.
 
     Args:
         name: TFDS dataset name.
@@ -344,11 +382,15 @@ def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
     Example:
 
     >>> layer = normalization_layer("digits")
-    >>> [round(float(m), 1) for m in layer.mean.numpy().ravel()]
-    [77.9]
+    >>> images, _ = next(iter(image_pipeline("digits", "train", batch_size=1442)))
+    >>> normalized = layer(images)
+    >>> round(float(np.mean(normalized)), 3), round(float(np.std(normalized)), 3)
+    (0.0, 1.0)
     """
     batches = image_pipeline(name, "train", batch_size=256, image_shape=image_shape,
                              data_dir=data_dir, manual_dir=manual_dir, cache=False)
-    layer = keras.layers.Normalization(axis=-1, name="normalization")
-    layer.adapt(batches.take(-(-max_images // 256)).map(lambda image, label: image))
-    return layer
+    statistics = keras.layers.Normalization(axis=-1)
+    statistics.adapt(batches.take(-(-max_images // 256)).map(lambda image, label: image))
+    return keras.layers.Normalization(
+        axis=-1, mean=np.ravel(statistics.mean), variance=np.ravel(statistics.variance),
+        name="normalization")

@@ -9,10 +9,9 @@ builder turns them into a TFDS dataset, so that once keras_mgconv is imported
 works offline like any other TFDS dataset, and `keras-mgconv train` has a real
 default dataset that trains in minutes on a laptop CPU.
 
-The splits are fixed: every fifth image (index 4, 9, 14, ...) is the test split
-(359 images), the other 1438 are the train split. The images are ordered in
-cycles through the ten digits, so both splits hold every class in about equal
-numbers. Pixel intensities 0-16 are scaled to 0-255.
+The splits are fixed and stratified: of each digit's images, in scikit-learn's
+order, every fifth (the 5th, 10th, ...) is in the test split (355 images), the
+others in the train split (1442). Pixel intensities 0-16 are scaled to 0-255.
 """
 
 import numpy as np
@@ -25,7 +24,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's handwritten digits (8x8 grayscale, 10 classes) as a TFDS dataset."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Every fifth image is the test split."}
+    RELEASE_NOTES = {"1.0.0": "Every fifth image of each digit is the test split."}
 
     def _info(self):
         return self.dataset_info_from_configs(
@@ -51,6 +50,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
         digits = load_digits()
         images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+        seen = np.zeros(10, int)
         for index, (image, label) in enumerate(zip(images, digits.target)):
-            if (index % TEST_EVERY == TEST_EVERY - 1) == test:
+            seen[label] += 1
+            if (seen[label] % TEST_EVERY == 0) == test:
                 yield index, {"image": image, "label": int(label)}

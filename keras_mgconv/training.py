@@ -24,6 +24,7 @@ calling `train` again with the same arguments and `output_dir`: it reloads
 import csv
 import json
 import os
+import tempfile
 import time
 
 import tensorflow as tf
@@ -281,10 +282,39 @@ def _build_model(model, info, image_shape, normalization, multigrid, group_size,
             f"{error} Pass `image_size` (`--image-size`) to resize them.") from None
 
 
+def _work_around_multi_worker_fit(network):
+    """Lets Keras 3's `fit` run under MultiWorkerMirroredStrategy.
+
+    Two Keras 3 bugs (tensorflow/tensorflow#72388, closed unfixed) stop it.
+    `fit` reduces a first batch across workers to build the model, which
+    collective all-reduce refuses; the model is built already, so it is made
+    to take the strategy from the scope `fit` runs in instead of remembering
+    it. And `fit` averages each step's scalar logs across workers along an
+    axis 0 they do not have; the steps return them as vectors of one element.
+    """
+    network._distribute_strategy = None
+    for name in ("train_step", "test_step"):
+        step = getattr(network, name)
+        setattr(network, name, lambda batch, step=step: {
+            key: tf.reshape(value, [1]) for key, value in step(batch).items()})
+
+
+def _synchronize_batch_norm(network):
+    """Batch statistics over the global batch, not each replica's share of it.
+
+    Training then does not depend on how many replicas split the batch. Keras
+    reads the flag when it traces the training step, so setting it on the built
+    layers is enough, and it is saved with them.
+    """
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
 def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,
           learning_rate=0.1, schedule="cosine", optimizer="sgd", momentum=0.9,
           weight_decay=5e-4, multigrid=True, group_size=None, width=1.0, image_size=None,
-          output_dir="runs/ResNet20-digits", data_dir=None, manual_dir=None,
+          output_dir="runs/ResNet20-multigrid-digits", data_dir=None, manual_dir=None,
           strategy="default", batch_norm_momentum=None, seed=0, overwrite=False,
           verbose="auto"):
     """Trains a factory model on a TFDS image-classification dataset with `model.fit`.
@@ -358,53 +388,83 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             f"Dataset {dataset!r} has images of varying size: pass `image_size` "
             f"(`--image-size`), e.g. 224. Received: image_size=None.")
 
-    keras.utils.set_random_seed(seed)
+    if batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"`batch_size` is the global batch and must divide evenly between the "
+            f"{strategy.num_replicas_in_sync} replicas. Received: batch_size={batch_size}.")
     pipeline_args = dict(image_shape=image_shape, data_dir=data_dir, manual_dir=manual_dir,
-                         seed=seed, drop_remainder=isinstance(strategy, tf.distribute.TPUStrategy))
-    train_data = data.image_pipeline(dataset, info.train_split, batch_size, training=True,
-                                     **pipeline_args)
-    test_data = data.image_pipeline(dataset, info.test_split, batch_size, **pipeline_args)
-    steps_per_epoch = int(train_data.cardinality())
+                         seed=seed)
+    # Full training batches only: every global batch then has the same size and
+    # splits evenly between replicas.
+    steps_per_epoch = int(data.image_pipeline(
+        dataset, info.train_split, batch_size, drop_remainder=True, **pipeline_args
+    ).cardinality())
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"`batch_size` is larger than the {info.train_split!r} split of {dataset!r} "
+            f"({info.num_examples[info.train_split]} examples). "
+            f"Received: batch_size={batch_size}.")
     if batch_norm_momentum is None:
         batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
 
+    keras.utils.set_random_seed(seed)
+    # Adapted outside the strategy's scope, which would distribute its statistics.
+    normalization = None if resume else data.normalization_layer(
+        dataset, image_shape, data_dir, manual_dir)
     with strategy.scope():
         if resume:
             network = keras.models.load_model(os.path.join(output_dir, "last.keras"))
         else:
-            network = _build_model(
-                model, info, image_shape,
-                data.normalization_layer(dataset, image_shape, data_dir, manual_dir),
-                multigrid, group_size, width, batch_norm_momentum)
+            network = _build_model(model, info, image_shape, normalization, multigrid,
+                                   group_size, width, batch_norm_momentum)
             network.compile(
                 optimizer=_optimizer(
                     optimizer, _learning_rate(schedule, learning_rate, epochs, steps_per_epoch),
                     momentum, weight_decay),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=["accuracy"], jit_compile=False)
+        if strategy.num_replicas_in_sync > 1:
+            _synchronize_batch_norm(network)
     initial_epoch = int(network.optimizer.iterations.numpy()) // steps_per_epoch
+    # The remaining epochs, each fixed by the seed: a resumed run sees the
+    # batches an uninterrupted one would have. `fit` splits every global batch
+    # between the replicas (and the workers: the pipeline asks for sharding by
+    # example); the pipeline has no random state that its rewriting could reset.
+    train_data = data.image_pipeline(
+        dataset, info.train_split, batch_size, training=True, drop_remainder=True,
+        epochs=range(initial_epoch, epochs), **pipeline_args)
+    test_data = data.image_pipeline(dataset, info.test_split, batch_size, **pipeline_args)
 
     writes = strategy.extended.should_checkpoint
     history_path = os.path.join(output_dir, "history.csv")
-    callbacks = []
+    history = _read_history(history_path, initial_epoch)
+    best_accuracy = max((float(row["val_accuracy"]) for row in history), default=-1.0)
     if writes:
         os.makedirs(output_dir, exist_ok=True)
         if overwrite:
             _clear_run(output_dir)
-        history = _read_history(history_path, initial_epoch)
         _rewrite_history(history_path, history)
         _write_json(os.path.join(output_dir, "config.json"), config)
-        best = max((float(row["val_accuracy"]) for row in history), default=-1.0)
         callbacks = [
             _EpochTimer(),
             keras.callbacks.CSVLogger(history_path, append=True),
             keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-            _Checkpoints(output_dir, best),
+            _Checkpoints(output_dir, best_accuracy),
         ]
+    else:
+        # The other workers of a multi-worker run save the same checkpoints where
+        # nobody reads them: every save creates a variable, which all workers
+        # must do together.
+        scratch = tempfile.TemporaryDirectory()
+        callbacks = [_Checkpoints(scratch.name, best_accuracy)]
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _work_around_multi_worker_fit(network)
     if initial_epoch < epochs:
-        network.fit(train_data, validation_data=test_data, epochs=epochs,
-                    initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-                    shuffle=False)  # The pipeline shuffles.
+        with strategy.scope():
+            network.fit(train_data, validation_data=test_data, epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
+                        callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # The pipeline shuffles.
 
     summary = _summary(network, config, _read_history(history_path, epochs), info,
                        image_shape, batch_norm_momentum, strategy)

@@ -1,0 +1,176 @@
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+import keras_mgconv  # noqa: F401  Registers `digits` with TFDS.
+from keras_mgconv import data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A fresh TFDS directory: the embedded dataset must prepare itself offline."""
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+def _arrays(dataset):
+    images, labels = zip(*tfds.as_numpy(dataset))
+    return np.stack(images), np.array(labels)
+
+
+def test_digits_loads_through_tfds_with_fixed_splits(data_dir):
+    train, info = tfds.load("digits", split="train", data_dir=data_dir, as_supervised=True,
+                            with_info=True)
+    test = tfds.load("digits", split="test", data_dir=data_dir, as_supervised=True)
+    train_images, train_labels = _arrays(train)
+    test_images, test_labels = _arrays(test)
+    assert info.features["image"].shape == (8, 8, 1)
+    # Of each digit's images in scikit-learn's order, every fifth is a test image.
+    digits = load_digits()
+    expected = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    rank = np.array([np.sum(digits.target[:i + 1] == label)
+                     for i, label in enumerate(digits.target)])
+    is_test = rank % 5 == 0
+    assert (len(train_labels), len(test_labels)) == (1442, 355) == (
+        int((~is_test).sum()), int(is_test.sum()))
+    assert np.bincount(test_labels, minlength=10).min() >= 34
+    assert np.bincount(train_labels, minlength=10).min() >= 140
+    order = np.lexsort(test_images.reshape(len(test_images), -1).T)
+    expected_order = np.lexsort(expected[is_test].reshape(int(is_test.sum()), -1).T)
+    np.testing.assert_array_equal(test_images[order], expected[is_test][expected_order])
+    np.testing.assert_array_equal(test_labels[order], digits.target[is_test][expected_order])
+    train_rows = {image.tobytes() for image in train_images}
+    assert train_rows.isdisjoint(image.tobytes() for image in test_images)
+
+
+def test_dataset_info(data_dir):
+    info = data.image_dataset_info("digits", data_dir)
+    assert info.image_shape == (8, 8, 1)
+    assert info.num_classes == 10
+    assert (info.train_split, info.test_split) == ("train", "test")
+    assert info.num_examples == {"train": 1442, "test": 355}
+    assert not info.flippable  # A mirrored digit is another symbol.
+
+
+def test_evaluation_pipeline_gives_the_images_in_order_as_float(data_dir):
+    batches = data.image_pipeline("digits", "test", 100, data_dir=data_dir)
+    images, labels = map(np.concatenate, zip(*tfds.as_numpy(batches)))
+    raw_images, raw_labels = _arrays(
+        tfds.load("digits", split="test", data_dir=data_dir, as_supervised=True))
+    assert images.dtype == np.float32 and images.shape == (355, 8, 8, 1)
+    np.testing.assert_array_equal(images, raw_images.astype(np.float32))
+    np.testing.assert_array_equal(labels, raw_labels)
+
+
+def test_training_pipeline_shuffles_and_augments(data_dir):
+    batches = data.image_pipeline("digits", "train", 1442, training=True, seed=3,
+                                  data_dir=data_dir)
+    images, labels = next(iter(batches))
+    raw_images, raw_labels = _arrays(
+        tfds.load("digits", split="train", data_dir=data_dir, as_supervised=True))
+    assert images.shape == (1442, 8, 8, 1)
+    assert not np.array_equal(labels, raw_labels)
+    assert sorted(labels.numpy()) == sorted(raw_labels)
+    # Pad by 1 and crop back: every image is its original shifted by at most one pixel.
+    padded = np.pad(raw_images, [(0, 0), (1, 1), (1, 1), (0, 0)]).astype(np.float32)
+    originals = {image.tobytes(): index for index, image in enumerate(raw_images.astype(np.float32))}
+    shifted = 0
+    for image, label in zip(images.numpy(), labels.numpy()):
+        crops = [padded[:, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
+        matches = [np.flatnonzero((crop == image).all(axis=(1, 2, 3))) for crop in crops]
+        assert any(raw_labels[m].tolist().count(label) for m in matches if len(m))
+        shifted += image.tobytes() not in originals
+    assert shifted > 500
+
+
+def test_epoch_stream_is_fixed_by_seed_and_epoch(data_dir):
+    def batches(epochs, seed=0):
+        stream = data.image_pipeline("digits", "train", 64, training=True, seed=seed,
+                                     drop_remainder=True, epochs=epochs, data_dir=data_dir)
+        return [images.numpy() for images, _ in stream]
+
+    two_epochs = batches(range(2, 4))
+    assert len(two_epochs) == 2 * (1442 // 64)
+    # However often it is rebuilt or restarted, and from whichever epoch it starts.
+    np.testing.assert_array_equal(np.stack(two_epochs), np.stack(batches(range(2, 4))))
+    np.testing.assert_array_equal(np.stack(two_epochs[22:]), np.stack(batches(range(3, 4))))
+    assert not np.array_equal(two_epochs[0], two_epochs[22])
+    assert not np.array_equal(two_epochs[0], batches(range(2, 3), seed=1)[0])
+
+
+def test_pipeline_adapts_size_and_channels(data_dir):
+    images, _ = next(iter(data.image_pipeline("digits", "test", 4, image_shape=(16, 16, 3),
+                                              data_dir=data_dir)))
+    assert images.shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    with pytest.raises(ValueError, match=r"1-channel images.*image_shape=\(8, 8, 4\)"):
+        data.image_pipeline("digits", "test", 4, image_shape=(8, 8, 4), data_dir=data_dir)
+
+
+def test_normalization_layer_has_the_training_statistics(data_dir):
+    layer = data.normalization_layer("digits", data_dir=data_dir)
+    layer.build((None, 8, 8, 1))
+    images, _ = _arrays(tfds.load("digits", split="train", data_dir=data_dir,
+                                  as_supervised=True))
+    np.testing.assert_allclose(np.ravel(layer.mean), [images.mean()], rtol=1e-4)
+    np.testing.assert_allclose(np.ravel(layer.variance), [images.var()], rtol=1e-4)
+    normalized = layer(tf.constant(images[:500], tf.float32))
+    assert abs(float(tf.reduce_mean(normalized))) < 0.1
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(ValueError, match=r"no dataset named 'no_such_data'.*dataset='no_such_data'"):
+        data.image_dataset_info("no_such_data")
+
+
+class UnreachableImages(tfds.core.GeneratorBasedBuilder):
+    """Downloads from a host that cannot resolve anywhere (RFC 6761 `.invalid`)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(4, 4, 1)),
+                "label": tfds.features.ClassLabel(num_classes=2)}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        path = dl_manager.download("https://keras-mgconv-test.invalid/images.tar.gz")
+        return {"train": self._generate_examples(path)}
+
+    def _generate_examples(self, path):
+        yield 0, {"image": np.zeros((4, 4, 1), np.uint8), "label": 0}
+
+
+class HandDownloadedImages(UnreachableImages):
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put images.tar in the manual folder."
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(dl_manager.manual_dir / "images.tar")}
+
+
+def test_undownloadable_dataset_fails_fast_and_says_how_to_provide_it(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as error:
+        data.image_dataset_info("unreachable_images", data_dir=str(tmp_path))
+    assert time.perf_counter() - start < 30
+    message = str(error.value)
+    assert "'unreachable_images' is not prepared in" in message
+    assert "cannot be downloaded" in message and "data_dir" in message
+    assert "manual_dir" in message
+
+
+def test_manual_dataset_says_where_its_files_go(tmp_path):
+    with pytest.raises(ValueError, match=r"must be downloaded by hand.*manual_dir.*"
+                                         r"Put images.tar in the manual folder"):
+        data.image_dataset_info("hand_downloaded_images", data_dir=str(tmp_path))
+
+
+def test_bad_batch_size_is_refused(data_dir):
+    with pytest.raises(ValueError, match="batch_size=0"):
+        data.image_pipeline("digits", "test", 0, data_dir=data_dir)
