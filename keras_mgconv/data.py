@@ -155,7 +155,8 @@ def image_dataset_info(name, data_dir=None, manual_dir=None):
 
     Example:
 
-    >>> info = image_dataset_info("digits")
+    >>> from keras_mgconv import data
+    >>> info = data.image_dataset_info("digits")
     >>> info.image_shape, info.num_classes, info.test_split
     ((8, 8, 1), 10, 'test')
     """
@@ -303,7 +304,8 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
 
     Example:
 
-    >>> test = image_pipeline("digits", "test", batch_size=32)
+    >>> from keras_mgconv import data
+    >>> test = data.image_pipeline("digits", "test", batch_size=32)
     >>> images, labels = next(iter(test))
     >>> tuple(images.shape), images.dtype.name
     ((32, 8, 8, 1), 'float32')
@@ -381,8 +383,9 @@ def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
 
     Example:
 
-    >>> layer = normalization_layer("digits")
-    >>> images, _ = next(iter(image_pipeline("digits", "train", batch_size=1442)))
+    >>> from keras_mgconv import data
+    >>> layer = data.normalization_layer("digits")
+    >>> images, _ = next(iter(data.image_pipeline("digits", "train", batch_size=1442)))
     >>> normalized = layer(images)
     >>> round(float(np.mean(normalized)), 3), round(float(np.std(normalized)), 3)
     (0.0, 1.0)

@@ -278,7 +278,7 @@ def _build_model(model, info, image_shape, normalization, multigrid, group_size,
             raise
         height, width_, channels = image_shape
         raise ValueError(
-            f"{model} cannot take {info.name!r}'s {height}x{width_}x{channels} images: "
+            f"{model} cannot take the {height}x{width_}x{channels} images of {info.name!r}: "
             f"{error} Pass `image_size` (`--image-size`) to resize them.") from None
 
 
@@ -359,9 +359,10 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
 
     Example:
 
-    >>> summary = train(epochs=1, output_dir=tmp_dir + "/run", verbose=0)
-    >>> sorted(summary)[:3]
-    ['batch_norm_momentum', 'best_epoch', 'best_test_accuracy']
+    >>> from keras_mgconv import training
+    >>> summary = training.train(epochs=1, width=0.5, output_dir=tmp_dir + "/run", verbose=0)
+    >>> summary["epochs"], summary["replicas"], summary["image_shape"]
+    (1, 1, [8, 8, 1])
     """
     _choice("model", model, MODELS)
     epochs = _arguments.positive_int("epochs", epochs)

@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 
 import keras_mgconv
-from keras_mgconv import complexity
+from keras_mgconv import complexity, data, training
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import channel_transfer, grouped_conv, multigrid_conv
 from keras_mgconv.models import mobilenet_v2, resnet
 
-MODULES = [grouped_conv, channel_transfer, multigrid_conv, complexity, resnet, mobilenet_v2]
+MODULES = [grouped_conv, channel_transfer, multigrid_conv, complexity, resnet, mobilenet_v2,
+           data, training]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
-def test_docstring_examples(module):
+def test_docstring_examples(module, tmp_path):
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     tests = finder.find(module, globs={"np": np, "keras": keras, "keras_mgconv": keras_mgconv,
-                                       "count_multiply_adds": complexity.count_multiply_adds})
+                                       "count_multiply_adds": complexity.count_multiply_adds,
+                                       "tmp_dir": str(tmp_path)})
     examples = sum(len(test.examples) for test in tests)
     assert examples > 0
     for test in tests:
