@@ -54,6 +54,17 @@ def grouped_gradient_supported(dtype=tf.float32):
     return True
 
 
+def resolve_implementation(implementation, dtype):
+    """What `grouped_conv2d` runs for `implementation` on inputs of `dtype`.
+
+    "grouped" or "split" as given; "auto" becomes "grouped" where this machine
+    can differentiate a grouped `tf.nn.conv2d` in `dtype`, "split" otherwise.
+    """
+    if implementation != "auto":
+        return implementation
+    return "grouped" if grouped_gradient_supported(dtype) else "split"
+
+
 def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
                    implementation="auto"):
     """Grouped 2D convolution of channels-last `inputs`.
@@ -81,11 +92,7 @@ def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
     padding = padding.upper()
     if groups == 1:
         return tf.nn.conv2d(inputs, kernel, strides, padding)
-    if implementation == "auto":
-        implementation = (
-            "grouped" if grouped_gradient_supported(inputs.dtype) else "split"
-        )
-    if implementation == "grouped":
+    if resolve_implementation(implementation, inputs.dtype) == "grouped":
         return tf.nn.conv2d(inputs, kernel, strides, padding)
     group_outputs = [
         tf.nn.conv2d(group_inputs, group_kernel, strides, padding)
