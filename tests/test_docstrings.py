@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import keras_mgconv
-from keras_mgconv import complexity, data, training
+from keras_mgconv import complexity, data, export, training
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import channel_transfer, grouped_conv, multigrid_conv
 from keras_mgconv.models import mobilenet_v2, resnet
 
 MODULES = [grouped_conv, channel_transfer, multigrid_conv, complexity, resnet, mobilenet_v2,
-           data, training]
+           data, training, export]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

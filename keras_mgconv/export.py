@@ -1,0 +1,496 @@
+"""TensorFlow Lite (LiteRT) export: conversion, verification against Keras, latency.
+
+    from keras_mgconv import export
+    report = export.export_tflite(model, "model.tflite", quantization="int8",
+                                  representative_data=images)
+    print(report)
+    for row in export.measure_latency("model.tflite"):
+        print(row)
+
+A grouped convolution becomes one builtin CONV_2D whose filter has C_in / G
+input channels. XNNPACK, the delegate LiteRT applies by default on CPU, runs it
+fast; without XNNPACK it falls to TFLite's reference kernel, about 4x slower than
+a full convolution of the same width (DESIGN.md, section 3). For runtimes
+without XNNPACK, `lowering="split"` exports every grouped convolution as SPLIT,
+one CONV_2D per group and CONCATENATION instead: the same function, run by the
+optimized kernels every runtime has.
+"""
+
+import collections
+import dataclasses
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from ai_edge_litert import interpreter as litert
+from ai_edge_litert.tools import flatbuffer_utils
+
+# tf.lite does not export the error its converter raises.
+from tensorflow.lite.python.convert_phase import ConverterError
+
+from keras_mgconv._keras import keras
+from keras_mgconv.layers import MultigridConv2D, _arguments
+from keras_mgconv.layers.grouped_conv import GroupedConvBase, resolve_implementation
+from keras_mgconv.training import _atomic_write, _choice
+
+QUANTIZATIONS = (None, "float16", "dynamic_range", "int8")
+LOWERINGS = ("grouped", "split")
+
+# The largest relative difference a float32 export may have from Keras.
+FLOAT32_TOLERANCE = 1e-4
+
+# Verification inputs when no data is given.
+_RANDOM_EXAMPLES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """How an exported model's outputs compare with the Keras model's.
+
+    Attributes:
+        examples: number of inputs compared, each run at batch size 1.
+        data: where they came from: "verification_data",
+            "representative_data" or "random" (uniform in [0, 1)).
+        max_abs_diff: largest absolute difference of an output value.
+        max_rel_diff: `max_abs_diff` divided by the largest absolute Keras
+            output value.
+        top1_agreement: fraction of inputs whose largest output (the top-1
+            class) is the same in both.
+    """
+
+    examples: int
+    data: str
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What `export_tflite` wrote and how it compares with the Keras model.
+
+    Attributes:
+        path: the `.tflite` file.
+        quantization: "float32", "float16", "dynamic_range" or "int8".
+        lowering: "grouped" or "split".
+        size_bytes: file size.
+        input_dtype, output_dtype: the model's input and output types, e.g.
+            "float32" or "int8".
+        op_counts: dict of op name (TFLite builtin names such as "CONV_2D";
+            the custom code, e.g. "FlexCumprod", for other ops) to how often it
+            occurs, most frequent first.
+        builtin_only: whether every op is a TFLite builtin, so that any LiteRT
+            runtime runs the model without the Flex (TF Select) delegate.
+        verification: a `Verification`, or None where the model has ops
+            ai_edge_litert cannot run (Flex ops).
+    """
+
+    path: str
+    quantization: str
+    lowering: str
+    size_bytes: int
+    input_dtype: str
+    output_dtype: str
+    op_counts: dict
+    builtin_only: bool
+    verification: Verification | None
+
+    def to_dict(self):
+        """The report as a dict of plain values, for JSON."""
+        return dataclasses.asdict(self)
+
+    def __str__(self):
+        ops = ", ".join(f"{name} {count}" for name, count in self.op_counts.items())
+        kind = "all TFLite builtins" if self.builtin_only else "NOT all TFLite builtins"
+        lines = [
+            f"{self.path}: {self.size_bytes:,} bytes, {self.quantization} "
+            f"(input {self.input_dtype}, output {self.output_dtype}), "
+            f"{self.lowering} lowering",
+            f"ops ({sum(self.op_counts.values())}, {kind}): {ops}",
+        ]
+        check = self.verification
+        if check is None:
+            lines.append("not verified: ai_edge_litert cannot run Flex ops")
+        else:
+            lines.append(
+                f"verified against Keras with ai_edge_litert on {check.examples} "
+                f"examples ({check.data}): top-1 agreement {check.top1_agreement:.2%}, "
+                f"max abs diff {check.max_abs_diff:.3g}, "
+                f"max rel diff {check.max_rel_diff:.3g}")
+        return "\n".join(lines)
+
+
+def _check_path(path):
+    if not isinstance(path, (str, os.PathLike)) or not str(path).endswith(".tflite"):
+        raise ValueError(f"`path` must be a file name ending in .tflite. Received: path={path!r}.")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"`path` must be in an existing, writable directory; {directory} is not one. "
+            f"Received: path={path!r}.")
+    if os.path.isdir(path):
+        raise ValueError(f"`path` is a directory. Received: path={path!r}.")
+    return os.fspath(path)
+
+
+def _check_model(model):
+    inputs = getattr(model, "inputs", None) if isinstance(model, keras.Model) else None
+    if not inputs or len(inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"`model` must be a built functional or Sequential `keras.Model` with one "
+            f"input and one output. Received: model={model!r}.")
+
+
+def _images(name, data, input_shape):
+    """Stacks an array, or an iterable of image batches or (images, labels) batches."""
+    if isinstance(data, (np.ndarray, tf.Tensor)):
+        data = [data]
+    try:
+        batches = [np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch,
+                              np.float32)
+                   for batch in data]
+        images = np.concatenate(batches) if batches else np.zeros((0,), np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be an array of images, or an iterable (e.g. a tf.data.Dataset) "
+            f"of image batches or of (images, labels) batches. "
+            f"Received: {name}={data!r}.") from None
+    if (len(images) == 0 or images.ndim != len(input_shape)
+            or any(size not in (None, actual)
+                   for size, actual in zip(input_shape[1:], images.shape[1:]))):
+        raise ValueError(
+            f"`{name}` must hold at least one image of the model's input shape "
+            f"{tuple(input_shape[1:])}. Received: {name} of shape {images.shape}.")
+    return images
+
+
+def _lowered(model, lowering):
+    """`model`, with every keras_mgconv grouped convolution computed the `lowering` way.
+
+    How a layer computes its grouped convolutions is a constructor argument
+    (`implementation`), so a model whose layers would compute them otherwise is
+    rebuilt from its config with that argument replaced, and given the same
+    weights.
+    """
+    grouped = (MultigridConv2D, GroupedConvBase)
+
+    def differs(layers):
+        return any((isinstance(layer, keras.Model) and differs(layer.layers))
+                   or (isinstance(layer, grouped) and lowering != resolve_implementation(
+                       layer.implementation, layer.compute_dtype))
+                   for layer in layers)
+
+    if not differs(model.layers):
+        return model
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, grouped):
+            config["implementation"] = lowering
+        return layer.__class__.from_config(config)
+
+    rebuilt = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    # Through a weights file, not set_weights: loading also restores state that
+    # layers derive from their variables (an adapted Normalization's mean).
+    with tempfile.TemporaryDirectory() as directory:
+        weights = os.path.join(directory, "model.weights.h5")
+        model.save_weights(weights)
+        rebuilt.load_weights(weights)
+    return rebuilt
+
+
+def _converter_settings(quantization, representative_images, integer_io, allow_flex_ops):
+    """Keyword arguments of `model.export(format="litert")`: tf.lite.TFLiteConverter settings."""
+    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if quantization == "int8"
+           else tf.lite.OpsSet.TFLITE_BUILTINS]
+    if allow_flex_ops:
+        ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
+    settings = {"target_spec": {"supported_ops": ops}}
+    if quantization is None:
+        return settings
+    settings["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        settings["target_spec"]["supported_types"] = [tf.float16]
+    elif quantization == "int8":
+        settings["representative_dataset"] = lambda: (
+            [image[None]] for image in representative_images)
+        io_type = tf.int8 if integer_io else tf.float32
+        settings["inference_input_type"] = settings["inference_output_type"] = io_type
+    return settings
+
+
+def _inspect(content):
+    """Reads a converted model's op counts, builtin-ness and input and output types."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    counts = collections.Counter()
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            custom_code = model.operatorCodes[op.opcodeIndex].customCode
+            counts[custom_code.decode() if custom_code
+                   else flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)] += 1
+    main = model.subgraphs[0]
+    input_dtype, output_dtype = (
+        flatbuffer_utils.type_to_name(main.tensors[tensors[0]].type).lower()
+        for tensors in (main.inputs, main.outputs))
+    return {
+        "op_counts": dict(counts.most_common()),
+        # Flex and other custom ops are named by a custom code; builtins are not.
+        "builtin_only": not any(code.customCode for code in model.operatorCodes),
+        "input_dtype": input_dtype,
+        "output_dtype": output_dtype,
+    }
+
+
+def _interpreter(model_path, threads=None, xnnpack=True):
+    resolver = (litert.OpResolverType.AUTO if xnnpack
+                else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = litert.Interpreter(model_path=model_path, num_threads=threads,
+                                     experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _quantize(values, details):
+    """Float values as an integer tensor of `details`' type, where it is one."""
+    if not np.issubdtype(details["dtype"], np.integer):
+        return values.astype(details["dtype"])
+    scale, zero_point = details["quantization"]
+    limits = np.iinfo(details["dtype"])
+    return np.clip(np.round(values / scale + zero_point), limits.min, limits.max).astype(
+        details["dtype"])
+
+
+def _dequantize(values, details):
+    if not np.issubdtype(details["dtype"], np.integer):
+        return values.astype(np.float32)
+    scale, zero_point = details["quantization"]
+    return (values.astype(np.float32) - zero_point) * scale
+
+
+def _verify(model_path, model, images, data):
+    interpreter = _interpreter(model_path)
+    input_details = interpreter.get_input_details()[0]
+    output_details = interpreter.get_output_details()[0]
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(input_details["index"], _quantize(image[None], input_details))
+        interpreter.invoke()
+        outputs.append(_dequantize(interpreter.get_tensor(output_details["index"]),
+                                   output_details)[0])
+    outputs = np.stack(outputs)
+    # Called eagerly, not through `predict`: tracing a predict function for
+    # every model exported takes longer than running a few batches. The batch is
+    # packed as the model's input (a list of one where the model was built so).
+    expected = np.concatenate([
+        np.asarray(model(keras.tree.pack_sequence_as(model.input, [images[start:start + 64]]),
+                         training=False))
+        for start in range(0, len(images), 64)])
+    max_abs_diff = float(np.max(np.abs(outputs - expected)))
+    top1 = [np.argmax(values.reshape(len(images), -1), axis=-1) for values in (outputs, expected)]
+    return Verification(
+        examples=len(images),
+        data=data,
+        max_abs_diff=max_abs_diff,
+        max_rel_diff=max_abs_diff / (float(np.max(np.abs(expected))) or 1.0),
+        top1_agreement=float(np.mean(top1[0] == top1[1])),
+    )
+
+
+def _convert(model, path, settings, name):
+    """Writes `model` converted with `settings` to `path`, or says which ops TFLite lacks."""
+    try:
+        model.export(path, format="litert", verbose=False, **settings)
+    except ConverterError as error:
+        flex_ops = re.search(r"TF Select ops: (.*)", str(error))
+        if flex_ops is None:
+            raise
+        raise ValueError(
+            f"`model` needs TensorFlow ops that TFLite has no builtin for "
+            f"({flex_ops.group(1)}). Replace the layers that use them, or pass "
+            f"allow_flex_ops=True to export them through the Flex delegate, which the "
+            f"runtime must then include. Received: model={name!r}.") from None
+
+
+def export_tflite(model, path, quantization=None, representative_data=None,
+                  verification_data=None, integer_io=False, lowering="grouped",
+                  allow_flex_ops=False):
+    """Exports a Keras model to a `.tflite` file and checks it against the model.
+
+    Converts through `model.export(format="litert")` (Keras' route for Keras
+    3 models), allowing only TFLite builtin ops unless `allow_flex_ops`, runs
+    the result with `ai_edge_litert` on sample inputs, one at a time, and
+    compares the outputs with the Keras model's. The file is written to a
+    temporary name next to `path` and renamed when everything has succeeded:
+    a failed export leaves nothing at `path`.
+
+    Args:
+        model: a built functional or Sequential `keras.Model` with one input
+            and one output.
+        path: the file to write; must end in ".tflite", in an existing
+            directory. An existing file is replaced.
+        quantization: None (float32), "float16" (float16 weights),
+            "dynamic_range" (int8 weights, activations quantized on the fly)
+            or "int8" (full integer: weights and activations, calibrated on
+            `representative_data`).
+        representative_data: model inputs to calibrate "int8" on (a few
+            hundred typical ones): an array, or an iterable such as a
+            `tf.data.Dataset` of batches of images or of (images, labels).
+            Also the verification inputs when `verification_data` is None.
+        verification_data: inputs to verify on, in the same forms; default
+            `representative_data`, else 8 random inputs uniform in [0, 1).
+        integer_io: with "int8", whether the model's input and output are int8
+            (quantized with the scale and zero point the report's model has)
+            instead of float32.
+        lowering: "grouped" (one CONV_2D per grouped convolution: fastest under
+            XNNPACK) or "split" (SPLIT, a CONV_2D per group, CONCATENATION: for
+            runtimes without XNNPACK). Both compute the same function.
+        allow_flex_ops: let the model use TensorFlow ops through the Flex (TF
+            Select) delegate where TFLite has no builtin. Such files need a
+            runtime linked with that delegate, and are not verified.
+
+    Returns:
+        An `ExportReport`.
+
+    Raises:
+        ValueError: before anything is written, for a bad argument: `path` not
+            ending in ".tflite" or not in a writable directory, an unknown
+            `quantization` or `lowering`, "int8" without
+            `representative_data`, data of the wrong shape, or a `model` that
+            needs Flex ops without `allow_flex_ops`.
+        RuntimeError: a float32 export whose outputs differ from Keras' by
+            more than `FLOAT32_TOLERANCE` (relative); nothing is written.
+
+    Example:
+
+    >>> from keras_mgconv.export import export_tflite
+    >>> inputs = keras.Input((8, 8, 16))
+    >>> outputs = keras_mgconv.MultigridConv2D(32, 3, group_size=8)(inputs)
+    >>> model = keras.Model(inputs, outputs)
+    >>> report = export_tflite(model, tmp_dir + "/layer.tflite")
+    >>> report.builtin_only, report.verification.max_rel_diff < 1e-4
+    (True, True)
+    >>> report.op_counts["CONV_2D"]  # connector, 2 + 2 transfers, 2 smoothers, coarsest
+    8
+    """
+    _check_model(model)
+    path = _check_path(path)
+    _choice("quantization", quantization, QUANTIZATIONS)
+    _choice("lowering", lowering, LOWERINGS)
+    if integer_io and quantization != "int8":
+        raise ValueError(
+            f"`integer_io` needs quantization='int8': only fully quantized models have "
+            f"integer inputs and outputs. Received: integer_io={integer_io!r}, "
+            f"quantization={quantization!r}.")
+    input_shape = model.inputs[0].shape
+    if representative_data is not None:
+        representative_data = _images("representative_data", representative_data, input_shape)
+    if quantization == "int8" and representative_data is None:
+        raise ValueError(
+            "quantization='int8' calibrates the activations' ranges on "
+            "`representative_data` (in the CLI: `--dataset`): pass a few hundred typical "
+            "inputs. Received: representative_data=None.")
+    if verification_data is not None:
+        images, source = _images("verification_data", verification_data, input_shape), \
+            "verification_data"
+    elif representative_data is not None:
+        images, source = representative_data, "representative_data"
+    else:
+        shape = tuple(size or 1 for size in input_shape[1:])
+        images = np.random.default_rng(0).random((_RANDOM_EXAMPLES, *shape), np.float32)
+        source = "random"
+    settings = _converter_settings(quantization, representative_data, integer_io,
+                                   allow_flex_ops)
+    exported = _lowered(model, lowering)
+    report = None
+
+    def write(temporary):
+        nonlocal report
+        _convert(exported, temporary, settings, model.name)
+        with open(temporary, "rb") as file:
+            contents = _inspect(file.read())
+        # ai_edge_litert has no Flex delegate: such a model cannot be run here.
+        verification = (_verify(temporary, model, images, source)
+                        if contents["builtin_only"] else None)
+        report = ExportReport(
+            path=path, quantization=quantization or "float32", lowering=lowering,
+            size_bytes=os.path.getsize(temporary), verification=verification, **contents)
+        if (quantization is None and verification is not None
+                and not verification.max_rel_diff <= FLOAT32_TOLERANCE):
+            raise RuntimeError(
+                f"The float32 export differs from the Keras model by "
+                f"{report.verification.max_rel_diff:.3g} (relative), more than "
+                f"{FLOAT32_TOLERANCE:g}: not written to {path}.")
+
+    _atomic_write(path, write)
+    return report
+
+
+def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, warmup=5):
+    """Times single invokes of a `.tflite` model with `ai_edge_litert`.
+
+    For every combination of thread count and XNNPACK on or off, creates an
+    interpreter, feeds one random input of the model's input shape (batch 1 as
+    converted) and times `repeats` invokes after `warmup` untimed ones.
+    XNNPACK off means `OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`: the
+    builtin kernels only, as on a runtime built without XNNPACK.
+
+    Args:
+        path: a `.tflite` file.
+        threads: thread counts to measure.
+        xnnpack: which of True (LiteRT's default) and False to measure.
+        repeats: timed invokes per combination.
+        warmup: untimed invokes first (XNNPACK packs weights on the first).
+
+    Returns:
+        A list of dicts with "threads", "xnnpack", "median_ms" and "p90_ms",
+        one per combination.
+
+    Raises:
+        ValueError: for a missing file, non-positive thread counts or repeats,
+            or a negative warmup.
+
+    Example:
+
+    >>> from keras_mgconv.export import export_tflite, measure_latency
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> model = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    >>> _ = export_tflite(model, tmp_dir + "/conv.tflite")
+    >>> rows = measure_latency(tmp_dir + "/conv.tflite", threads=(1,), repeats=3)
+    >>> [(row["threads"], row["xnnpack"]) for row in rows]
+    [(1, True), (1, False)]
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise ValueError(f"`path` must be an existing .tflite file. Received: path={path!r}.")
+    threads = [_arguments.positive_int("threads", count) for count in threads]
+    repeats = _arguments.positive_int("repeats", repeats)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"`warmup` must be an integer >= 0. Received: warmup={warmup!r}.")
+    rows = []
+    for count in threads:
+        for use_xnnpack in xnnpack:
+            interpreter = _interpreter(os.fspath(path), count, use_xnnpack)
+            details = interpreter.get_input_details()[0]
+            values = np.random.default_rng(0).random(details["shape"], np.float32)
+            interpreter.set_tensor(details["index"], _quantize(values, details))
+            for _ in range(warmup):
+                interpreter.invoke()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                interpreter.invoke()
+                times.append(time.perf_counter() - start)
+            rows.append({"threads": count, "xnnpack": bool(use_xnnpack),
+                         "median_ms": 1000 * float(np.median(times)),
+                         "p90_ms": 1000 * float(np.percentile(times, 90))})
+    return rows
+
+
+def format_latency(rows):
+    """`measure_latency`'s rows as a text table, one line a row."""
+    lines = [f"{'threads':>7}  {'XNNPACK':>7}  {'median ms':>9}  {'p90 ms':>9}"]
+    lines += [f"{row['threads']:>7}  {'on' if row['xnnpack'] else 'off':>7}  "
+              f"{row['median_ms']:>9.3f}  {row['p90_ms']:>9.3f}" for row in rows]
+    return "\n".join(lines)

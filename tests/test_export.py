@@ -1,0 +1,240 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert import interpreter as litert
+
+import keras_mgconv
+from keras_mgconv import data, export, models, training
+from keras_mgconv._keras import keras
+from keras_mgconv.export import export_tflite, measure_latency
+
+# Every named factory at a small input; MobileNetV2 at its narrowest width.
+FACTORIES = {
+    "ResNet20": (models.ResNet20, (8, 8, 3), {}),
+    "ResNet32": (models.ResNet32, (8, 8, 3), {}),
+    "ResNet44": (models.ResNet44, (8, 8, 3), {}),
+    "ResNet56": (models.ResNet56, (8, 8, 3), {}),
+    "ResNet110": (models.ResNet110, (8, 8, 3), {}),
+    "ResNet18": (models.ResNet18, (32, 32, 3), {}),
+    "ResNet34": (models.ResNet34, (32, 32, 3), {}),
+    "ResNet50": (models.ResNet50, (32, 32, 3), {}),
+    "MobileNetV2": (models.MobileNetV2, (32, 32, 3), {"alpha": 0.35}),
+}
+MODES = [quantization or "float32" for quantization in export.QUANTIZATIONS]
+
+# Converting takes 5-60 s a model on 2 cores, growing with the number of layers:
+# all 36 exports take about 15 minutes. By default the shallowest ResNets of both
+# block families (CIFAR, ImageNet basic) are exported in every mode, MobileNetV2
+# in float32 and int8 and the bottleneck ResNet50 in int8 (the mode that needs
+# every op in integer); KERAS_MGCONV_SLOW_TESTS=1 runs all of them.
+_DEFAULT_EXPORTS = {"ResNet20": MODES, "ResNet18": MODES,
+                    "MobileNetV2": ["float32", "int8"], "ResNet50": ["int8"]}
+_slow = pytest.mark.skipif(os.environ.get("KERAS_MGCONV_SLOW_TESTS") != "1",
+                           reason="slow: set KERAS_MGCONV_SLOW_TESTS=1")
+FACTORY_EXPORTS = [
+    pytest.param(name, mode, id=f"{name}-{mode}",
+                 marks=() if mode in _DEFAULT_EXPORTS.get(name, ()) else _slow)
+    for name in FACTORIES for mode in MODES]
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """A multigrid ResNet20 trained briefly on the embedded digits (about 98% test accuracy)."""
+    output_dir = tmp_path_factory.mktemp("digits") / "run"
+    training.train("ResNet20", "digits", epochs=8, output_dir=str(output_dir), verbose=0)
+    return keras.models.load_model(output_dir / "best.keras")
+
+
+@pytest.fixture(scope="module")
+def digits_images(digits_model):
+    """(train images, test images) of the digits at the model's input shape."""
+    def images(split):
+        return np.concatenate([batch for batch, _ in data.image_pipeline(
+            "digits", split, 256, image_shape=digits_model.input_shape[1:])])
+    return images("train"), images("test")
+
+
+def _run_tflite(path, images):
+    """The float outputs of a float-input .tflite model, one image at a time."""
+    interpreter = litert.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    outputs = []
+    for image in images:
+        interpreter.set_tensor(input_index, image[None])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(output_index)[0])
+    return np.stack(outputs)
+
+
+def _small_model():
+    inputs = keras.Input((8, 8, 16))
+    x = keras.layers.Conv2D(32, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("name,mode", FACTORY_EXPORTS)
+def test_factory_model_exports_with_builtin_ops_only(tmp_path, name, mode):
+    factory, input_shape, kwargs = FACTORIES[name]
+    model = factory(input_shape=input_shape, classes=10, **kwargs)
+    images = np.random.default_rng(0).random((8, *input_shape), np.float32)
+    path = tmp_path / "model.tflite"
+    report = export_tflite(model, path, None if mode == "float32" else mode,
+                           representative_data=images)
+    assert report.builtin_only, report.op_counts
+    assert report.quantization == mode
+    assert report.op_counts["CONV_2D"] > 0
+    assert report.size_bytes == os.path.getsize(path)
+    assert report.input_dtype == report.output_dtype == "float32"
+    assert report.verification.examples == 8
+    if mode == "float32":
+        assert report.verification.max_rel_diff <= 1e-4
+        assert report.verification.top1_agreement == 1.0
+
+
+def test_quantization_modes_shrink_the_file(tmp_path):
+    inputs = keras.Input((8, 8, 64))
+    x = keras_mgconv.MultigridConv2D(128, 3, padding="same", group_size=16)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    images = np.random.default_rng(0).random((16, 8, 8, 64), np.float32)
+    reports = {mode: export_tflite(model, tmp_path / f"{mode}.tflite",
+                                   None if mode == "float32" else mode,
+                                   representative_data=images)
+               for mode in MODES}
+    size = {mode: report.size_bytes / reports["float32"].size_bytes
+            for mode, report in reports.items()}
+    # Weights take 2 bytes in float16 and 1 in int8, against 4.
+    assert 0.4 < size["float16"] < 0.6
+    assert size["dynamic_range"] < 0.4 and size["int8"] < 0.4
+    # Float16 weights are dequantized on load; int8 with float input and output
+    # quantizes the input and dequantizes the output.
+    assert "DEQUANTIZE" in reports["float16"].op_counts
+    assert reports["int8"].op_counts["QUANTIZE"] == reports["int8"].op_counts["DEQUANTIZE"] == 1
+    assert "QUANTIZE" not in reports["dynamic_range"].op_counts
+    assert reports["float32"].verification.max_abs_diff < 1e-4 < min(
+        reports[mode].verification.max_abs_diff for mode in MODES[1:])
+
+
+def test_float32_and_split_exports_match_trained_keras_model(tmp_path, digits_model,
+                                                             digits_images):
+    _, test_images = digits_images
+    grouped = export_tflite(digits_model, tmp_path / "grouped.tflite",
+                            verification_data=test_images)
+    assert grouped.verification.examples == len(test_images) > 300
+    assert grouped.verification.data == "verification_data"
+    assert grouped.verification.max_rel_diff <= 1e-4
+    assert grouped.verification.top1_agreement == 1.0
+    # Checked independently of export_tflite's own verification.
+    expected = digits_model.predict(test_images, verbose=0)
+    grouped_outputs = _run_tflite(grouped.path, test_images)
+    np.testing.assert_allclose(grouped_outputs, expected, atol=1e-4)
+
+    split = export_tflite(digits_model, tmp_path / "split.tflite", lowering="split")
+    assert "SPLIT" not in grouped.op_counts and "CONCATENATION" not in grouped.op_counts
+    assert split.op_counts["SPLIT"] == split.op_counts["CONCATENATION"] > 0
+    assert split.op_counts["CONV_2D"] > grouped.op_counts["CONV_2D"]
+    np.testing.assert_allclose(_run_tflite(split.path, test_images), grouped_outputs, atol=1e-5)
+    # The model exported is a rebuilt copy: the user's model keeps its layers.
+    implementations = {layer.implementation for layer in digits_model.layers
+                       if hasattr(layer, "implementation")}
+    assert implementations == {"auto"}
+
+
+@pytest.mark.parametrize("integer_io", [False, True])
+def test_int8_export_agrees_with_keras_on_digits(tmp_path, digits_model, digits_images,
+                                                integer_io):
+    train_images, test_images = digits_images
+    report = export_tflite(digits_model, tmp_path / "model.tflite", "int8",
+                           representative_data=train_images[:200],
+                           verification_data=test_images, integer_io=integer_io)
+    dtype = "int8" if integer_io else "float32"
+    assert report.input_dtype == report.output_dtype == dtype
+    assert report.builtin_only
+    assert report.verification.examples == len(test_images)
+    assert report.verification.top1_agreement >= 0.98
+    # Quantized, so not float32-exact, but close on softmax outputs.
+    assert 1e-4 < report.verification.max_abs_diff < 0.3
+
+
+def test_xnnpack_off_leaves_the_graph_undelegated(tmp_path):
+    path = tmp_path / "model.tflite"
+    export_tflite(_small_model(), path)
+    # Delegated partitions show up as "DELEGATE" nodes in the execution plan.
+    for xnnpack in (True, False):
+        ops = export._interpreter(str(path), threads=1, xnnpack=xnnpack)._get_ops_details()
+        assert any(op["op_name"] == "DELEGATE" for op in ops) == xnnpack
+
+
+def test_measure_latency_reports_each_combination(tmp_path):
+    path = tmp_path / "model.tflite"
+    export_tflite(_small_model(), path)
+    rows = measure_latency(path, threads=(1, 2), repeats=5, warmup=1)
+    assert [(row["threads"], row["xnnpack"]) for row in rows] == [
+        (1, True), (1, False), (2, True), (2, False)]
+    assert all(0 < row["median_ms"] <= row["p90_ms"] for row in rows)
+
+
+class _Cumprod(keras.layers.Layer):
+    """A layer whose op (tf.math.cumprod) TFLite has no builtin for."""
+
+    def call(self, inputs):
+        return tf.math.cumprod(inputs, axis=-1)
+
+
+def _flex_model():
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, _Cumprod()(inputs), name="cumprod_model")
+
+
+def test_flex_ops_are_refused_and_leave_the_file_as_it_was(tmp_path):
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ValueError, match=r"\(Cumprod\).*allow_flex_ops=True.*"
+                                         r"Received: model='cumprod_model'\."):
+        export_tflite(_flex_model(), path)
+    assert path.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["model.tflite"]
+
+
+def test_flex_ops_when_allowed_are_reported_and_not_verified(tmp_path):
+    report = export_tflite(_flex_model(), tmp_path / "model.tflite", allow_flex_ops=True)
+    assert not report.builtin_only
+    assert "FlexCumprod" in report.op_counts
+    assert report.verification is None
+    assert "not verified" in str(report)
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"path": "missing/model.tflite"}, r"existing, writable directory.*Received: path="),
+    ({"path": "model.h5"}, r"ending in \.tflite\. Received: path="),
+    ({"quantization": "int8"}, r"Received: representative_data=None\."),
+    ({"quantization": "int4"}, r"Received: quantization='int4'\."),
+    ({"lowering": "fused"}, r"Received: lowering='fused'\."),
+    ({"integer_io": True}, r"Received: integer_io=True, quantization=None\."),
+    ({"representative_data": np.zeros((4, 8, 8, 3), np.float32)},
+     r"input shape \(8, 8, 16\)\. Received: representative_data of shape \(4, 8, 8, 3\)\."),
+    ({"verification_data": 3}, r"Received: verification_data=3\."),
+])
+def test_bad_arguments_raise_before_writing(tmp_path, arguments, message):
+    arguments = {"path": "model.tflite", **arguments}
+    arguments["path"] = str(tmp_path / arguments["path"])
+    with pytest.raises(ValueError, match=message):
+        export_tflite(_small_model(), **arguments)
+    assert os.listdir(tmp_path) == []
+
+
+def test_float32_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
+    def broken_verify(*args):
+        return export.Verification(examples=8, data="random", max_abs_diff=0.5,
+                                   max_rel_diff=0.5, top1_agreement=0.5)
+    monkeypatch.setattr(export, "_verify", broken_verify)
+    with pytest.raises(RuntimeError, match="differs from the Keras model by 0.5"):
+        export_tflite(_small_model(), tmp_path / "model.tflite")
+    assert os.listdir(tmp_path) == []
