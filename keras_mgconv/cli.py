@@ -2,9 +2,14 @@
 
     keras-mgconv train                       # multigrid ResNet20 on the embedded digits
     keras-mgconv train --model ResNet56 --dataset cifar10 --epochs 200 --width 2
-    keras-mgconv evaluate runs/ResNet20-digits/best.keras --dataset digits
+    keras-mgconv evaluate runs/ResNet20-multigrid-digits/best.keras --dataset digits
     keras-mgconv summary --filters 256 --group-size 16
+    keras-mgconv export runs/ResNet20-multigrid-digits/best.keras --quantization int8 --dataset digits
+    keras-mgconv benchmark runs/ResNet20-multigrid-digits/best.int8.tflite
 
+`summary` prints a MultigridConv2D's level widths and its weights against a
+Conv2D's; `export` writes a `.tflite` file and prints its report (size, ops,
+agreement with the Keras model); `benchmark` prints its LiteRT latency.
 Bad arguments print one line and exit with status 2; an interrupted `train`
 resumes when it is run again with the same arguments.
 """
@@ -74,6 +79,77 @@ def _add_data_arguments(parser):
                         help="folder of manually downloaded dataset files (imagenet2012)")
 
 
+def _export(args):
+    from keras_mgconv import data
+    from keras_mgconv._keras import keras
+    from keras_mgconv.export import export_tflite
+    from keras_mgconv.layers import _arguments
+
+    _arguments.positive_int("samples", args.samples)
+    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
+        raise ValueError(f"MODEL must be an existing .keras file. Received: model={args.model!r}.")
+    model = keras.models.load_model(args.model)
+    representative = verification = None
+    if args.dataset is not None:
+        info = data.image_dataset_info(args.dataset, args.data_dir)
+
+        def first_images(split):
+            return data.image_pipeline(
+                args.dataset, split, args.samples, image_shape=model.input_shape[1:],
+                data_dir=args.data_dir).take(1)
+
+        representative = first_images(info.train_split)
+        verification = first_images(info.test_split)
+    suffix = args.quantization + ("" if args.lowering == "grouped" else f".{args.lowering}")
+    output = args.output or f"{os.path.splitext(args.model)[0]}.{suffix}.tflite"
+    report = export_tflite(
+        model, output, None if args.quantization == "float32" else args.quantization,
+        representative_data=representative, verification_data=verification,
+        integer_io=args.integer_io, lowering=args.lowering, allow_flex_ops=args.allow_flex_ops)
+    print(report)
+
+
+def _benchmark(args):
+    from keras_mgconv.export import format_latency, measure_latency
+
+    rows = measure_latency(args.model, threads=args.threads, repeats=args.repeats,
+                           warmup=args.warmup)
+    print(f"{args.model}: LiteRT latency, batch 1, {args.repeats} invokes after "
+          f"{args.warmup} warm-up")
+    print(format_latency(rows))
+
+
+def _add_export_commands(commands):
+    export = commands.add_parser(
+        "export", help="convert a .keras model to TFLite, verify it against Keras, report")
+    export.add_argument("model", metavar="MODEL", help="a .keras file")
+    export.add_argument("--quantization", default="float32",
+                        choices=["float32", "float16", "dynamic_range", "int8"])
+    export.add_argument("--dataset", default=None,
+                        help="TFDS dataset whose train split calibrates int8 and whose "
+                             "test split verifies (default: random verification inputs)")
+    export.add_argument("--samples", type=int, default=500,
+                        help="images taken from each split (default 500)")
+    export.add_argument("--data-dir", default=None, help="TFDS data directory")
+    export.add_argument("--output", default=None,
+                        help="the .tflite file (default: MODEL's name with "
+                             ".QUANTIZATION[.split].tflite)")
+    export.add_argument("--lowering", default="grouped", choices=["grouped", "split"],
+                        help="split: per-group CONV_2Ds, for runtimes without XNNPACK")
+    export.add_argument("--integer-io", action="store_true",
+                        help="with int8: int8 inputs and outputs instead of float32")
+    export.add_argument("--allow-flex-ops", action="store_true",
+                        help="allow TensorFlow (Flex) ops where TFLite has no builtin")
+    export.set_defaults(run=_export)
+    benchmark = commands.add_parser(
+        "benchmark", help="LiteRT latency of a .tflite model, XNNPACK on and off")
+    benchmark.add_argument("model", metavar="MODEL", help="a .tflite file")
+    benchmark.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    benchmark.add_argument("--repeats", type=int, default=100)
+    benchmark.add_argument("--warmup", type=int, default=10)
+    benchmark.set_defaults(run=_benchmark)
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-mgconv",
@@ -129,6 +205,8 @@ def _parser():
     evaluate.add_argument("--split", default=None, help="default: the test split")
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.set_defaults(run=_evaluate)
+
+    _add_export_commands(commands)
     return parser
 
 
