@@ -341,9 +341,9 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             Also the verification inputs when `verification_data` is None.
         verification_data: inputs to verify on, in the same forms; default
             `representative_data`, else 8 random inputs uniform in [0, 1).
-        integer_io: with "int8", whether the model's input and output are int8
-            (quantized with the scale and zero point the report's model has)
-            instead of float32.
+        integer_io: with "int8", make the file's input and output int8
+            instead of float32 (verification quantizes the inputs and
+            dequantizes the outputs with the file's scales and zero points).
         lowering: "grouped" (one CONV_2D per grouped convolution: fastest under
             XNNPACK) or "split" (SPLIT, a CONV_2D per group, CONCATENATION: for
             runtimes without XNNPACK). Both compute the same function.
@@ -393,8 +393,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             "`representative_data` (in the CLI: `--dataset`): pass a few hundred typical "
             "inputs. Received: representative_data=None.")
     if verification_data is not None:
-        images, source = _images("verification_data", verification_data, input_shape), \
-            "verification_data"
+        images = _images("verification_data", verification_data, input_shape)
+        source = "verification_data"
     elif representative_data is not None:
         images, source = representative_data, "representative_data"
     else:
@@ -417,6 +417,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         report = ExportReport(
             path=path, quantization=quantization or "float32", lowering=lowering,
             size_bytes=os.path.getsize(temporary), verification=verification, **contents)
+        # Written `not <=` so that a NaN difference fails too.
         if (quantization is None and verification is not None
                 and not verification.max_rel_diff <= FLOAT32_TOLERANCE):
             raise RuntimeError(
