@@ -71,9 +71,11 @@ def _evaluate(args):
           f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
 
 
-def _add_data_arguments(parser):
-    parser.add_argument("--dataset", default="digits",
-                        help="TFDS dataset name (default: the embedded offline 'digits')")
+def _add_data_arguments(parser, dataset_help=None):
+    """--dataset (default digits; None where `dataset_help` says what that means), --data-dir, --manual-dir."""
+    parser.add_argument(
+        "--dataset", default=None if dataset_help else "digits",
+        help=dataset_help or "TFDS dataset name (default: the embedded offline 'digits')")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory")
     parser.add_argument("--manual-dir", default=None,
                         help="folder of manually downloaded dataset files (imagenet2012)")
@@ -91,12 +93,12 @@ def _export(args):
     model = keras.models.load_model(args.model)
     representative = verification = None
     if args.dataset is not None:
-        info = data.image_dataset_info(args.dataset, args.data_dir)
+        info = data.image_dataset_info(args.dataset, args.data_dir, args.manual_dir)
 
         def first_images(split):
             return data.image_pipeline(
                 args.dataset, split, args.samples, image_shape=model.input_shape[1:],
-                data_dir=args.data_dir).take(1)
+                data_dir=args.data_dir, manual_dir=args.manual_dir).take(1)
 
         representative = first_images(info.train_split)
         verification = first_images(info.test_split)
@@ -125,12 +127,10 @@ def _add_export_commands(commands):
     export.add_argument("model", metavar="MODEL", help="a .keras file")
     export.add_argument("--quantization", default="float32",
                         choices=["float32", "float16", "dynamic_range", "int8"])
-    export.add_argument("--dataset", default=None,
-                        help="TFDS dataset whose train split calibrates int8 and whose "
-                             "test split verifies (default: random verification inputs)")
+    _add_data_arguments(export, "TFDS dataset whose train split calibrates int8 and whose "
+                                "test split verifies (default: random verification inputs)")
     export.add_argument("--samples", type=int, default=500,
                         help="images taken from each split (default 500)")
-    export.add_argument("--data-dir", default=None, help="TFDS data directory")
     export.add_argument("--output", default=None,
                         help="the .tflite file (default: MODEL's name with "
                              ".QUANTIZATION[.split].tflite)")

@@ -31,10 +31,10 @@ from ai_edge_litert.tools import flatbuffer_utils
 # tf.lite does not export the error its converter raises.
 from tensorflow.lite.python.convert_phase import ConverterError
 
+from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
 from keras_mgconv.layers.grouped_conv import GroupedConvBase, resolve_implementation
-from keras_mgconv.training import _atomic_write, _choice
 
 QUANTIZATIONS = (None, "float16", "dynamic_range", "int8")
 LOWERINGS = ("grouped", "split")
@@ -377,8 +377,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
     """
     _check_model(model)
     path = _check_path(path)
-    _choice("quantization", quantization, QUANTIZATIONS)
-    _choice("lowering", lowering, LOWERINGS)
+    _arguments.choice("quantization", quantization, QUANTIZATIONS)
+    _arguments.choice("lowering", lowering, LOWERINGS)
     if integer_io and quantization != "int8":
         raise ValueError(
             f"`integer_io` needs quantization='int8': only fully quantized models have "
@@ -425,7 +425,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
                 f"{report.verification.max_rel_diff:.3g} (relative), more than "
                 f"{FLOAT32_TOLERANCE:g}: not written to {path}.")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return report
 
 

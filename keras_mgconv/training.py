@@ -30,6 +30,7 @@ import time
 import tensorflow as tf
 
 from keras_mgconv import data, models
+from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.complexity import count_multiply_adds
 from keras_mgconv.layers import _arguments
@@ -53,14 +54,6 @@ SCHEDULES = ("cosine", "step", "constant")
 _STEP_BOUNDARIES = (0.5, 0.75)
 
 _CHECKPOINT_NAMES = ("last.keras", "best.keras", "history.csv", "config.json", "summary.json")
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected one of {list(choices)}. "
-            f"Received: {name}={value!r}.")
-    return value
 
 
 def _positive_number(name, value):
@@ -87,7 +80,7 @@ def make_strategy(name):
     `MultiWorkerMirroredStrategy` configured from the TF_CONFIG environment
     variable; "tpu" connects to the TPU this machine can reach.
     """
-    _choice("strategy", name, STRATEGIES)
+    _arguments.choice("strategy", name, STRATEGIES)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -140,26 +133,12 @@ def _optimizer(name, learning_rate, momentum, weight_decay):
     return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
 
 
-def _atomic_write(path, write):
-    """Writes through a temporary file and renames it, so `path` is never half-written."""
-    directory, name = os.path.split(path)
-    stem, extension = os.path.splitext(name)
-    # Same extension: Keras saves only to paths that end in ".keras".
-    temporary = os.path.join(directory, f".{stem}.{os.getpid()}.tmp{extension}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _write_json(path, content):
     def write(temporary):
         with open(temporary, "w") as file:
             json.dump(content, file, indent=2)
             file.write("\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -185,10 +164,10 @@ class _Checkpoints(keras.callbacks.Callback):
         self.best_accuracy = best_accuracy
 
     def on_epoch_end(self, epoch, logs=None):
-        _atomic_write(os.path.join(self.output_dir, "last.keras"), self.model.save)
+        atomic_write(os.path.join(self.output_dir, "last.keras"), self.model.save)
         if logs["val_accuracy"] > self.best_accuracy:
             self.best_accuracy = logs["val_accuracy"]
-            _atomic_write(os.path.join(self.output_dir, "best.keras"), self.model.save)
+            atomic_write(os.path.join(self.output_dir, "best.keras"), self.model.save)
 
 
 def _read_history(path, epochs_done):
@@ -211,7 +190,7 @@ def _rewrite_history(path, rows):
             writer = csv.DictWriter(file, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _check_output_dir(output_dir, config, overwrite):
@@ -364,12 +343,12 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
     >>> summary["epochs"], summary["replicas"], summary["image_shape"]
     (1, 1, [8, 8, 1])
     """
-    _choice("model", model, MODELS)
+    _arguments.choice("model", model, MODELS)
     epochs = _arguments.positive_int("epochs", epochs)
     batch_size = _arguments.positive_int("batch_size", batch_size)
     _positive_number("learning_rate", learning_rate)
-    _choice("schedule", schedule, SCHEDULES)
-    _choice("optimizer", optimizer, OPTIMIZERS)
+    _arguments.choice("schedule", schedule, SCHEDULES)
+    _arguments.choice("optimizer", optimizer, OPTIMIZERS)
     _non_negative_number("momentum", momentum)
     _non_negative_number("weight_decay", weight_decay)
     config = {

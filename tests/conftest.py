@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 
 # Before TensorFlow is imported anywhere: keep test output readable.
@@ -7,6 +9,21 @@ import numpy as np
 import pytest
 
 from keras_mgconv._keras import keras
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """`keras-mgconv train --epochs 6`, run once: (its output_dir, what it printed).
+
+    A multigrid ResNet20 at about 95% test accuracy on the embedded digits, for
+    the tests that need a trained model.
+    """
+    from keras_mgconv import cli
+
+    output_dir = str(tmp_path_factory.mktemp("digits") / "run")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli.main(["train", "--epochs", "6", "--output-dir", output_dir]) == 0
+    return output_dir, printed.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -6,45 +6,57 @@ import tensorflow as tf
 from ai_edge_litert import interpreter as litert
 
 import keras_mgconv
-from keras_mgconv import data, export, models, training
+from keras_mgconv import data, export, models
+from keras_mgconv.models import resnet
 from keras_mgconv._keras import keras
 from keras_mgconv.export import export_tflite, measure_latency
 
-# Every named factory at a small input; MobileNetV2 at its narrowest width.
-FACTORIES = {
-    "ResNet20": (models.ResNet20, (8, 8, 3), {}),
-    "ResNet32": (models.ResNet32, (8, 8, 3), {}),
-    "ResNet44": (models.ResNet44, (8, 8, 3), {}),
-    "ResNet56": (models.ResNet56, (8, 8, 3), {}),
-    "ResNet110": (models.ResNet110, (8, 8, 3), {}),
-    "ResNet18": (models.ResNet18, (32, 32, 3), {}),
-    "ResNet34": (models.ResNet34, (32, 32, 3), {}),
-    "ResNet50": (models.ResNet50, (32, 32, 3), {}),
-    "MobileNetV2": (models.MobileNetV2, (32, 32, 3), {"alpha": 0.35}),
-}
 MODES = [quantization or "float32" for quantization in export.QUANTIZATIONS]
 
-# Converting takes 5-60 s a model on 2 cores, growing with the number of layers:
-# all 36 exports take about 15 minutes. By default the shallowest ResNets of both
-# block families (CIFAR, ImageNet basic) are exported in every mode, MobileNetV2
-# in float32 and int8 and the bottleneck ResNet50 in int8 (the mode that needs
-# every op in integer); KERAS_MGCONV_SLOW_TESTS=1 runs all of them.
-_DEFAULT_EXPORTS = {"ResNet20": MODES, "ResNet18": MODES,
-                    "MobileNetV2": ["float32", "int8"], "ResNet50": ["int8"]}
-_slow = pytest.mark.skipif(os.environ.get("KERAS_MGCONV_SLOW_TESTS") != "1",
-                           reason="slow: set KERAS_MGCONV_SLOW_TESTS=1")
-FACTORY_EXPORTS = [
-    pytest.param(name, mode, id=f"{name}-{mode}",
-                 marks=() if mode in _DEFAULT_EXPORTS.get(name, ()) else _slow)
-    for name in FACTORIES for mode in MODES]
+
+def _bottleneck_resnet(**kwargs):
+    """ResNet50's layers with 2 blocks a stage instead of 3-6."""
+    stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
+    return models.ResNet(resnet.bottleneck_block, stages, "imagenet", "projection",
+                         name="resnet50_2222", **kwargs)
+
+
+# A model converts op by op, and a layer's ops depend on its class, its config
+# and its input shape. The factories of one family differ only in how often
+# they repeat the same layers, so one member per family is exported in every
+# mode (each export takes 5-50 s on 2 cores, growing with depth: all 36 would
+# take about 15 minutes), and the rest are shown to be made of exactly its
+# layers. ResNet50 is shown against the same blocks, 2 a stage.
+EXPORTED = {
+    "ResNet20": (models.ResNet20, (8, 8, 3), {}),
+    "ResNet18": (models.ResNet18, (32, 32, 3), {}),
+    "MobileNetV2": (models.MobileNetV2, (32, 32, 3), {"alpha": 0.35}),
+    "bottleneck": (_bottleneck_resnet, (32, 32, 3), {"width": 0.25}),
+}
+SAME_LAYERS = {
+    "ResNet32": (models.ResNet32, "ResNet20"),
+    "ResNet44": (models.ResNet44, "ResNet20"),
+    "ResNet56": (models.ResNet56, "ResNet20"),
+    "ResNet110": (models.ResNet110, "ResNet20"),
+    "ResNet34": (models.ResNet34, "ResNet18"),
+    "ResNet50": (models.ResNet50, "bottleneck"),
+}
+
+
+def _layer_kinds(model):
+    """The distinct (class, config but the name, input shapes) of a model's layers."""
+    def kind(layer):
+        config = {key: value for key, value in layer.get_config().items() if key != "name"}
+        shapes = keras.tree.map_structure(lambda tensor: tuple(tensor.shape), layer.input)
+        return type(layer).__name__, repr(sorted(config.items())), repr(shapes)
+    return {kind(layer) for layer in model.layers}
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    """A multigrid ResNet20 trained briefly on the embedded digits (about 98% test accuracy)."""
-    output_dir = tmp_path_factory.mktemp("digits") / "run"
-    training.train("ResNet20", "digits", epochs=8, output_dir=str(output_dir), verbose=0)
-    return keras.models.load_model(output_dir / "best.keras")
+def digits_model(digits_run):
+    """A multigrid ResNet20 trained briefly on the embedded digits."""
+    output_dir, _ = digits_run
+    return keras.models.load_model(os.path.join(output_dir, "best.keras"))
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +91,22 @@ def _small_model():
     return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
 
 
-@pytest.mark.parametrize("name,mode", FACTORY_EXPORTS)
+@pytest.mark.parametrize("name", SAME_LAYERS)
+def test_every_other_factory_is_made_of_an_exported_models_layers(name):
+    factory, exported = SAME_LAYERS[name]
+    exported_factory, input_shape, kwargs = EXPORTED[exported]
+    kinds = _layer_kinds(factory(input_shape=input_shape, classes=10, **kwargs))
+    assert kinds == _layer_kinds(
+        exported_factory(input_shape=input_shape, classes=10, **kwargs))
+    # Not trivially: the kinds tell a multigrid layer from a baseline one.
+    assert kinds != _layer_kinds(
+        factory(input_shape=input_shape, classes=10, multigrid=False, **kwargs))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", EXPORTED)
 def test_factory_model_exports_with_builtin_ops_only(tmp_path, name, mode):
-    factory, input_shape, kwargs = FACTORIES[name]
+    factory, input_shape, kwargs = EXPORTED[name]
     model = factory(input_shape=input_shape, classes=10, **kwargs)
     images = np.random.default_rng(0).random((8, *input_shape), np.float32)
     path = tmp_path / "model.tflite"

@@ -20,10 +20,9 @@ def _history(output_dir):
         return list(csv.DictReader(file))
 
 
-def test_train_command_reaches_90_percent_on_digits(tmp_path, capsys):
-    output_dir = str(tmp_path / "run")
-    assert cli.main(["train", "--epochs", "6", "--output-dir", output_dir]) == 0
-    assert "best test accuracy" in capsys.readouterr().out
+def test_train_command_reaches_90_percent_on_digits(digits_run, capsys):
+    output_dir, printed = digits_run
+    assert "best test accuracy" in printed
     with open(os.path.join(output_dir, "summary.json")) as file:
         summary = json.load(file)
     assert summary["best_test_accuracy"] >= 0.90

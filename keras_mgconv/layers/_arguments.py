@@ -17,6 +17,16 @@ def positive_int(name, value):
     return value
 
 
+def choice(name, value, choices):
+    """Returns `value` if it is one of `choices`, else raises."""
+    if value not in choices:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected one of {list(choices)}. "
+            f"Received: {name}={value!r}."
+        )
+    return value
+
+
 def group_size(value):
     """Returns `value` if it is a positive even int: groups halve between levels."""
     positive_int("group_size", value)
@@ -104,9 +114,4 @@ IMPLEMENTATIONS = ("auto", "grouped", "split")
 
 def implementation_mode(value):
     """Validates how grouped convolutions run: "auto", "grouped" or "split"."""
-    if value not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"Invalid value for argument `implementation`. Expected one of "
-            f"{IMPLEMENTATIONS}. Received: implementation={value!r}."
-        )
-    return value
+    return choice("implementation", value, IMPLEMENTATIONS)
