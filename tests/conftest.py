@@ -8,7 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
+from keras_mgconv import models
 from keras_mgconv._keras import keras
+from keras_mgconv.models import resnet
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +51,37 @@ def block_diagonal_kernel(kernel, groups):
         full[:, :, g * group_in:(g + 1) * group_in, g * group_out:(g + 1) * group_out] = (
             kernel[..., g * group_out:(g + 1) * group_out])
     return full
+
+
+def bottleneck_resnet(**kwargs):
+    """ResNet50's blocks, 2 a stage instead of 3, 4, 6, 3."""
+    stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
+    return models.ResNet(resnet.bottleneck_block, stages, "imagenet", "projection",
+                         name="resnet50_2222", **kwargs)
+
+
+# The factories of a family differ only in how often they repeat the same
+# layers, and the slow tests (training, TFLite export) take seconds per layer:
+# they run one member of each family, and test_models shows that every other
+# factory is made of exactly its member's layers.
+FAMILY_MEMBER = {
+    models.ResNet32: models.ResNet20,
+    models.ResNet44: models.ResNet20,
+    models.ResNet56: models.ResNet20,
+    models.ResNet110: models.ResNet20,
+    models.ResNet34: models.ResNet18,
+    models.ResNet50: bottleneck_resnet,
+}
+
+
+def layer_kinds(model):
+    """The distinct (class, config but the name, input shapes) of a model's layers.
+
+    What a layer computes, and the TFLite ops it converts to, depend on these
+    alone.
+    """
+    def kind(layer):
+        config = {key: value for key, value in layer.get_config().items() if key != "name"}
+        shapes = keras.tree.map_structure(lambda tensor: tuple(tensor.shape), layer.input)
+        return type(layer).__name__, repr(sorted(config.items())), repr(shapes)
+    return {kind(layer) for layer in model.layers}
