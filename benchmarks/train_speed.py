@@ -1,0 +1,216 @@
+"""Training-step time of multigrid networks against the networks they replace.
+
+Each row compares a multigrid model with its baseline (standard convolutions,
+same code otherwise) on the same batch, loss and optimizer: the package's
+training defaults (SGD with Nesterov momentum 0.9 and weight decay 5e-4, sparse
+categorical cross-entropy, `jit_compile=False`), batch 64, on whatever device
+TensorFlow picks (the CPU here). Times are medians of repeated `train_on_batch`
+calls after warm-up. The models of a group (a baseline and the multigrid models
+compared with it) are timed in turns, one step each, so that background load
+falls on both sides alike; the ratios are the figures to trust, the absolute
+times depend on the machine and its load.
+
+Rows: MultigridConv2D against Conv2D (k=3, same width in and out, 32x32 inputs,
+mean squared error on random targets); CIFAR ResNet20 and ResNet56 at widths
+1x, 2x and 4x; ResNet18 on 32x32 inputs; MobileNetV2 alpha 1.0 on 96x96 inputs.
+Beside each time ratio stands the multiply-add ratio, the speed-up that
+perfectly efficient kernels would give.
+
+    python benchmarks/train_speed.py                  # every row
+    python benchmarks/train_speed.py --quick          # fewer steps, for iterating
+    python benchmarks/train_speed.py --only 'conv 256' ResNet20
+
+Writes benchmarks/results/train_speed.json and .md (or `--output`) and prints
+the markdown table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import keras_mgconv
+from keras_mgconv import models, training
+from keras_mgconv._keras import keras
+
+LAYER_WIDTHS = (128, 256, 512)
+LAYER_GROUP_SIZES = (8, 16, 32)
+CLASSES = 10
+
+
+def _layer_group(width, group_sizes):
+    """Conv2D of `width` and one MultigridConv2D per group size, on 32x32 inputs."""
+    def layer_model(layer):
+        return keras.Sequential([keras.Input((32, 32, width)), layer])
+
+    return {
+        "baseline": ("Conv2D", lambda: layer_model(
+            keras.layers.Conv2D(width, 3, padding="same"))),
+        "rows": [(f"MultigridConv2D {width}, group size {s}",
+                  lambda s=s: layer_model(keras_mgconv.MultigridConv2D(
+                      width, 3, padding="same", group_size=s)))
+                 for s in group_sizes if width % s == 0 and width > s],
+        "input_shape": (32, 32, width),
+        "loss": "mse",
+    }
+
+
+def _model_group(name, factory, input_shape, **kwargs):
+    def build(multigrid):
+        return factory(input_shape=input_shape, classes=CLASSES,
+                       multigrid=multigrid, **kwargs)
+
+    return {
+        "baseline": ("baseline", lambda: build(False)),
+        "rows": [(name, lambda: build(True))],
+        "input_shape": input_shape,
+        "loss": "sparse_categorical_crossentropy",
+    }
+
+
+def benchmark_groups():
+    """Every group of the benchmark, in table order."""
+    groups = [_layer_group(width, LAYER_GROUP_SIZES) for width in LAYER_WIDTHS]
+    for depth, factory in ((20, models.ResNet20), (56, models.ResNet56)):
+        for width in (1, 2, 4):
+            groups.append(_model_group(
+                f"ResNet{depth} {width}x", factory, (32, 32, 3), width=width))
+    groups.append(_model_group("ResNet18 32x32", models.ResNet18, (32, 32, 3)))
+    groups.append(_model_group("MobileNetV2 1.0 96x96", models.MobileNetV2,
+                               (96, 96, 3), alpha=1.0))
+    return groups
+
+
+def _compiled(build, loss):
+    model = build()
+    model.compile(
+        optimizer=training._optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4),
+        loss=loss, jit_compile=False)
+    return model
+
+
+def _batch(group, batch_size, model):
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((batch_size, *group["input_shape"]), dtype=np.float32)
+    if group["loss"] == "mse":
+        targets = rng.standard_normal((batch_size, *model.output_shape[1:]),
+                                      dtype=np.float32)
+    else:
+        targets = rng.integers(0, CLASSES, batch_size)
+    return tf.constant(inputs), tf.constant(targets)
+
+
+def time_group(group, names, batch_size, repeats, warmup):
+    """Median step times of the group's baseline and of its rows named in `names`."""
+    entries = [group["baseline"], *[row for row in group["rows"] if row[0] in names]]
+    compiled = [_compiled(build, group["loss"]) for _, build in entries]
+    inputs, targets = _batch(group, batch_size, compiled[0])
+    for model in compiled:
+        for _ in range(warmup):
+            model.train_on_batch(inputs, targets)
+    times = [[] for _ in compiled]
+    for _ in range(repeats):
+        for model, model_times in zip(compiled, times):
+            start = time.perf_counter()
+            model.train_on_batch(inputs, targets)
+            model_times.append(time.perf_counter() - start)
+    figures = [{
+        "params": model.count_params(),
+        "multiply_adds": keras_mgconv.count_multiply_adds(model),
+        "train_step_s": statistics.median(model_times),
+        "train_step_times_s": model_times,
+    } for model, model_times in zip(compiled, times)]
+    baseline = figures[0]
+    rows = []
+    for (name, _), multigrid in zip(entries[1:], figures[1:]):
+        row = {"name": name, "baseline_name": entries[0][0],
+               "baseline": baseline, "multigrid": multigrid}
+        for key in ("params", "multiply_adds", "train_step_s"):
+            row[f"{key}_ratio"] = multigrid[key] / baseline[key]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows):
+    lines = [
+        "| row | multigrid ms | baseline ms | time ratio | multiply-add ratio | params ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['multigrid']['train_step_s'] * 1e3:.1f} "
+            f"| {row['baseline']['train_step_s'] * 1e3:.1f} ({row['baseline_name']}) "
+            f"| {row['train_step_s_ratio']:.2f} | {row['multiply_adds_ratio']:.3f} "
+            f"| {row['params_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def machine_description():
+    model_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model_name = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                              if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model_name}, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, "
+            f"Keras {keras.__version__}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="PATTERN",
+                        help="run only the rows whose name matches one of these "
+                             "regular expressions (case-insensitive)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 timed steps after 1 warm-up step, for iterating")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", default=os.path.join(
+        os.path.dirname(__file__), "results", "train_speed.json"),
+        help="JSON file; the markdown table goes beside it with the suffix .md")
+    args = parser.parse_args(argv)
+    repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
+
+    rows = []
+    for group in benchmark_groups():
+        names = [name for name, _ in group["rows"] if not args.only or any(
+            re.search(pattern, name, re.IGNORECASE) for pattern in args.only)]
+        if not names:
+            continue
+        for row in time_group(group, names, args.batch_size, repeats, warmup):
+            rows.append(row)
+            print(f"{row['name']}: {row['multigrid']['train_step_s'] * 1e3:.1f} ms vs "
+                  f"{row['baseline']['train_step_s'] * 1e3:.1f} ms "
+                  f"({row['train_step_s_ratio']:.2f}x, multiply-adds "
+                  f"{row['multiply_adds_ratio']:.3f}x)", flush=True)
+        keras.backend.clear_session()
+
+    result = {
+        "machine": machine_description(),
+        "devices": [device.name for device in tf.config.list_logical_devices()],
+        "batch_size": args.batch_size,
+        "repeats": repeats,
+        "warmup": warmup,
+        "rows": rows,
+    }
+    table = markdown_table(rows)
+    header = (f"{result['machine']}; batch {args.batch_size}, median of {repeats} "
+              f"training steps; ratios are multigrid / baseline from the same run.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
+        f.write(f"{header}\n\n{table}\n")
+    print(f"\n{header}\n\n{table}\n\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
