@@ -81,6 +81,30 @@ def test_output_equals_reference_v_cycle(implementation, kwargs, channels):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kwargs,channels", [
+    ({"filters": 32, "group_size": 8}, 32),
+    ({"filters": 64, "group_size": 8, "strides": 2, "padding": "same"}, 32),
+])
+def test_pointwise_training_computes_the_cycle(kwargs, channels):
+    """A 1 x 1 layer trains through its cycle's dense matrix: same outputs and gradients."""
+    rng = np.random.default_rng(6)
+    inputs = tf.constant(rng.standard_normal((2, 7, 7, channels)).astype("float32"))
+    layer = keras_mgconv.MultigridConv2D(
+        kernel_size=1, bias_initializer="random_normal", **kwargs)
+    layer.build(inputs.shape)
+    for weight in layer.trainable_weights:
+        weight.assign(rng.standard_normal(weight.shape) * 0.3)
+    results = []
+    for training in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = layer(inputs, training=training)
+            loss = tf.reduce_sum(outputs * np.arange(outputs.shape[-1]))
+        results.append([outputs, *tape.gradient(loss, [inputs, *layer.trainable_weights])])
+    for cycle, dense in zip(*results):
+        np.testing.assert_allclose(dense, cycle, rtol=1e-4, atol=1e-4)
+
+
 def _coupling(layer, channels):
     """|d output channel / d input channel|, summed over pixels: (C_out, C_in)."""
     inputs = tf.constant(np.random.default_rng(5).standard_normal(
