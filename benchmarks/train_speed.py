@@ -20,7 +20,8 @@ perfectly efficient kernels would give.
 
     python benchmarks/train_speed.py                  # every row
     python benchmarks/train_speed.py --quick          # fewer steps, for iterating
-    python benchmarks/train_speed.py --only 'conv 256' ResNet20
+    python benchmarks/train_speed.py --only 'Conv2D 256' ResNet20
+    python benchmarks/train_speed.py --intra-op-threads 1   # one thread per op
 
 Writes benchmarks/results/train_speed.json and .md (or `--output`) and prints
 the markdown table.
@@ -180,11 +181,17 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--intra-op-threads", type=int, default=0,
+                        help="threads inside one operation (0: TensorFlow's choice)")
+    parser.add_argument("--inter-op-threads", type=int, default=0,
+                        help="operations run at once (0: TensorFlow's choice)")
     parser.add_argument("--output", default=os.path.join(
         os.path.dirname(__file__), "results", "train_speed.json"),
         help="JSON file; the markdown table goes beside it with the suffix .md")
     args = parser.parse_args(argv)
     repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
 
     rows = []
     for group in benchmark_groups():
@@ -205,13 +212,18 @@ def main(argv=None):
         "machine": machine_description(),
         "devices": [device.name for device in tf.config.list_logical_devices()],
         "batch_size": args.batch_size,
+        "intra_op_threads": args.intra_op_threads,
+        "inter_op_threads": args.inter_op_threads,
         "repeats": repeats,
         "warmup": warmup,
         "rows": rows,
     }
     table = markdown_table(rows)
-    header = (f"{result['machine']}; batch {args.batch_size}, median of {repeats} "
-              f"training steps; ratios are multigrid / baseline from the same run.")
+    threads = ", ".join(f"{name}-op threads {count}" for name, count in
+                        (("intra", args.intra_op_threads), ("inter", args.inter_op_threads))
+                        if count) or "TensorFlow's default threads"
+    header = (f"{result['machine']}; {threads}; batch {args.batch_size}, median of "
+              f"{repeats} training steps; ratios are multigrid / baseline from the same run.")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
