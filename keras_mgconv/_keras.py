@@ -11,7 +11,14 @@ import os
 USE_LEGACY_KERAS = os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true")
 
 if USE_LEGACY_KERAS:
-    import tf_keras as keras
+    try:
+        import tf_keras as keras
+    except ImportError as error:
+        raise ImportError(
+            "TF_USE_LEGACY_KERAS=1 selects Keras 2, the `tf_keras` package, which is "
+            "not installed: `pip install \"keras-mgconv[optimization]\"`, or unset "
+            "TF_USE_LEGACY_KERAS to use Keras 3. Received: TF_USE_LEGACY_KERAS="
+            f"{os.environ['TF_USE_LEGACY_KERAS']!r}.") from error
 else:
     import keras
 

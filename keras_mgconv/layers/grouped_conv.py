@@ -191,8 +191,9 @@ class GroupedConvBase(keras.layers.Layer):
         kernel = tf.cast(self.kernel, self.compute_dtype)
         if self._identity is not None:
             # inputs + conv(inputs) as one convolution: a pass over the
-            # activations fewer, forward and backward.
-            kernel += tf.constant(self._identity, self.compute_dtype)
+            # activations fewer, forward and backward. Not `+=`: under tf_keras
+            # the cast of a float32 variable to float32 is the variable itself.
+            kernel = kernel + tf.constant(self._identity, self.compute_dtype)
         outputs = grouped_conv2d(
             inputs,
             kernel,

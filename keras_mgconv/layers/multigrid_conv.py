@@ -63,6 +63,17 @@ def level_widths(filters, group_size=16, coarsest_channels=None):
     return tuple(widths)
 
 
+def _build_sublayer(layer, input_shape):
+    """Builds `layer` with its weights named under its own name.
+
+    Keras 3 opens the layer's name scope around `build`; tf_keras does so only
+    in `__call__`, and without it every sublayer's weight is
+    `<parent>/kernel:0`, names that collide in an HDF5 file.
+    """
+    with tf.name_scope(layer.name):
+        layer.build(input_shape)
+
+
 @keras.saving.register_keras_serializable(package="keras_mgconv")
 class MultigridConv2D(keras.layers.Layer):
     """Multigrid-in-channels 2D convolution, a drop-in for `Conv2D`.
@@ -209,7 +220,7 @@ class MultigridConv2D(keras.layers.Layer):
         if len(self._levels) == 1:
             self.coarsest = self._conv(
                 "coarsest", coarsest_width, 1, self.strides, self.padding)
-            self.coarsest.build(input_shape)
+            _build_sublayer(self.coarsest, input_shape)
         else:
             changes_shape = (
                 channels != self.filters
@@ -220,7 +231,7 @@ class MultigridConv2D(keras.layers.Layer):
                 self.connector = self._conv(
                     "connector", self.filters, self._connector_groups(channels),
                     self.strides, self.padding)
-                self.connector.build(input_shape)
+                _build_sublayer(self.connector, input_shape)
             for level, width in enumerate(self._levels[:-1]):
                 shape = (None, None, None, width)
                 coarse_shape = (None, None, None, width // 2)
@@ -233,14 +244,14 @@ class MultigridConv2D(keras.layers.Layer):
                 smoother = self._conv(
                     f"smoother_{level}", width, width // self.group_size,
                     residual=True)
-                restriction.build(shape)
-                prolongation.build(coarse_shape)
-                smoother.build(shape)
+                _build_sublayer(restriction, shape)
+                _build_sublayer(prolongation, coarse_shape)
+                _build_sublayer(smoother, shape)
                 self.restrictions.append(restriction)
                 self.prolongations.append(prolongation)
                 self.smoothers.append(smoother)
             self.coarsest = self._conv("coarsest", coarsest_width, 1)
-            self.coarsest.build((None, None, None, coarsest_width))
+            _build_sublayer(self.coarsest, (None, None, None, coarsest_width))
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
