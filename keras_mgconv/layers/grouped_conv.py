@@ -217,6 +217,14 @@ class GroupedConvBase(keras.layers.Layer):
             self._output_channels(channels),
         )
 
+    def get_prunable_weights(self):
+        """The kernel: what tensorflow-model-optimization's pruning may zero.
+
+        The residual identity is added in `call`, not stored, so a pruned
+        residual convolution passes its input through.
+        """
+        return [self.kernel]
+
     def _weights_config(self):
         """The initializer/regularizer/constraint part of `get_config`."""
         serialize = keras.saving.serialize_keras_object

@@ -183,6 +183,18 @@ class MultigridConv2D(keras.layers.Layer):
         """The channel widths of the hierarchy, finest first, e.g. (64, 32, 16)."""
         return self._levels
 
+    @property
+    def convolutions(self):
+        """The V-cycle's convolution layers, after `build`: the connector (if
+        any), restrictions, prolongations, smoothers and the coarsest level."""
+        connector = [] if self.connector is None else [self.connector]
+        return (*connector, *self.restrictions, *self.prolongations,
+                *self.smoothers, self.coarsest)
+
+    def get_prunable_weights(self):
+        """The kernels of all `convolutions`, for tensorflow-model-optimization's pruning."""
+        return [convolution.kernel for convolution in self.convolutions]
+
     def _conv(self, name, filters, groups, strides=(1, 1), padding="same",
               residual=False):
         serialize = keras.saving.serialize_keras_object

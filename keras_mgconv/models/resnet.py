@@ -35,6 +35,10 @@ class ChannelZeroPadding(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] + self.channels)
 
+    def get_prunable_weights(self):
+        """None: declared so that tensorflow-model-optimization can prune the models it is in."""
+        return []
+
     def get_config(self):
         return {**super().get_config(), "channels": self.channels}
 
