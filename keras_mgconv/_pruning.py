@@ -17,8 +17,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import (
     pruning_wrapper,
 )
 
-from keras_mgconv.layers import MultigridConv2D
-from keras_mgconv.layers.grouped_conv import GroupedConvBase
+from keras_mgconv.layers import GroupedConv2D, MultigridConv2D
 
 
 def can_prune(layer):
@@ -26,8 +25,25 @@ def can_prune(layer):
     return hasattr(layer, "get_prunable_weights") or prune_registry.PruneRegistry.supports(layer)
 
 
-def _convolutions(layer):
-    return layer.convolutions if isinstance(layer, MultigridConv2D) else (layer,)
+def can_prune_groups(layer):
+    """Whether `layer` has groups that can go without silencing an output channel."""
+    return isinstance(layer, MultigridConv2D) or (
+        isinstance(layer, GroupedConv2D) and layer.residual)
+
+
+def _group_pruned(layer):
+    """The convolutions of a built `layer` (`can_prune_groups`) whose groups are pruned.
+
+    A smoother or residual convolution with a zeroed group passes those channels
+    through, a prolongation leaves them uncorrected, a restriction gives the
+    coarsest level fewer channels to couple. A connector's or plain
+    convolution's zeroed group would output zeros, on which a following
+    BatchNormalization learns a moving variance near 0 and then, at inference,
+    multiplies any difference by up to 1 / sqrt(epsilon).
+    """
+    if isinstance(layer, MultigridConv2D):
+        return (*layer.restrictions, *layer.prolongations, *layer.smoothers)
+    return (layer,)
 
 
 class _GroupPruning(pruning_impl.Pruning):
@@ -63,15 +79,18 @@ class _GroupPruning(pruning_impl.Pruning):
 
 
 class GroupPruneLowMagnitude(pruning_wrapper.PruneLowMagnitude):
-    """tfmot's pruning wrapper for keras_mgconv's layers, pruning whole groups.
+    """tfmot's pruning wrapper for multigrid layers, pruning whole groups.
 
-    Each kernel's groups (blocks `(kh, kw, C_in / G, C_out / G)`) are scored by
-    their mean absolute weight (`block_pooling_type="MAX"`: their largest), and
-    all but the `max(1, round(G * (1 - sparsity)))` best are zeroed.
+    Prunes the groups (blocks `(kh, kw, C_in / G, C_out / G)`) of the
+    restrictions, prolongations and smoothers of a `MultigridConv2D`, or of a
+    residual `GroupedConv2D`: zeroed, each leaves a path for its channels, so no
+    output channel of the layer goes silent. Groups are scored by their mean
+    absolute weight (`block_pooling_type="MAX"`: their largest), and all but the
+    `max(1, round(G * (1 - sparsity)))` best are zeroed. The connector and the
+    coarsest level keep all their weights.
 
     Args:
-        layer: a `GroupedConv2D`, `ChannelRestriction`, `ChannelProlongation`
-            or `MultigridConv2D`.
+        layer: a `MultigridConv2D` or a residual `GroupedConv2D`.
         *args, **kwargs: `tfmot.sparsity.keras.prune_low_magnitude`'s.
 
     Raises:
@@ -79,18 +98,21 @@ class GroupPruneLowMagnitude(pruning_wrapper.PruneLowMagnitude):
     """
 
     def __init__(self, layer, *args, **kwargs):
-        if not isinstance(layer, (GroupedConvBase, MultigridConv2D)):
+        if not can_prune_groups(layer):
             raise ValueError(
-                "Structured pruning prunes the groups of keras_mgconv's grouped "
-                "convolutions (GroupedConv2D, ChannelRestriction, ChannelProlongation, "
-                f"MultigridConv2D). Received: layer={layer.name!r} of type "
+                "Structured pruning prunes the groups of MultigridConv2D layers and "
+                "residual GroupedConv2D layers, whose channels keep a path when a "
+                f"group goes. Received: layer={layer.name!r} of type "
                 f"{type(layer).__name__}.")
         super().__init__(layer, *args, **kwargs)
 
     def build(self, input_shape):
         super().build(input_shape)
+        groups = {conv.kernel.ref(): conv.groups for conv in _group_pruned(self.layer)}
+        self.pruning_vars = [variables for variables in self.pruning_vars
+                             if variables[0].ref() in groups]
         self.pruning_obj = _GroupPruning(
-            groups={conv.kernel.ref(): conv.groups for conv in _convolutions(self.layer)},
+            groups=groups,
             training_step_fn=lambda: self.pruning_step,
             pruning_vars=self.pruning_vars,
             pruning_schedule=self.pruning_schedule,

@@ -34,7 +34,7 @@ import importlib
 from keras_mgconv import _keras
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import GroupedConv2D, MultigridConv2D
-from keras_mgconv.layers.grouped_conv import GroupedConvBase, identity_kernel
+from keras_mgconv.layers.grouped_conv import identity_kernel
 
 # Configuration keys of a MultigridConv2D that belong to its output, and so go
 # to the last convolution of its unrolled V-cycle.
@@ -274,16 +274,20 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
     Unstructured (the default), every layer tfmot can prune is wrapped with
     `tfmot.sparsity.keras.prune_low_magnitude` (keras_mgconv's layers declare
     their kernels; layers tfmot cannot prune, e.g. `Normalization`, stay as
-    they are), and each kernel loses its smallest weights. Structured, only
-    keras_mgconv's layers are wrapped, and each of their grouped kernels loses
-    whole groups, the `(kh, kw, C_in / G, C_out / G)` blocks with the smallest
-    mean magnitude: with G groups and sparsity s, all but the
-    `max(1, round(G * (1 - s)))` largest. What remains is a grouped
-    convolution with fewer groups; a zeroed group of a smoother makes it the
-    identity on its channels, of a transfer cuts its channels out of the
-    coarse-grid correction. Kernels with one group (the coarsest level, a
-    connector from at most `group_size` channels) keep all their weights, as
-    one group is always kept, and so do the layers that are not keras_mgconv's.
+    they are), and each kernel loses its smallest weights. Structured, the
+    `MultigridConv2D` layers and residual `GroupedConv2D` layers are wrapped,
+    and the grouped kernels whose groups can go without silencing a channel
+    lose whole groups, the `(kh, kw, C_in / G, C_out / G)` blocks with the
+    smallest mean magnitude: with G groups and sparsity s, all but the
+    `max(1, round(G * (1 - s)))` largest. Those are the smoothers (and
+    residual convolutions), which then pass the channels of a zeroed group
+    through, and the transfers: a zeroed prolongation group leaves its channels
+    uncorrected, a zeroed restriction group gives the coarsest level fewer
+    channels. What remains is a grouped convolution with fewer groups. The
+    connector keeps its weights: its zeroed groups would output zeros, on which
+    a following BatchNormalization learns a moving variance near 0 and then
+    blows up at inference. So do the coarsest level (one group) and all other
+    layers.
 
     Train with `tfmot.sparsity.keras.UpdatePruningStep()` among the callbacks;
     `tfmot.sparsity.keras.strip_pruning` then gives the plain model. Note that
@@ -310,7 +314,7 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
 
     def wrap(layer):
         if structured:
-            if isinstance(layer, (GroupedConvBase, MultigridConv2D)):
+            if pruning.can_prune_groups(layer):
                 return pruning.GroupPruneLowMagnitude(layer, pruning_schedule)
         elif pruning.can_prune(layer):
             return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule)

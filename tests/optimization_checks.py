@@ -1,0 +1,222 @@
+"""QAT and pruning of multigrid models under tf_keras; prints one JSON report.
+
+Run by test_optimization.py in a subprocess with TF_USE_LEGACY_KERAS=1, so that
+the test process keeps Keras 3. Everything trains on the embedded digits: a
+multigrid ResNet20 (group size 16: multigrid stages of 2 and 3 levels) trained
+by `keras_mgconv.training.train`, then its QAT model, exported to int8 TFLite,
+and a 50% pruned copy, each fine-tuned with Adam and a cosine decay, as the
+float model was.
+
+    TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR
+"""
+
+import json
+import sys
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from ai_edge_litert.interpreter import Interpreter
+
+import keras_mgconv
+from keras_mgconv import data, models, optimization, training
+from keras_mgconv._keras import keras
+from keras_mgconv.layers import MultigridConv2D
+
+BATCH_SIZE = 64
+FLOAT_EPOCHS = 20
+QAT_EPOCHS = 10
+# Pruning ramps the sparsity up over PRUNE_RAMP_EPOCHS, then fine-tunes.
+PRUNE_EPOCHS = 6
+PRUNE_RAMP_EPOCHS = 3
+SPARSITY = 0.5
+
+
+def max_difference(first, second, inputs):
+    return float(np.max(np.abs(first.predict(inputs, verbose=0)
+                               - second.predict(inputs, verbose=0))))
+
+
+def compile_for_training(model, learning_rate, epochs, steps_per_epoch):
+    """Adam with a cosine decay of `learning_rate` to 0 over the run."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)
+    model.compile(keras.optimizers.Adam(schedule),
+                  keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+
+
+def accuracy(model, test):
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    return float(model.evaluate(test, verbose=0)[1])
+
+
+def check_layers(output_dir, rng):
+    """HDF5 and .keras round trips, and unroll_multigrid, on every kind of layer."""
+    inputs = keras.Input((8, 8, 16))
+    x = keras_mgconv.MultigridConv2D(32, 3, padding="same", group_size=8, activation="relu")(inputs)
+    x = keras_mgconv.MultigridConv2D(32, 3, strides=2, padding="same", group_size=8)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras_mgconv.GroupedConv2D(32, 3, groups=4, padding="same", residual=True)(x)
+    x = keras_mgconv.ChannelProlongation(8)(keras_mgconv.ChannelRestriction(8)(x))
+    outputs = keras_mgconv.MultigridConv2D(8, 3, padding="same", group_size=8)(x)
+    model = keras.Model(inputs, outputs)
+    images = rng.standard_normal((4, 8, 8, 16)).astype("float32")
+    report = {}
+    for extension in ("h5", "keras"):
+        path = f"{output_dir}/layers.{extension}"
+        model.save(path)
+        report[f"{extension}_difference"] = max_difference(
+            model, keras.models.load_model(path), images)
+    unrolled = optimization.unroll_multigrid(model)
+    report["unroll_difference"] = max_difference(model, unrolled, images)
+    report["unrolled_layers"] = [type(layer).__name__ for layer in unrolled.layers]
+    report["unrolled_residual"] = [layer.residual for layer in unrolled.layers
+                                   if hasattr(layer, "residual")]
+    mobilenet = models.MobileNetV2((32, 32, 3), alpha=0.35, classes=10)
+    mobilenet.save(f"{output_dir}/mobilenet.keras")
+    report["mobilenet_difference"] = max_difference(
+        mobilenet, keras.models.load_model(f"{output_dir}/mobilenet.keras"),
+        rng.random((2, 32, 32, 3)).astype("float32"))
+    return report
+
+
+def tflite_report(tflite_model, test):
+    interpreter = Interpreter(model_content=tflite_model)
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    compute_ops = [op for op in interpreter._get_ops_details()
+                   if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    correct = total = 0
+    for images, labels in test.unbatch().batch(1):
+        interpreter.set_tensor(input_index, images.numpy())
+        interpreter.invoke()
+        correct += int(np.argmax(interpreter.get_tensor(output_index)) == int(labels[0]))
+        total += 1
+    return {
+        "tflite_accuracy": correct / total,
+        "conv_ops": sum(op["op_name"] == "CONV_2D" for op in compute_ops),
+        "float_ops": sorted({op["op_name"] for op in interpreter._get_ops_details()
+                             if any(tensors[index]["dtype"] == np.float32
+                                    for index in op["outputs"])}),
+        # Input, filter and output of every convolution and the classifier.
+        "compute_op_types": sorted({tensors[index]["dtype"].__name__ for op in compute_ops
+                                    for index in (*op["inputs"][:2], *op["outputs"])}),
+    }
+
+
+def check_quantization(model, output_dir, train, test, steps_per_epoch):
+    qat_model = optimization.quantize_model(model)
+    compile_for_training(qat_model, 1e-4, QAT_EPOCHS, steps_per_epoch)
+    qat_model.fit(train, epochs=QAT_EPOCHS, verbose=0)
+    # tfmot cannot reload its QuantizeLayer from .keras files; HDF5 works.
+    qat_model.save(f"{output_dir}/qat.h5")
+    with optimization.quantize_scope():
+        loaded = keras.models.load_model(f"{output_dir}/qat.h5")
+    images = next(iter(test))[0]
+    converter = tf.lite.TFLiteConverter.from_keras_model(qat_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return {
+        "qat_accuracy": accuracy(qat_model, test),
+        "qat_reload_difference": max_difference(qat_model, loaded, images),
+        **tflite_report(converter.convert(), test),
+    }
+
+
+def check_pruning(model, output_dir, train, test, steps_per_epoch):
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        0.0, SPARSITY, begin_step=0, end_step=PRUNE_RAMP_EPOCHS * steps_per_epoch,
+        frequency=5)
+    pruned = optimization.prune_low_magnitude(model, schedule)
+    wrapped = [layer for layer in pruned.layers if hasattr(layer, "pruning_vars")]
+    compile_for_training(pruned, 1e-3, PRUNE_EPOCHS, steps_per_epoch)
+    pruned.fit(train, epochs=PRUNE_EPOCHS, verbose=0,
+               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    kernels = [w.numpy() for layer in wrapped for w, _, _ in layer.pruning_vars]
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    stripped.save(f"{output_dir}/pruned.keras")
+    reloaded = keras.models.load_model(f"{output_dir}/pruned.keras")
+    return {
+        "pruned_accuracy": accuracy(pruned, test),
+        "stripped_accuracy": accuracy(reloaded, test),
+        "sparsity": sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels),
+        "multigrid_sparsities": [float(np.mean(w.numpy() == 0)) for layer in wrapped
+                                 if isinstance(layer.layer, MultigridConv2D)
+                                 for w, _, _ in layer.pruning_vars],
+        "wrapped": sorted({type(layer.layer).__name__ for layer in wrapped}),
+        "stripped_layers": sorted({type(layer).__name__ for layer in reloaded.layers}),
+    }
+
+
+def group_counts(kernel, groups):
+    """(zero groups, partly zero groups) of a grouped kernel."""
+    blocks = kernel.reshape(-1, groups, kernel.shape[-1] // groups)
+    zero = np.all(blocks == 0, axis=(0, 2))
+    partly = np.any(blocks == 0, axis=(0, 2)) & ~zero
+    return int(zero.sum()), int(partly.sum())
+
+
+def check_structured_pruning(rng):
+    model = keras.Sequential([
+        keras.Input((8, 8, 16)),
+        keras_mgconv.MultigridConv2D(64, 3, padding="same", group_size=8),
+        keras_mgconv.GroupedConv2D(64, 3, groups=8, padding="same", residual=True),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(10),
+    ])
+    pruned = optimization.prune_low_magnitude(
+        model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0, frequency=1),
+        structured=True)
+    pruned.compile(keras.optimizers.Adam(1e-3), "mse")
+    images = rng.standard_normal((32, 8, 8, 16)).astype("float32")
+    pruned.fit(images, rng.standard_normal((32, 10)).astype("float32"), batch_size=8,
+               verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    convolutions = [conv for layer in stripped.layers
+                    for conv in getattr(layer, "convolutions", [layer])
+                    if hasattr(conv, "groups")]
+    return {
+        "structured_wrapped": [type(layer).__name__ for layer in pruned.layers],
+        "structured_groups": [[conv.name, conv.groups, *group_counts(conv.kernel.numpy(),
+                                                                     conv.groups)]
+                              for conv in convolutions],
+        "structured_dense_zeros": int(np.sum(stripped.layers[-1].kernel.numpy() == 0)),
+    }
+
+
+def check_tfmot_directly():
+    """tfmot's own prune_low_magnitude takes a multigrid factory model whole."""
+    model = models.ResNet20(input_shape=(8, 8, 1), group_size=16)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(
+        model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0))
+    return {"tfmot_multigrid_kernels": sum(
+        len(layer.pruning_vars) for layer in pruned.layers
+        if isinstance(getattr(layer, "layer", None), MultigridConv2D))}
+
+
+def main(output_dir):
+    # The same figures on every run on this machine, not thread-order noise.
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    report = {**check_layers(output_dir, rng), **check_structured_pruning(rng),
+              **check_tfmot_directly()}
+    summary = training.train(
+        "ResNet20", "digits", epochs=FLOAT_EPOCHS, batch_size=BATCH_SIZE,
+        optimizer="adam", learning_rate=3e-3, weight_decay=0, group_size=16,
+        output_dir=f"{output_dir}/float", verbose=0)
+    report["float_accuracy"] = summary["final_test_accuracy"]
+    float_path = f"{output_dir}/float/last.keras"
+    train = data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0)
+    test = data.image_pipeline("digits", "test", 256)
+    steps_per_epoch = int(train.cardinality())
+    report.update(check_quantization(keras.models.load_model(float_path), output_dir,
+                                     train, test, steps_per_epoch))
+    # Pruning changes the weights of the model it wraps: prune a fresh copy.
+    report.update(check_pruning(keras.models.load_model(float_path), output_dir,
+                                train, test, steps_per_epoch))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,122 @@
+"""QAT and pruning with tensorflow-model-optimization, and keras_mgconv under tf_keras.
+
+tfmot runs only on tf_keras, which TensorFlow selects when TF_USE_LEGACY_KERAS=1
+is set before it is imported: those checks run in subprocesses, so that this
+process keeps Keras 3. Here, the helpers must refuse Keras 3 with a message.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from keras_mgconv import models, optimization
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+TF_KERAS = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+# The layers' own test files, and one factory's build-train-save-load test.
+LAYER_TESTS = ["test_grouped_conv.py", "test_channel_transfer.py",
+               "test_multigrid_conv.py", "test_models.py"]
+FACTORY_TEST = "test_factory_builds_trains_and_reloads and ResNet20 or not test_factory"
+
+
+def run_under_tf_keras(*args):
+    result = subprocess.run([sys.executable, *args], env=TF_KERAS, cwd=TESTS,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    output = run_under_tf_keras("optimization_checks.py",
+                                str(tmp_path_factory.mktemp("optimization")))
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_layer_and_model_tests_pass_under_tf_keras():
+    output = run_under_tf_keras("-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                *LAYER_TESTS, "-k", FACTORY_TEST)
+    passed = int(re.search(r"(\d+) passed", output).group(1))
+    assert passed > 150 and "failed" not in output
+
+
+def test_saving_and_loading_under_tf_keras(report):
+    # HDF5 failed on duplicate weight names before sublayers got their own scope.
+    assert report["h5_difference"] == 0.0
+    assert report["keras_difference"] == 0.0
+    assert report["mobilenet_difference"] == 0.0
+
+
+def test_unroll_multigrid_spells_out_the_v_cycle(report):
+    assert report["unroll_difference"] < 1e-5
+    layers = report["unrolled_layers"]
+    assert "MultigridConv2D" not in layers
+    # Two 3-level layers, with 2 restrictions, subtractions and additions each.
+    assert layers.count("Subtract") == layers.count("Add") == 4
+    assert layers.count("ChannelRestriction") == 2 + 2 + 1
+    assert not any(report["unrolled_residual"])
+
+
+def test_quantization_aware_training_exports_an_int8_model_as_accurate(report):
+    # Converted from the QAT model, the TFLite model computes in int8 and loses
+    # at most 1 point of the float model's test accuracy.
+    assert report["compute_op_types"] == ["int8"]
+    assert report["conv_ops"] > 40
+    assert report["float_accuracy"] > 0.95
+    assert report["tflite_accuracy"] >= report["float_accuracy"] - 0.01
+    assert abs(report["tflite_accuracy"] - report["qat_accuracy"]) <= 0.01
+    # Only the input normalisation before tfmot's first quantizer is float.
+    assert set(report["float_ops"]) <= {"DELEGATE", "DEQUANTIZE", "SUB", "MUL"}
+    assert report["qat_reload_difference"] == 0.0
+
+
+def test_pruning_reaches_the_sparsity_and_keeps_the_accuracy(report):
+    assert abs(report["sparsity"] - 0.5) <= 0.02
+    assert all(abs(s - 0.5) <= 0.02 for s in report["multigrid_sparsities"])
+    assert len(report["multigrid_sparsities"]) == report["tfmot_multigrid_kernels"] > 30
+    assert {"MultigridConv2D", "Conv2D", "Dense"} <= set(report["wrapped"])
+    assert report["pruned_accuracy"] >= report["float_accuracy"] - 0.02
+    # strip_pruning gives plain layers with the same function, saved and reloaded.
+    assert report["stripped_accuracy"] == report["pruned_accuracy"]
+    assert "PruneLowMagnitude" not in report["stripped_layers"]
+    assert "Normalization" in report["stripped_layers"]
+
+
+def test_structured_pruning_zeroes_whole_groups(report):
+    assert report["structured_wrapped"][1:3] == ["GroupPruneLowMagnitude"] * 2
+    groups = report["structured_groups"]
+    assert len(groups) == 12
+    for name, count, zero, partly in groups:
+        assert partly == 0, name
+        # Zeroed connector groups would silence channels: it keeps them all.
+        expected = 0 if name == "connector" else count - max(1, round(count * 0.5))
+        assert zero == expected, name
+    assert groups[0][:2] == ["connector", 2]
+    assert report["structured_dense_zeros"] == 0
+
+
+@pytest.fixture(scope="module")
+def keras3_model():
+    return models.ResNet20(input_shape=(8, 8, 1), group_size=16)
+
+
+@pytest.mark.parametrize("call", [
+    lambda model: optimization.quantize_model(model),
+    lambda model: optimization.unroll_multigrid(model),
+    lambda model: optimization.prune_low_magnitude(model, None),
+    lambda model: optimization.quantize_scope(),
+    lambda model: optimization.prune_scope(),
+], ids=["quantize_model", "unroll_multigrid", "prune_low_magnitude", "quantize_scope",
+        "prune_scope"])
+def test_helpers_refuse_keras_3_with_the_way_out(call, keras3_model):
+    with pytest.raises(RuntimeError, match=r'pip install "keras-mgconv\[optimization\]"'
+                                           r".*TF_USE_LEGACY_KERAS=1.*Received: Keras 3"):
+        call(keras3_model)
+    # Importing tfmot would have switched this process' environment to tf_keras.
+    assert "tensorflow_model_optimization" not in sys.modules
+    assert os.environ.get("TF_USE_LEGACY_KERAS") != "1"
