@@ -5,7 +5,12 @@ process environment: only `keras_mgconv.optimization` imports this module, and
 only once it has checked that the process runs tf_keras.
 """
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
+    QuantizeLayer,
+)
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import ChannelProlongation, ChannelRestriction, GroupedConv2D
@@ -148,6 +153,86 @@ class MultigridQuantizeScheme(quantize.QuantizeScheme):
 
     def get_quantize_registry(self):
         return MultigridQuantizeRegistry()
+
+
+def _quantized_tensors(qat_model):
+    """Where `qat_model` fake-quantizes activations, as (range variables, layer name, pre).
+
+    The name is that of the layer whose output (pre False) or pre-activation
+    (pre True: before a softmax, sigmoid, tanh or gelu) is quantized, in the
+    model that `quantize_apply` wrapped; tfmot keeps the names inside its
+    wrappers. tfmot has no public API for these variables.
+    """
+    inbound = {entry["name"]: entry["inbound_nodes"][0][0][0]
+               for entry in qat_model.get_config()["layers"] if entry["inbound_nodes"]}
+    for layer in qat_model.layers:
+        if isinstance(layer, quantize.QuantizeWrapper):
+            if layer._output_quantizers:
+                yield layer._output_quantizer_vars, layer.layer.name, False
+            for activation in layer._quantize_activations:
+                if activation._should_pre_quantize():
+                    yield activation._pre_activation_vars, layer.layer.name, True
+                if activation._should_post_quantize():
+                    yield activation._post_activation_vars, layer.layer.name, False
+        elif isinstance(layer, QuantizeLayer) and layer.quantizer is not None:
+            yield layer.quantizer_vars, inbound[layer.name], False
+
+
+def _pre_activation(layer):
+    """`layer`'s output before its activation, from a linear copy of it."""
+    linear = type(layer).from_config(
+        {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"})
+    outputs = linear(layer.input)
+    linear.set_weights(layer.get_weights())
+    return outputs
+
+
+def calibrate(qat_model, float_model, batches):
+    """Starts the quantization ranges of `qat_model` where `float_model`'s values lie.
+
+    tfmot starts every activation range at [-6, 6] and moves it towards each
+    training batch's range by a moving average with decay 0.999: after a few
+    hundred fine-tuning steps the ranges are still near [-6, 6], and the small
+    values of the V-cycle's corrections are lost in steps of 0.05. Here each
+    range starts as the average, over `batches`, of the batch's minimum and
+    maximum (widened to hold 0), of the tensor in `float_model`, the model that
+    `quantize_apply` wrapped: the value the moving average tends to.
+
+    Args:
+        qat_model: the model `quantize_apply` made of `float_model`.
+        float_model: the model it quantized, e.g. `unroll_multigrid`'s.
+        batches: iterable of input batches, or of (inputs, labels, ...) tuples.
+
+    Raises:
+        ValueError: where `batches` is empty.
+    """
+    quantized = list(_quantized_tensors(qat_model))
+    tensors = sorted({(name, pre) for _, name, pre in quantized})
+    layers = [float_model.get_layer(name) for name, _ in tensors]
+    probe = keras.Model(float_model.inputs, [
+        _pre_activation(layer) if pre else layer.output
+        for layer, (_, pre) in zip(layers, tensors)])
+    totals = np.zeros((len(tensors), 2))
+    count = 0
+    for batch in batches:
+        values = probe(batch[0] if isinstance(batch, tuple) else batch, training=False)
+        totals += [(min(float(tf.reduce_min(value)), 0.0), max(float(tf.reduce_max(value)), 0.0))
+                   for value in values]
+        count += 1
+    if not count:
+        raise ValueError(
+            f"`calibration_data` must hold at least one batch. "
+            f"Received: calibration_data={batches!r}.")
+    ranges = dict(zip(tensors, totals / count))
+    for variables, name, pre in quantized:
+        low, high = ranges[name, pre]
+        variables["min_var"].assign(low)
+        variables["max_var"].assign(high)
+    # The kernels' ranges too, as the first training step would set them: tfmot
+    # also starts those at [-6, 6], which rounds most weights to 0 until then.
+    for layer in qat_model.layers:
+        for weight, quantizer, variables in getattr(layer, "_weight_vars", []):
+            quantizer(weight, True, weights=variables)
 
 
 # tfmot writes the layers inside its wrappers in the legacy format, by bare class

@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 
 import keras_mgconv
-from keras_mgconv import complexity, data, export, training
+from keras_mgconv import _keras, complexity, data, export, optimization, training
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import channel_transfer, grouped_conv, multigrid_conv
 from keras_mgconv.models import mobilenet_v2, resnet
 
 MODULES = [grouped_conv, channel_transfer, multigrid_conv, complexity, resnet, mobilenet_v2,
            data, training, export]
+# tfmot's helpers run only under tf_keras, where test_optimization.py runs this
+# file's test of them in a subprocess.
+if _keras.USE_LEGACY_KERAS:
+    MODULES.append(optimization)
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
@@ -20,6 +24,7 @@ def test_docstring_examples(module, tmp_path):
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     tests = finder.find(module, globs={"np": np, "keras": keras, "keras_mgconv": keras_mgconv,
+                                       "optimization": optimization,
                                        "count_multiply_adds": complexity.count_multiply_adds,
                                        "tmp_dir": str(tmp_path)})
     examples = sum(len(test.examples) for test in tests)
