@@ -27,44 +27,6 @@ def _output_quantizer():
         num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
 
 
-class GroupedConvQuantizeConfig(quantize.QuantizeConfig):
-    """Quantizes a grouped convolution as tfmot's 8-bit scheme does `Conv2D`.
-
-    The kernel symmetrically per output channel (the last axis, as TFLite's
-    per-channel CONV_2D), the output (after the activation) with a moving-average
-    range. For `GroupedConv2D`, `ChannelRestriction` and `ChannelProlongation`
-    once `unroll_multigrid` has made residual layers plain, so that the kernel
-    quantized is the kernel applied.
-
-    Args:
-        quantize_output: False where the output flows into a layer that the
-            TFLite converter folds into the convolution (BatchNormalization),
-            which quantizes in its place.
-    """
-
-    def __init__(self, quantize_output=True):
-        self.quantize_output = quantize_output
-
-    def get_weights_and_quantizers(self, layer):
-        return [(layer.kernel, quantize.quantizers.LastValueQuantizer(
-            num_bits=8, per_axis=True, symmetric=True, narrow_range=True))]
-
-    def set_quantize_weights(self, layer, quantize_weights):
-        (layer.kernel,) = quantize_weights
-
-    def get_activations_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
-    def get_output_quantizers(self, layer):
-        return [_output_quantizer()] if self.quantize_output else []
-
-    def get_config(self):
-        return {"quantize_output": self.quantize_output}
-
-
 class OutputQuantizeConfig(quantize.QuantizeConfig):
     """Quantizes a weightless layer's output, or (quantize_output=False) nothing.
 
@@ -92,6 +54,29 @@ class OutputQuantizeConfig(quantize.QuantizeConfig):
 
     def get_config(self):
         return {"quantize_output": self.quantize_output}
+
+
+class GroupedConvQuantizeConfig(OutputQuantizeConfig):
+    """Quantizes a grouped convolution as tfmot's 8-bit scheme does `Conv2D`.
+
+    The kernel symmetrically per output channel (the last axis, as TFLite's
+    per-channel CONV_2D), the output (after the activation) with a moving-average
+    range. For `GroupedConv2D`, `ChannelRestriction` and `ChannelProlongation`
+    once `unroll_multigrid` has made residual layers plain, so that the kernel
+    quantized is the kernel applied.
+
+    Args:
+        quantize_output: False where the output flows into a layer that the
+            TFLite converter folds into the convolution (BatchNormalization),
+            which quantizes in its place.
+    """
+
+    def get_weights_and_quantizers(self, layer):
+        return [(layer.kernel, quantize.quantizers.LastValueQuantizer(
+            num_bits=8, per_axis=True, symmetric=True, narrow_range=True))]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        (layer.kernel,) = quantize_weights
 
 
 class MultigridQuantizeRegistry(quantize.default_8bit.Default8BitQuantizeRegistry):

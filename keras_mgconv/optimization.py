@@ -343,7 +343,9 @@ def tflite_converter(model):
     (a ResNet20: over a minute). This converter holds only the model's
     inference function and the variables it reads, and converts the same
     ResNet8 in 6-7 s to a file of the same size and the same outputs. Set its
-    options (`optimizations`, ...) as usual.
+    options (`optimizations`, ...) as usual. (`keras_mgconv.export` converts
+    through Keras 3's `model.export(format="litert")`, which tf_keras lacks;
+    its `measure_latency` times the file written here.)
 
     Args:
         model: a built tf_keras `keras.Model`, e.g. from `quantize_model` or
@@ -354,7 +356,8 @@ def tflite_converter(model):
         model's input shapes (batch size free).
 
     Raises:
-        RuntimeError: under Keras 3, where `from_keras_model` is the route.
+        RuntimeError: under Keras 3, where `keras_mgconv.export.export_tflite`
+            is the route.
         ValueError: for a model that is not built.
 
     Example:
