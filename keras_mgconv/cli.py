@@ -71,11 +71,10 @@ def _evaluate(args):
           f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
 
 
-def _add_data_arguments(parser, dataset_help=None):
-    """--dataset (default digits; None where `dataset_help` says what that means), --data-dir, --manual-dir."""
-    parser.add_argument(
-        "--dataset", default=None if dataset_help else "digits",
-        help=dataset_help or "TFDS dataset name (default: the embedded offline 'digits')")
+def _add_data_arguments(parser, dataset_default="digits",
+                        dataset_help="TFDS dataset name (default: the embedded offline 'digits')"):
+    """--dataset, --data-dir and --manual-dir."""
+    parser.add_argument("--dataset", default=dataset_default, help=dataset_help)
     parser.add_argument("--data-dir", default=None, help="TFDS data directory")
     parser.add_argument("--manual-dir", default=None,
                         help="folder of manually downloaded dataset files (imagenet2012)")
@@ -127,8 +126,10 @@ def _add_export_commands(commands):
     export.add_argument("model", metavar="MODEL", help="a .keras file")
     export.add_argument("--quantization", default="float32",
                         choices=["float32", "float16", "dynamic_range", "int8"])
-    _add_data_arguments(export, "TFDS dataset whose train split calibrates int8 and whose "
-                                "test split verifies (default: random verification inputs)")
+    _add_data_arguments(
+        export, dataset_default=None,
+        dataset_help="TFDS dataset whose train split calibrates int8 and whose test split "
+                     "verifies (default: random verification inputs)")
     export.add_argument("--samples", type=int, default=500,
                         help="images taken from each split (default 500)")
     export.add_argument("--output", default=None,
