@@ -1,16 +1,27 @@
-"""keras_mgconv: multigrid-in-channels (MGIC) convolutional networks for Keras."""
+"""keras_mgconv: multigrid-in-channels (MGIC) convolutional networks for Keras.
 
-# `data` registers the embedded `digits` dataset with TFDS.
-from keras_mgconv import data, models
-from keras_mgconv.complexity import count_multiply_adds
-from keras_mgconv.layers import (
-    ChannelProlongation,
-    ChannelRestriction,
-    GroupedConv2D,
-    MultigridConv2D,
-)
+The public names load on first use (PEP 562), so that `import keras_mgconv`
+and the `keras-mgconv` command answer without importing TensorFlow until they
+need it; before that import, `_onednn` turns oneDNN on where TensorFlow would
+leave it off.
+"""
+
+import importlib
+
+from keras_mgconv import _onednn
+
+_onednn.enable_by_default()
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("data", "export", "models", "optimization", "training")
+_ATTRIBUTES = {
+    "ChannelProlongation": "keras_mgconv.layers",
+    "ChannelRestriction": "keras_mgconv.layers",
+    "GroupedConv2D": "keras_mgconv.layers",
+    "MultigridConv2D": "keras_mgconv.layers",
+    "count_multiply_adds": "keras_mgconv.complexity",
+}
 
 __all__ = [
     "ChannelProlongation",
@@ -22,3 +33,15 @@ __all__ = [
     "data",
     "models",
 ]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_mgconv.{name}")
+    if name in _ATTRIBUTES:
+        return getattr(importlib.import_module(_ATTRIBUTES[name]), name)
+    raise AttributeError(f"module 'keras_mgconv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_SUBMODULES, *_ATTRIBUTES})

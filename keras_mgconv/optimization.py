@@ -37,7 +37,7 @@ import tensorflow as tf
 from keras_mgconv import _keras
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import GroupedConv2D, MultigridConv2D
-from keras_mgconv.layers.grouped_conv import identity_kernel
+from keras_mgconv.layers.grouped_conv import identity_kernel, traced_implementation
 
 # Configuration keys of a MultigridConv2D that belong to its output, and so go
 # to the last convolution of its unrolled V-cycle.
@@ -380,10 +380,13 @@ def tflite_converter(model):
     function = tf.function(lambda *inputs: model(list(inputs), training=False))
     variables = tf.Module()
     variables.model_variables = model.variables
-    return tf.lite.TFLiteConverter.from_concrete_functions(
-        [function.get_concrete_function(
-            *[tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs])],
-        variables)
+    # One grouped CONV_2D per grouped convolution, also where TensorFlow trains
+    # them split: the per-group SPLIT and CONCATENATION of a quantized graph do
+    # not convert ("'tfl.transpose' op has mismatched quantized axes").
+    with traced_implementation("grouped"):
+        concrete = function.get_concrete_function(
+            *[tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs])
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], variables)
 
 
 def prune_low_magnitude(model, pruning_schedule, structured=False):

@@ -9,6 +9,7 @@ are as small as keeps the accuracy figures steady: the whole script takes
 one to two minutes on a 2-core CPU.
 
     TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR
+    TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR --quantization-only
 """
 
 import json
@@ -24,7 +25,7 @@ import keras_mgconv
 from keras_mgconv import data, models, optimization, training
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D
-from keras_mgconv.layers.grouped_conv import GroupedConvBase
+from keras_mgconv.layers.grouped_conv import GroupedConvBase, grouped_gradient_supported
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from quantization_aware_training import tflite_accuracy  # noqa: E402
@@ -219,13 +220,14 @@ def check_tfmot_directly():
         if isinstance(getattr(layer, "layer", None), MultigridConv2D))}
 
 
-def main(output_dir):
+def main(output_dir, quantization_only=False):
     # The same figures on every run on this machine, not thread-order noise.
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    report = {**check_layers(output_dir, rng), **check_structured_pruning(rng),
-              **check_tfmot_directly()}
+    report = {} if quantization_only else {
+        **check_layers(output_dir, rng), **check_structured_pruning(rng),
+        **check_tfmot_directly()}
     train = data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0)
     test = data.image_pipeline("digits", "test", 256)
     steps_per_epoch = int(train.cardinality())
@@ -235,11 +237,13 @@ def main(output_dir):
     float_path = f"{output_dir}/float.keras"
     model.save(float_path)
     report.update(check_quantization(model, output_dir, train, test, steps_per_epoch))
-    # Pruning changes the weights of the model it wraps: prune a fresh copy.
-    report.update(check_pruning(keras.models.load_model(float_path), output_dir,
-                                train, test, steps_per_epoch))
+    if not quantization_only:
+        # Pruning changes the weights of the model it wraps: prune a fresh copy.
+        report.update(check_pruning(keras.models.load_model(float_path), output_dir,
+                                    train, test, steps_per_epoch))
+    report["grouped_gradient"] = grouped_gradient_supported(tf.float32)
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], quantization_only="--quantization-only" in sys.argv[2:])

@@ -29,9 +29,9 @@ TF_KERAS_TESTS = [
 ]
 
 
-def run_under_tf_keras(*args):
-    result = subprocess.run([sys.executable, *args], env=TF_KERAS, cwd=TESTS,
-                            capture_output=True, text=True, timeout=900)
+def run_under_tf_keras(*args, **environment):
+    result = subprocess.run([sys.executable, *args], env={**TF_KERAS, **environment},
+                            cwd=TESTS, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return result.stdout
 
@@ -40,6 +40,16 @@ def run_under_tf_keras(*args):
 def report(tmp_path_factory):
     output = run_under_tf_keras("optimization_checks.py",
                                 str(tmp_path_factory.mktemp("optimization")))
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report_without_onednn(tmp_path_factory):
+    """QAT where TensorFlow cannot differentiate grouped convolutions (AVX2-only CPUs
+    with oneDNN off): the layers train split, and must still export grouped."""
+    output = run_under_tf_keras("optimization_checks.py",
+                                str(tmp_path_factory.mktemp("optimization_split")),
+                                "--quantization-only", TF_ENABLE_ONEDNN_OPTS="0")
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -73,9 +83,15 @@ def test_empty_calibration_data_is_refused(report):
         "`calibration_data` must hold at least one batch. Received: calibration_data=[].")
 
 
-def test_quantization_aware_training_exports_an_int8_model_as_accurate(report):
+@pytest.mark.parametrize("path", ["default", "split"])
+def test_quantization_aware_training_exports_an_int8_model_as_accurate(
+        path, request):
     # Converted from the QAT model, the TFLite model computes in int8 and loses
-    # at most 1 point of the float model's test accuracy.
+    # at most 1 point of the float model's test accuracy, whether the layers
+    # trained through grouped or per-group convolutions.
+    report = request.getfixturevalue("report" if path == "default" else "report_without_onednn")
+    if path == "split":
+        assert report["grouped_gradient"] is False
     assert report["test_examples"] == data.image_dataset_info("digits").num_examples["test"]
     assert report["float_accuracy"] > 0.95
     assert report["tflite_accuracy"] >= report["float_accuracy"] - 0.01

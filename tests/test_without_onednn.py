@@ -1,21 +1,32 @@
-"""The layer trains where TensorFlow cannot differentiate grouped convolutions.
+"""The layers train whether or not TensorFlow can differentiate grouped convolutions.
 
-oneDNN is chosen when TensorFlow is imported, so this runs in a fresh process
-with `TF_ENABLE_ONEDNN_OPTS=0`, the configuration of CPUs without oneDNN.
+TensorFlow chooses oneDNN when it is imported, so each case runs in a fresh
+process: with `TF_ENABLE_ONEDNN_OPTS` unset (keras_mgconv turns oneDNN on on
+x86 when it is imported before TensorFlow), with it unset but TensorFlow
+imported first, and with `TF_ENABLE_ONEDNN_OPTS=0`, the configuration of CPUs
+without oneDNN, where the split fallback trains.
 """
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
 SCRIPT = textwrap.dedent("""
-    import json
+    import json, os, sys, warnings
+    if sys.argv[1] == "tensorflow first":
+        import tensorflow
     import numpy as np
-    import tensorflow as tf
     import keras_mgconv
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
     from keras_mgconv._keras import keras
     from keras_mgconv.layers.grouped_conv import grouped_gradient_supported
 
@@ -34,26 +45,70 @@ SCRIPT = textwrap.dedent("""
                       for b, w in zip(before, model.trainable_weights))
         return float(loss), changed, len(before)
 
-    loss, changed, total = train_step("auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, changed, total = train_step("auto")
+        train_step("auto")
     try:
         train_step("grouped")
         direct_error = None
     except tf.errors.OpError as error:
         direct_error = error.message
-    print(json.dumps({"probe": grouped_gradient_supported(tf.float32), "loss": loss,
-                      "changed": changed, "total": total, "direct_error": direct_error}))
+    print(json.dumps({
+        "setting": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "onednn": _pywrap_util_port.IsMklEnabled(),
+        "probe": grouped_gradient_supported(tf.float32), "loss": loss,
+        "changed": changed, "total": total, "direct_error": direct_error,
+        "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}))
 """)
 
 
-def test_trains_through_split_fallback_with_onednn_off():
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                            text=True, timeout=300)
+def run(mode, **environment):
+    env = {key: value for key, value in os.environ.items()
+           if key != "TF_ENABLE_ONEDNN_OPTS"}
+    env.update(environment, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["probe"] is False
     assert report["changed"] == report["total"] == 8
     assert report["loss"] > 0
+    return report
+
+
+@pytest.mark.skipif(not X86, reason="keras_mgconv turns oneDNN on only on x86 CPUs")
+def test_importing_keras_mgconv_first_gives_the_fast_path():
+    report = run("keras_mgconv first")
+    assert report["setting"] == "1"
+    assert report["onednn"] is True
+    assert report["probe"] is True
+    assert report["direct_error"] is None
+    assert report["warnings"] == []
+
+
+def test_tensorflow_imported_first_keeps_its_choice_and_says_what_it_costs():
+    report = run("tensorflow first")
+    assert report["setting"] is None
+    if report["onednn"]:
+        # A CPU on which TensorFlow turns oneDNN on by itself (AVX-512, AMX).
+        assert report["probe"] is True and report["warnings"] == []
+    else:
+        assert report["probe"] is False
+        [warning] = report["warnings"]
+        assert "TensorFlow was imported before keras_mgconv" in warning
+        assert "set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported" in warning
+
+
+def test_trains_through_split_fallback_with_onednn_off():
+    report = run("keras_mgconv first", TF_ENABLE_ONEDNN_OPTS="0")
+    # The user's setting is kept.
+    assert report["setting"] == "0"
+    assert report["onednn"] is False
+    assert report["probe"] is False
+    # One line, once per process, that says why, what it costs and the way out.
+    [warning] = report["warnings"]
+    assert re.search(r"per-group convolutions.*1\.5x slower.*TF_ENABLE_ONEDNN_OPTS='0'.*"
+                     r"set TF_ENABLE_ONEDNN_OPTS=1", warning)
     # What the fallback avoids: without oneDNN, TensorFlow's CPU kernels refuse
     # grouped convolutions, in the gradient or (fused with the bias) forward.
     assert re.search("(Gradients for|does not support) grouped convolutions",
