@@ -4,6 +4,10 @@
     train = data.image_pipeline("cifar10", "train", batch_size=128, training=True)
     test = data.image_pipeline("cifar10", info.test_split, batch_size=256)
 
+To choose checkpoints without looking at the test split, `validation_splits`
+takes a validation split from the training data: the dataset's own where it has
+one, else a fixed, stratified fraction of its train split.
+
 Any TFDS dataset with an image and a class label works (cifar10, cifar100,
 imagenette, imagenet2012 with a manual dir, the embedded `digits`, ...).
 Pipelines yield float32 images in the dataset's pixel range, 0-255; the
@@ -21,15 +25,23 @@ meaning.
 """
 
 import collections
+import contextlib
+import fcntl
 import functools
+import io
+import numbers
+import os
+import sys
 from unittest import mock
 
 import numpy as np
+import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader
+from tensorflow_datasets.core.utils import tqdm_utils
 
-import keras_mgconv.digits  # noqa: F401  Registers the embedded `digits` dataset with TFDS.
+import keras_mgconv.digits  # Also registers the embedded `digits` dataset with TFDS.
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import _arguments
 
@@ -68,7 +80,8 @@ Attributes:
     num_classes: number of labels.
     train_split: "train".
     test_split: the held-out split used for evaluation: "test" where the
-        dataset has one, else "validation".
+        dataset has one with labels, else "validation" (imagenet2012's test
+        images have no labels).
     num_examples: dict of split name to number of examples.
     flippable: whether horizontal flips are a valid augmentation.
 """
@@ -84,6 +97,15 @@ def _builder(name, data_dir):
             f"Unknown dataset: TFDS has no dataset named {name!r} (see "
             f"`tfds.list_builders()`; the embedded offline dataset is "
             f"{DEFAULT_DATASET!r}). Received: dataset={name!r}."
+        ) from None
+    except (AssertionError, ValueError) as error:
+        # An unknown version, config or name syntax. TFDS' message starts with
+        # its own call ("Failed to construct dataset ...: ") and may list
+        # near matches on further lines; the clause in between says what is wrong.
+        reason = str(error).split('": ', 1)[-1].splitlines()[0].split(". ")[0].rstrip(". :")
+        raise ValueError(
+            f"Invalid value for argument `dataset`: {reason}. TFDS names datasets "
+            f"`name[/config][:version]`, e.g. 'cifar10:3.0.2'. Received: dataset={name!r}."
         ) from None
 
 
@@ -101,36 +123,120 @@ def _image_and_label(builder):
     return features[supervised[0]], features[supervised[1]]
 
 
+def _is_prepared(builder):
+    # TFDS warns when a dataset's folder has no dataset_info.json: news where
+    # the folder is there, not where the dataset has never been prepared.
+    return builder.data_path.exists() and builder.is_prepared()
+
+
+@contextlib.contextmanager
+def _preparation_lock(root, name):
+    """Holds the lock on preparing dataset `name` in `root`, across processes and threads.
+
+    TFDS prepares into a temporary folder and renames it: a second preparation
+    at once fails on the rename. The lock file is removed on release; a waiter
+    that then holds a lock on the removed file tries again.
+    """
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f".{name}.lock")
+    while True:
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"Waiting for another process to finish preparing dataset {name!r} "
+                      f"in {root}.", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    os.remove(path)
+                return
+
+
+def _folders(top):
+    return {os.path.join(parent, name) for parent, names, _ in os.walk(top) for name in names}
+
+
+@contextlib.contextmanager
+def _removing_new_empty_folders(tops):
+    """Removes the folders under `tops` (and `tops`) that the block made and left empty.
+
+    Each failed TFDS download leaves an empty temporary folder behind.
+    """
+    before = set().union(*(_folders(top) | {top} for top in tops if os.path.isdir(top)))
+    try:
+        yield
+    finally:
+        for top in tops:
+            for parent, _, _ in os.walk(top, topdown=False):
+                if parent not in before and not os.listdir(parent):
+                    os.rmdir(parent)
+
+
+@contextlib.contextmanager
+def _quietly():
+    """Hides TFDS' size lines and progress bars: news for a download, not for `digits`."""
+    with mock.patch.object(tqdm_utils, "_active", False), \
+            contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
 def _prepare(builder, manual_dir):
-    """Downloads and prepares `builder`'s data, or says why it cannot."""
-    if builder.is_prepared():
-        return
+    """Downloads and prepares `builder`'s data, or says why it cannot.
+
+    One process or thread at a time prepares a dataset in a `data_dir`; the
+    others wait and find it prepared.
+    """
+    root = os.fspath(builder.data_dir_root)
     where = builder.data_dir
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES):
-        try:
-            builder.download_and_prepare(download_config=config)
-        except AssertionError as error:
-            if "manual" not in str(error).lower():
-                raise
-            raise ValueError(
-                f"Dataset {builder.name!r} must be downloaded by hand: TFDS cannot "
-                f"fetch it. Put its files in a folder and pass that as `manual_dir` "
-                f"(`--manual-dir`), or prepare it once into `data_dir` "
-                f"(`--data-dir`). Instructions: "
-                f"{' '.join(str(builder.MANUAL_DOWNLOAD_INSTRUCTIONS).split())} "
-                f"Received: dataset={builder.name!r}, manual_dir={manual_dir!r}."
-            ) from None
-        except (OSError, tfds.download.DownloadError) as error:
-            # requests' ConnectionError is an OSError.
-            raise ValueError(
-                f"Dataset {builder.name!r} is not prepared in {where} and cannot be "
-                f"downloaded ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
-                f"Prepare it on a machine with network access (`tfds.load("
-                f"{builder.name!r}, data_dir=...)`) and pass that directory as "
-                f"`data_dir` (`--data-dir`), or put manually downloaded files in "
-                f"`manual_dir` (`--manual-dir`). Received: dataset={builder.name!r}."
-            ) from None
+    quiet = isinstance(builder, keras_mgconv.digits.Digits)
+    # A lock file needs a local folder; in a bucket (gs://...) there is none.
+    lock = _preparation_lock(root, builder.name) if "://" not in root else contextlib.nullcontext()
+    try:
+        with lock, _removing_new_empty_folders(
+                [os.path.join(root, builder.name), os.path.join(root, "downloads", builder.name)]):
+            if _is_prepared(builder):
+                return
+            with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES), \
+                    _quietly() if quiet else contextlib.nullcontext():
+                builder.download_and_prepare(download_config=config)
+    except AssertionError as error:
+        if "manual" not in str(error).lower():
+            raise
+        raise ValueError(
+            f"Dataset {builder.name!r} must be downloaded by hand: TFDS cannot "
+            f"fetch it. Put its files in a folder and pass that as `manual_dir` "
+            f"(`--manual-dir`), or prepare it once into `data_dir` "
+            f"(`--data-dir`). Instructions: "
+            f"{' '.join(str(builder.MANUAL_DOWNLOAD_INSTRUCTIONS).split())} "
+            f"Received: dataset={builder.name!r}, manual_dir={manual_dir!r}."
+        ) from None
+    except (requests.RequestException, tfds.download.DownloadError) as error:
+        raise ValueError(
+            f"Dataset {builder.name!r} is not prepared in {where} and cannot be "
+            f"downloaded ({_first_line(error)}). Prepare it on a machine with "
+            f"network access (`tfds.load({builder.name!r}, data_dir=...)`) and "
+            f"pass that directory as `data_dir` (`--data-dir`), or put manually "
+            f"downloaded files in `manual_dir` (`--manual-dir`). "
+            f"Received: dataset={builder.name!r}."
+        ) from None
+    except OSError as error:
+        raise ValueError(
+            f"Dataset {builder.name!r} could not be prepared in {where}: "
+            f"{_first_line(error)}. Received: dataset={builder.name!r}, data_dir={root!r}."
+        ) from None
+
+
+def _first_line(error):
+    """`error`'s type and the first line of its message."""
+    return ": ".join([type(error).__name__, *(line[:200] for line in str(error).splitlines()[:1])])
 
 
 def image_dataset_info(name, data_dir=None, manual_dir=None):
@@ -161,23 +267,205 @@ def image_dataset_info(name, data_dir=None, manual_dir=None):
     ((8, 8, 1), 10, 'test')
     """
     builder = _builder(name, data_dir)
+    _image_and_label(builder)
+    if not _is_prepared(builder):
+        _prepare(builder, manual_dir)
+        # Read afresh: another process may have prepared it while this one waited.
+        builder = _builder(name, data_dir)
     image, label = _image_and_label(builder)
-    _prepare(builder, manual_dir)
     splits = builder.info.splits
     if "train" not in splits:
         raise ValueError(
             f"Dataset {name!r} has no 'train' split. Received: dataset={name!r} "
             f"with splits {sorted(splits)}.")
-    held_out = [split for split in ("test", "validation") if split in splits]
-    if not held_out:
+    if "test" in splits and ("validation" not in splits
+                             or _has_labels(name, "test", data_dir)):
+        test_split = "test"
+    elif "validation" in splits:
+        test_split = "validation"
+    else:
         raise ValueError(
             f"Dataset {name!r} has neither a 'test' nor a 'validation' split to "
             f"evaluate on. Received: dataset={name!r} with splits {sorted(splits)}.")
     return ImageDatasetInfo(
         name=name, image_shape=tuple(image.shape), num_classes=label.num_classes,
-        train_split="train", test_split=held_out[0],
+        train_split="train", test_split=test_split,
         num_examples={split: splits[split].num_examples for split in splits},
         flippable=name.split("/")[0] not in _NOT_FLIPPABLE)
+
+
+class HeldOutSplit(collections.namedtuple("HeldOutSplit", ["split", "part", "fraction"])):
+    """One part of a split divided into a fit part and a stratified validation part.
+
+    Of each class's examples in `split`, a fixed choice of `fraction` (rounded
+    to whole examples) is the "validation" part and the rest the "fit" part.
+    The choice depends on the labels alone, neither on a seed nor on the
+    process: every run, epoch and replica sees the same parts. Made by
+    `validation_splits`; accepted wherever a split name is.
+
+    Attributes:
+        split: the TFDS split divided, e.g. "train".
+        part: "fit" or "validation".
+        fraction: the validation part's share of every class, in (0, 1).
+
+    Raises:
+        ValueError: for a `part` or `fraction` out of range.
+
+    Example:
+
+    >>> from keras_mgconv import data
+    >>> str(data.HeldOutSplit("train", "validation", 0.1))
+    "10% of 'train', stratified"
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, split, part, fraction):
+        _arguments.choice("part", part, ("fit", "validation"))
+        if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
+                or not 0 < fraction < 1):
+            raise ValueError(
+                f"Invalid value for argument `fraction`. Expected the validation "
+                f"part's share of the split, a number strictly between 0 and 1. "
+                f"Received: fraction={fraction!r}.")
+        return super().__new__(cls, split, part, float(fraction))
+
+    def __str__(self):
+        percent = f"{self.fraction * 100:g}%"
+        if self.part == "validation":
+            return f"{percent} of {self.split!r}, stratified"
+        return f"{self.split!r} less a stratified {percent} for validation"
+
+
+def _read_config(seed):
+    # Shared by every read of a split, so that unshuffled reads agree on the
+    # order of its examples.
+    return tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                           try_autocache=False)
+
+
+def _labels(name, split, data_dir):
+    """A dataset of `split`'s labels in file order, read without decoding the images."""
+    image_key = tfds.builder(name, data_dir=data_dir).info.supervised_keys[0]
+    return tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
+                     decoders={image_key: tfds.decode.SkipDecoding()},
+                     read_config=_read_config(None)).map(lambda image, label: label)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_labels(name, split, data_dir):
+    # TFDS marks an unlabelled example, e.g. every imagenet2012 test image, with -1.
+    return any(label >= 0 for label in tfds.as_numpy(_labels(name, split, data_dir).take(1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _validation_mask(name, split, data_dir, fraction):
+    """Whether each example of `split`, in file order, is in its validation part."""
+    labels = np.concatenate([np.zeros(0, np.int64), *tfds.as_numpy(
+        _labels(name, split, data_dir).batch(1 << 16))])
+    validation = np.zeros(len(labels), bool)
+    rng = np.random.default_rng(0)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        validation[rng.permutation(members)[:round(fraction * len(members))]] = True
+    if validation.all() or not validation.any():
+        raise ValueError(
+            f"A stratified {fraction:g} of the {len(labels)} examples of {split!r} in "
+            f"{len(np.unique(labels))} classes leaves the "
+            f"{'fit' if validation.all() else 'validation'} part empty. "
+            f"Received: fraction={fraction!r}.")
+    validation.flags.writeable = False
+    return validation
+
+
+def _part_mask(name, split, data_dir):
+    """Whether each example of `split.split`, in file order, is in the `HeldOutSplit` `split`."""
+    validation = _validation_mask(name, split.split, data_dir, split.fraction)
+    return validation if split.part == "validation" else ~validation
+
+
+def validation_splits(name, data_dir=None, manual_dir=None, fraction=0.1):
+    """A split to fit on and a split to validate on, both from the training data.
+
+    The test split is then left to report on alone. The dataset's own
+    "validation" split is the validation split where it has one that is not
+    its test split; otherwise a fixed, stratified `fraction` of the train split
+    is (see `HeldOutSplit`), and the rest of it is fitted on.
+
+    Args:
+        name: TFDS dataset name.
+        data_dir: TFDS data directory.
+        manual_dir: folder of manually downloaded files (imagenet2012).
+        fraction: the share of every class held out for validation where the
+            dataset has no validation split of its own.
+
+    Returns:
+        `(fit_split, validation_split, description)`: two splits for
+        `image_pipeline`, `normalization_layer` and `split_size`, and what the
+        validation split is, in words.
+
+    Raises:
+        ValueError: for a `fraction` outside (0, 1) or one that leaves a part
+            empty, or for an unknown or unavailable dataset.
+
+    Example:
+
+    >>> from keras_mgconv import data
+    >>> fit, validation, description = data.validation_splits("digits")
+    >>> description
+    "10% of 'train', stratified"
+    >>> data.split_size("digits", fit), data.split_size("digits", validation)
+    (1299, 143)
+    """
+    validation = HeldOutSplit("train", "validation", fraction)
+    info = image_dataset_info(name, data_dir, manual_dir)
+    if "validation" in info.num_examples and info.test_split != "validation":
+        return info.train_split, "validation", "validation"
+    validation = validation._replace(split=info.train_split)
+    # Reads the labels now, so that a fraction that leaves a part empty fails here.
+    _validation_mask(name, validation.split, data_dir, validation.fraction)
+    return validation._replace(part="fit"), validation, str(validation)
+
+
+def split_size(name, split, data_dir=None, manual_dir=None):
+    """The number of examples in a split.
+
+    Args:
+        name: TFDS dataset name.
+        split: a TFDS split, e.g. "train" or "train[:90%]", or a `HeldOutSplit`.
+        data_dir: TFDS data directory.
+        manual_dir: folder of manually downloaded files (imagenet2012).
+
+    Returns:
+        The number of examples, an int.
+
+    Example:
+
+    >>> from keras_mgconv import data
+    >>> data.split_size("digits", "test"), data.split_size("digits", "train[:50%]")
+    (355, 721)
+    """
+    image_dataset_info(name, data_dir, manual_dir)
+    if isinstance(split, HeldOutSplit):
+        return int(_part_mask(name, split, data_dir).sum())
+    return tfds.builder(name, data_dir=data_dir).info.splits[split].num_examples
+
+
+def _examples(name, split, data_dir, training, seed):
+    """The (image, label) examples of a split or a `HeldOutSplit`, of known cardinality."""
+    if not isinstance(split, HeldOutSplit):
+        return tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
+                         shuffle_files=training, read_config=_read_config(seed))
+    # The parts are found by position, so the files are read in their order;
+    # the shuffle buffer still shuffles the examples.
+    examples = tfds.load(name, split=split.split, data_dir=data_dir, as_supervised=True,
+                         read_config=_read_config(seed))
+    keep = _part_mask(name, split, data_dir)
+    keep_tensor = tf.constant(keep)
+    return (examples.enumerate()
+            .filter(lambda index, example: tf.gather(keep_tensor, index))
+            .map(lambda index, example: example)
+            .apply(tf.data.experimental.assert_cardinality(int(keep.sum()))))
 
 
 def _target_shape(info, image_shape):
@@ -272,7 +560,8 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
 
     Args:
         name: TFDS dataset name.
-        split: TFDS split, e.g. "train", "test", "train[:90%]".
+        split: TFDS split, e.g. "train", "test", "train[:90%]", or a
+            `HeldOutSplit` from `validation_splits`.
         batch_size: examples per batch (the global batch under tf.distribute).
         training: shuffle (reshuffled every epoch) and augment.
         image_shape: (height, width, channels) to bring the images to; None
@@ -314,10 +603,7 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     info = image_dataset_info(name, data_dir, manual_dir)
     image_shape = _target_shape(info, image_shape)
     augment = training if augment is None else augment
-    read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
-                                  try_autocache=False)
-    examples = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
-                         shuffle_files=training, read_config=read_config)
+    examples = _examples(name, split, data_dir, training, seed)
     count = int(examples.cardinality())
     if cache is None:
         cache = _is_small(info) and count * int(np.prod(info.image_shape)) <= _CACHE_BYTES
@@ -363,11 +649,12 @@ def _shuffle_buffer(shuffle_buffer, count):
 
 
 def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
-                        max_images=10_000):
-    """A `keras.layers.Normalization` with the training split's per-channel statistics.
+                        max_images=10_000, split="train"):
+    """A `keras.layers.Normalization` with a training split's per-channel statistics.
 
-    Mean and variance are computed over the first `max_images` training images
-    (rounded up to a batch of 256), brought to `image_shape` as for evaluation.
+    Mean and variance are computed over the first `max_images` images of
+    `split` (rounded up to a batch of 256), brought to `image_shape` as for
+    evaluation.
     The layer holds them as constants, so it can join a model built under any
     `tf.distribute` strategy.
 
@@ -377,6 +664,8 @@ def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
         data_dir: TFDS data directory.
         manual_dir: folder of manually downloaded files.
         max_images: how many training images to average over.
+        split: the split the images come from: "train", or the fit part
+            from `validation_splits`.
 
     Returns:
         A `keras.layers.Normalization` layer named "normalization".
@@ -390,7 +679,7 @@ def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
     >>> abs(float(np.mean(normalized))) < 1e-3, round(float(np.std(normalized)), 3)
     (True, 1.0)
     """
-    batches = image_pipeline(name, "train", batch_size=256, image_shape=image_shape,
+    batches = image_pipeline(name, split, batch_size=256, image_shape=image_shape,
                              data_dir=data_dir, manual_dir=manual_dir, cache=False)
     statistics = keras.layers.Normalization(axis=-1)
     statistics.adapt(batches.take(-(-max_images // 256)).map(lambda image, label: image))

@@ -164,6 +164,13 @@ def _images(name, data, input_shape):
         raise ValueError(
             f"`{name}` must hold at least one image of the model's input shape "
             f"{tuple(input_shape[1:])}. Received: {name} of shape {images.shape}.")
+    not_finite = int(np.sum(~np.isfinite(images)))
+    if not_finite:
+        # int8 calibration on them gives NaN ranges, and verification on them
+        # compares NaN with NaN.
+        raise ValueError(
+            f"`{name}` must hold finite values; {not_finite} of its {images.size} "
+            f"are NaN or infinite. Received: {name} of shape {images.shape}.")
     return images
 
 
@@ -358,10 +365,13 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         ValueError: before anything is written, for a bad argument: `path` not
             ending in ".tflite" or not in a writable directory, an unknown
             `quantization` or `lowering`, "int8" without
-            `representative_data`, data of the wrong shape, or a `model` that
-            needs Flex ops without `allow_flex_ops`.
-        RuntimeError: a float32 export whose outputs differ from Keras' by
-            more than `FLOAT32_TOLERANCE` (relative); nothing is written.
+            `representative_data`, data of the wrong shape or with NaN or
+            infinite values, or a `model` that needs Flex ops without
+            `allow_flex_ops`.
+        RuntimeError: an export whose outputs, or the Keras model's, are NaN
+            or infinite on the verification inputs, or a float32 export whose
+            outputs differ from Keras' by more than `FLOAT32_TOLERANCE`
+            (relative); nothing is written.
 
     Example:
 
@@ -417,9 +427,13 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         report = ExportReport(
             path=path, quantization=quantization or "float32", lowering=lowering,
             size_bytes=os.path.getsize(temporary), verification=verification, **contents)
-        # Written `not <=` so that a NaN difference fails too.
+        if verification is not None and not np.isfinite(verification.max_abs_diff):
+            raise RuntimeError(
+                f"The export could not be verified: its outputs or the Keras model's "
+                f"on {verification.examples} examples ({verification.data}) are NaN or "
+                f"infinite: not written to {path}.")
         if (quantization is None and verification is not None
-                and not verification.max_rel_diff <= FLOAT32_TOLERANCE):
+                and verification.max_rel_diff > FLOAT32_TOLERANCE):
             raise RuntimeError(
                 f"The float32 export differs from the Keras model by "
                 f"{report.verification.max_rel_diff:.3g} (relative), more than "

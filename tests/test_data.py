@@ -1,3 +1,7 @@
+import collections
+import logging
+import os
+import threading
 import time
 
 import numpy as np
@@ -154,15 +158,75 @@ class HandDownloadedImages(UnreachableImages):
         return {"train": self._generate_examples(dl_manager.manual_dir / "images.tar")}
 
 
+def _folders(top):
+    return {os.path.relpath(os.path.join(parent, name), top)
+            for parent, names, _ in os.walk(top) for name in names}
+
+
 def test_undownloadable_dataset_fails_fast_and_says_how_to_provide_it(tmp_path):
-    start = time.perf_counter()
-    with pytest.raises(ValueError) as error:
-        data.image_dataset_info("unreachable_images", data_dir=str(tmp_path))
-    assert time.perf_counter() - start < 30
+    for _ in range(2):
+        start = time.perf_counter()
+        with pytest.raises(ValueError) as error:
+            data.image_dataset_info("unreachable_images", data_dir=str(tmp_path))
+        assert time.perf_counter() - start < 30
     message = str(error.value)
     assert "'unreachable_images' is not prepared in" in message
     assert "cannot be downloaded" in message and "data_dir" in message
     assert "manual_dir" in message
+    # No empty temporary folder of the failed downloads, nor a lock file, is left
+    # behind; only TFDS' shared download folders.
+    assert _folders(tmp_path) <= {"downloads", os.path.join("downloads", "extracted")}
+    assert not [name for _, _, files in os.walk(tmp_path) for name in files]
+
+
+def test_two_first_uses_of_a_data_dir_at_once_both_succeed(tmp_path):
+    start = threading.Barrier(2)
+    results = []
+
+    def first_use():
+        start.wait()
+        try:
+            results.append(data.image_dataset_info("digits", str(tmp_path)).num_examples)
+        except ValueError as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [{"train": 1442, "test": 355}] * 2
+    assert not [name for _, _, files in os.walk(tmp_path) for name in files if "lock" in name]
+
+
+def test_preparing_the_embedded_dataset_is_quiet(tmp_path, capsys, caplog):
+    data.image_dataset_info("digits", str(tmp_path))
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "")
+    assert not [record.getMessage() for record in caplog.records
+                if record.levelno >= logging.WARNING]
+
+
+def test_data_dir_that_is_not_a_folder_is_reported(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ValueError, match=r"'digits' could not be prepared in .*file.*Error: "
+                                         r".*Received: dataset='digits', data_dir="):
+        data.image_dataset_info("digits", str(not_a_folder))
+
+
+@pytest.mark.parametrize("dataset, reason", [
+    ("digits:9.9.9", "cannot be loaded at version 9.9.9, only: 1.0.0"),
+    ("digits:1.0", "Parsing builder name string digits:1.0 failed"),
+    ("digits/nine", "BuilderConfig nine not found"),
+])
+def test_unknown_version_or_config_is_one_line(dataset, reason):
+    with pytest.raises(ValueError) as error:
+        data.image_dataset_info(dataset)
+    message = str(error.value)
+    assert message.startswith("Invalid value for argument `dataset`: ")
+    assert reason in message and message.endswith(f"Received: dataset={dataset!r}.")
+    assert "\n" not in message
 
 
 def test_manual_dataset_says_where_its_files_go(tmp_path):
@@ -174,3 +238,109 @@ def test_manual_dataset_says_where_its_files_go(tmp_path):
 def test_bad_batch_size_is_refused(data_dir):
     with pytest.raises(ValueError, match="batch_size=0"):
         data.image_pipeline("digits", "test", 0, data_dir=data_dir)
+
+
+def _examples_of(batches):
+    """The (image bytes, label) pairs in batches of numpy arrays, as a multiset."""
+    return collections.Counter(
+        (image.tobytes(), int(label))
+        for images, labels in batches for image, label in zip(images, labels))
+
+
+def _pipeline_examples(*args, **kwargs):
+    return _examples_of(tfds.as_numpy(data.image_pipeline(*args, **kwargs)))
+
+
+def test_validation_split_is_a_fixed_stratified_part_of_train(data_dir):
+    fit, validation, description = data.validation_splits("digits", data_dir)
+    assert description == str(validation) == "10% of 'train', stratified"
+    train = _pipeline_examples("digits", "train", 512, data_dir=data_dir)
+    fitted = _pipeline_examples("digits", fit, 512, data_dir=data_dir)
+    held_out = _pipeline_examples("digits", validation, 512, data_dir=data_dir)
+    # Disjoint, and together the whole train split: every example once.
+    assert fitted + held_out == train
+    assert data.split_size("digits", fit, data_dir) == fitted.total()
+    assert data.split_size("digits", validation, data_dir) == held_out.total()
+    per_class = np.bincount([label for _, label in held_out.elements()])
+    class_sizes = np.bincount([label for _, label in train.elements()])
+    assert np.all(np.abs(per_class - 0.1 * class_sizes) <= 0.5)
+    # The same parts whatever the seed, in every epoch, and after the choice is made again.
+    data._validation_mask.cache_clear()
+    for seed in (1, 2):
+        epochs = data.image_pipeline(
+            "digits", fit, fitted.total(), training=True, augment=False, seed=seed,
+            epochs=range(2), data_dir=data_dir)
+        for images, labels in tfds.as_numpy(epochs):
+            assert _examples_of([(images, labels)]) == fitted
+
+
+def test_pipelines_and_statistics_of_the_parts(data_dir):
+    fit, validation, _ = data.validation_splits("digits", data_dir, fraction=0.25)
+    assert str(fit) == "'train' less a stratified 25% for validation"
+    size = data.split_size("digits", fit, data_dir)
+    assert size + data.split_size("digits", validation, data_dir) == 1442
+    assert abs(size - 0.75 * 1442) <= 10
+    batches = data.image_pipeline("digits", fit, 64, training=True, drop_remainder=True,
+                                  seed=0, epochs=range(3), data_dir=data_dir)
+    assert int(batches.cardinality()) == 3 * (size // 64)
+    assert sum(1 for _ in batches) == 3 * (size // 64)
+    assert int(data.image_pipeline("digits", validation, 64, data_dir=data_dir).cardinality()) == (
+        -(-(1442 - size) // 64))
+    layer = data.normalization_layer("digits", data_dir=data_dir, split=fit)
+    layer.build((None, 8, 8, 1))
+    images = np.stack([np.frombuffer(image, np.float32) for image, _ in _pipeline_examples(
+        "digits", fit, 512, data_dir=data_dir).elements()])
+    np.testing.assert_allclose(np.ravel(layer.mean), [images.mean()], rtol=1e-4)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, float("nan"), True, "0.1", None])
+def test_fraction_out_of_range_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"`fraction`.*Received: fraction="):
+        data.validation_splits("digits", fraction=fraction)
+
+
+@pytest.mark.parametrize("fraction, empty", [(0.001, "validation"), (0.999, "fit")])
+def test_fraction_that_empties_a_part_is_refused(data_dir, fraction, empty):
+    with pytest.raises(ValueError, match=rf"leaves the {empty} part empty.*fraction={fraction}"):
+        data.validation_splits("digits", data_dir, fraction=fraction)
+
+
+class ThreeSplitImages(tfds.core.GeneratorBasedBuilder):
+    """Train, validation and test splits, like cifar10 would have with a validation split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    TEST_LABEL = 1
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(4, 4, 1)),
+                "label": tfds.features.ClassLabel(num_classes=2)}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(20, 0),
+                "validation": self._generate_examples(6, 0),
+                "test": self._generate_examples(4, self.TEST_LABEL)}
+
+    def _generate_examples(self, count, label):
+        for index in range(count):
+            yield index, {"image": np.full((4, 4, 1), index, np.uint8), "label": label}
+
+
+class UnlabelledTestImages(ThreeSplitImages):
+    """imagenet2012's splits: its test images have no labels (-1)."""
+
+    TEST_LABEL = -1
+
+
+def test_own_validation_split_is_used_where_it_is_not_the_test_split(tmp_path):
+    data_dir = str(tmp_path)
+    assert data.validation_splits("three_split_images", data_dir) == (
+        "train", "validation", "validation")
+    assert data.image_dataset_info("unlabelled_test_images", data_dir).test_split == "validation"
+    fit, validation, description = data.validation_splits("unlabelled_test_images", data_dir)
+    assert (fit.split, validation.split) == ("train", "train")
+    assert description == "10% of 'train', stratified"
+    assert data.split_size("unlabelled_test_images", validation, data_dir) == 2

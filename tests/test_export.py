@@ -208,6 +208,13 @@ def test_flex_ops_when_allowed_are_reported_and_not_verified(tmp_path):
     ({"representative_data": np.zeros((4, 8, 8, 3), np.float32)},
      r"input shape \(8, 8, 16\)\. Received: representative_data of shape \(4, 8, 8, 3\)\."),
     ({"verification_data": 3}, r"Received: verification_data=3\."),
+    # Calibrated on NaN, an int8 export was written and "agreed 100%, max abs diff nan".
+    ({"quantization": "int8", "representative_data": np.full((4, 8, 8, 16), np.nan, np.float32)},
+     r"`representative_data` must hold finite values; 4096 of its 4096 are NaN or infinite\. "
+     r"Received: representative_data of shape \(4, 8, 8, 16\)\."),
+    ({"verification_data": np.stack([np.zeros((8, 8, 16), np.float32),
+                                     np.full((8, 8, 16), -np.inf, np.float32)])},
+     r"`verification_data` must hold finite values; 1024 of its 2048"),
 ])
 def test_bad_arguments_raise_before_writing(tmp_path, arguments, message):
     arguments = {"path": "model.tflite", **arguments}
@@ -224,4 +231,15 @@ def test_float32_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "_verify", broken_verify)
     with pytest.raises(RuntimeError, match="differs from the Keras model by 0.5"):
         export_tflite(_small_model(), tmp_path / "model.tflite")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_of_a_model_with_nan_outputs_fails_and_writes_nothing(tmp_path):
+    model = _small_model()
+    classifier = model.layers[-1]
+    kernel, bias = classifier.get_weights()
+    classifier.set_weights([kernel, np.full_like(bias, np.nan)])  # as after a diverged run
+    images = np.random.default_rng(0).random((8, 8, 8, 16), np.float32)
+    with pytest.raises(RuntimeError, match=r"NaN or infinite: not written to .*model\.tflite"):
+        export_tflite(model, tmp_path / "model.tflite", "int8", representative_data=images)
     assert os.listdir(tmp_path) == []

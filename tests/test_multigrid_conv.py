@@ -253,3 +253,27 @@ def test_channels_first_default_is_rejected_at_construction():
 def test_rejects_unusable_inputs_at_build(input_shape, message):
     with pytest.raises(ValueError, match=message):
         keras_mgconv.MultigridConv2D(32, 3).build(input_shape)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"filters": 32, "kernel_size": 3, "group_size": 8},  # a connector, then the cycle
+    {"filters": 8, "kernel_size": 3, "group_size": 8},  # a single full convolution
+    {"filters": 32, "kernel_size": (1, 3), "strides": 2, "group_size": 8},
+])
+def test_input_smaller_than_a_valid_kernel_is_refused_like_conv2d(kwargs):
+    conv_kwargs = {key: value for key, value in kwargs.items() if key != "group_size"}
+    images = np.zeros((1, 2, 2, 16), "float32")
+    with pytest.raises(ValueError, match="zero or negative"):
+        keras.layers.Conv2D(**conv_kwargs)(images)
+    message = r"would give an empty output.*padding='valid'.*Received: input_shape=\(.*\)\.$"
+    with pytest.raises(ValueError, match=message):
+        keras_mgconv.MultigridConv2D(**kwargs)(images)
+    with pytest.raises(ValueError, match=message):
+        keras_mgconv.MultigridConv2D(**kwargs)(keras.Input((None, 2, 16)))
+    with pytest.raises(ValueError, match=message):
+        keras_mgconv.MultigridConv2D(**kwargs).compute_output_shape((None, 2, 2, 16))
+    # Where the kernel fits, or with "same" padding, the output is Conv2D's.
+    for padding, size in [("valid", 3), ("same", 2)]:
+        fits = np.zeros((1, size, size, 16), "float32")
+        assert keras_mgconv.MultigridConv2D(**kwargs, padding=padding)(fits).shape == (
+            keras.layers.Conv2D(**conv_kwargs, padding=padding)(fits).shape)

@@ -92,6 +92,26 @@ def conv_output_length(length, kernel_size, stride, padding):
     return (length - kernel_size) // stride + 1
 
 
+def conv_output_shape(layer, input_shape, filters, kernel_size, strides, padding):
+    """The output shape of a 2D convolution on 4D channels-last inputs.
+
+    Raises, as Keras' Conv2D does, where a known spatial size would be zero:
+    a "valid" kernel larger than the input.
+    """
+    batch, height, width, _ = tuple(input_shape)
+    size = tuple(conv_output_length(length, kernel, stride, padding)
+                 for length, kernel, stride in zip((height, width), kernel_size, strides))
+    if any(length is not None and length <= 0 for length in size):
+        raise ValueError(
+            f"Layer {layer.name!r} would give an empty output: its "
+            f"{kernel_size[0]}x{kernel_size[1]} kernel with padding={padding!r} and "
+            f"strides={tuple(strides)} leaves no output pixel on {height}x{width} "
+            f"inputs. Use padding='same' or larger inputs, as for Conv2D. "
+            f"Received: input_shape={tuple(input_shape)}."
+        )
+    return (batch, *size, filters)
+
+
 def input_channels(layer, input_shape):
     """Reads the (known) channel count of a 4D channels-last input shape."""
     input_shape = tuple(input_shape)

@@ -142,7 +142,8 @@ class MultigridConv2D(keras.layers.Layer):
             `group_size`, an odd `group_size`, `coarsest_channels > filters`,
             widths not halvable in multiples of `group_size` down to
             `coarsest_channels`, unknown `padding`, channels-first data, or
-            strides and kernel sizes that are not positive.
+            strides and kernel sizes that are not positive; at build, for
+            inputs smaller than a `padding="valid"` kernel.
 
     Example:
 
@@ -224,6 +225,8 @@ class MultigridConv2D(keras.layers.Layer):
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         channels = _arguments.input_channels(self, input_shape)
+        # An input smaller than a "valid" kernel fails here, not as an empty output.
+        self.compute_output_shape(input_shape)
         coarsest_width = self._levels[-1]
         self.connector = None
         self.restrictions = []
@@ -321,15 +324,8 @@ class MultigridConv2D(keras.layers.Layer):
         return self.activation(outputs)
 
     def compute_output_shape(self, input_shape):
-        batch, height, width, _ = tuple(input_shape)
-        return (
-            batch,
-            _arguments.conv_output_length(
-                height, self.kernel_size[0], self.strides[0], self.padding),
-            _arguments.conv_output_length(
-                width, self.kernel_size[1], self.strides[1], self.padding),
-            self.filters,
-        )
+        return _arguments.conv_output_shape(
+            self, input_shape, self.filters, self.kernel_size, self.strides, self.padding)
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
