@@ -125,3 +125,17 @@ def test_residual_rejects_size_changes(kwargs, message):
 def test_residual_rejects_width_changes():
     with pytest.raises(ValueError, match="input channels=8, output channels=16"):
         keras_mgconv.GroupedConv2D(16, 3, padding="same", residual=True).build((None, 4, 4, 8))
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_input_smaller_than_a_valid_kernel_is_refused_like_conv2d(use_bias):
+    # Without the check, an eager call without bias returned its input unchanged.
+    images = np.zeros((1, 2, 2, 16), "float32")
+    with pytest.raises(ValueError, match="zero or negative"):
+        keras.layers.Conv2D(16, 3, groups=4, use_bias=use_bias)(images)
+    message = r"would give an empty output.*padding='valid'.*Received: input_shape=\(.*\)\.$"
+    for inputs in (images, keras.Input((2, 2, 16))):
+        with pytest.raises(ValueError, match=message):
+            keras_mgconv.GroupedConv2D(16, 3, groups=4, use_bias=use_bias)(inputs)
+    assert keras_mgconv.GroupedConv2D(16, 3, groups=4, use_bias=use_bias, padding="same")(
+        images).shape == (1, 2, 2, 16)

@@ -221,6 +221,8 @@ class GroupedConvBase(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = _arguments.input_channels(self, input_shape)
+        # An input smaller than a "valid" kernel fails here, not as an empty output.
+        self.compute_output_shape(input_shape)
         filters = self._output_channels(channels)
         self.groups = self._groups(channels)
         if self.residual and filters != channels:
@@ -269,15 +271,9 @@ class GroupedConvBase(keras.layers.Layer):
         return outputs
 
     def compute_output_shape(self, input_shape):
-        batch, height, width, channels = tuple(input_shape)
-        return (
-            batch,
-            _arguments.conv_output_length(
-                height, self.kernel_size[0], self.strides[0], self.padding),
-            _arguments.conv_output_length(
-                width, self.kernel_size[1], self.strides[1], self.padding),
-            self._output_channels(channels),
-        )
+        return _arguments.conv_output_shape(
+            self, input_shape, self._output_channels(input_shape[-1]), self.kernel_size,
+            self.strides, self.padding)
 
     def get_prunable_weights(self):
         """The kernel: what tensorflow-model-optimization's pruning may zero.
