@@ -2,15 +2,16 @@
 
 The public names load on first use (PEP 562), so that `import keras_mgconv`
 and the `keras-mgconv` command answer without importing TensorFlow until they
-need it; before that import, `_onednn` turns oneDNN on where TensorFlow would
-leave it off.
+need it; before that import, `_environment` turns oneDNN on where TensorFlow
+would leave it off, and quiets its CUDA error where there is no GPU.
 """
 
 import importlib
 
-from keras_mgconv import _onednn
+from keras_mgconv import _environment
 
-_onednn.enable_by_default()
+_environment.enable_onednn()
+_environment.cpu_only_without_cuda()
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,14 @@
-"""The layers train whether or not TensorFlow can differentiate grouped convolutions.
+"""What keras_mgconv sets before TensorFlow loads, and training with and without oneDNN.
 
 TensorFlow chooses oneDNN when it is imported, so each case runs in a fresh
 process: with `TF_ENABLE_ONEDNN_OPTS` unset (keras_mgconv turns oneDNN on on
 x86 when it is imported before TensorFlow), with it unset but TensorFlow
 imported first, and with `TF_ENABLE_ONEDNN_OPTS=0`, the configuration of CPUs
-without oneDNN, where the split fallback trains.
+without oneDNN, where the split fallback trains. On Linux without a CUDA driver the package
+also spares the user TensorFlow's error-level cuInit line.
 """
+
+import ctypes
 
 import json
 import os
@@ -113,3 +116,31 @@ def test_trains_through_split_fallback_with_onednn_off():
     # grouped convolutions, in the gradient or (fused with the bias) forward.
     assert re.search("(Gradients for|does not support) grouped convolutions",
                      report["direct_error"])
+
+
+def _has_cuda_driver():
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform != "linux" or _has_cuda_driver(),
+                    reason="the cuInit error appears only on Linux without a CUDA driver")
+def test_no_cuda_error_without_a_gpu():
+    script = ("import sys\nif sys.argv[1] == 'tensorflow first': import tensorflow\n"
+              "import keras_mgconv, tensorflow as tf\n"
+              "print([d.device_type for d in tf.config.list_physical_devices()])")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TF_ENABLED_DEVICE_TYPES", "TF_CPP_MIN_LOG_LEVEL")}
+    outputs = {}
+    for mode in ("keras_mgconv first", "tensorflow first"):
+        result = subprocess.run([sys.executable, "-c", script, mode], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[mode] = result
+    assert "cuInit" not in outputs["keras_mgconv first"].stderr
+    assert outputs["keras_mgconv first"].stdout.strip() == "['CPU']"
+    # What it spares: TensorFlow on its own logs the error.
+    assert "failed call to cuInit" in outputs["tensorflow first"].stderr

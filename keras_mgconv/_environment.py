@@ -1,0 +1,59 @@
+"""The settings TensorFlow reads once, when it is imported, chosen before that import.
+
+The package sets each only where the user has not, and only if TensorFlow is
+not imported yet: `keras_mgconv` must be imported before TensorFlow for them to
+take effect.
+
+- oneDNN. TensorFlow turns it on by itself only on x86 CPUs with AVX-512
+  VNNI/BF16 or AMX. Elsewhere (AVX2-only CPUs: AMD Zen 1-3, most laptops, many
+  cloud VMs) it stays off, and then TensorFlow cannot differentiate a grouped
+  convolution on CPU: every grouped convolution of a multigrid layer would
+  train through the slower per-group fallback (`grouped_conv2d`'s "split"),
+  and full convolutions lose oneDNN's speed too.
+- CUDA. On a Linux machine without a CUDA driver TensorFlow logs an
+  error-level "failed call to cuInit" the first time it lists devices, news
+  to nobody: there the package enables only the CPU device type, which is all
+  TensorFlow could use anyway.
+"""
+
+import ctypes
+import importlib.util
+import os
+import platform
+import sys
+
+ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+DEVICE_TYPES = "TF_ENABLED_DEVICE_TYPES"
+
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _settable(variable):
+    return variable not in os.environ and "tensorflow" not in sys.modules
+
+
+def enable_onednn():
+    """Sets `TF_ENABLE_ONEDNN_OPTS=1` on x86 CPUs; True when it did."""
+    if not _settable(ONEDNN) or platform.machine().lower() not in _X86:
+        return False
+    os.environ[ONEDNN] = "1"
+    return True
+
+
+def _has_accelerator_runtime():
+    """Whether a GPU or TPU runtime TensorFlow could use may be present."""
+    if importlib.util.find_spec("libtpu") is not None or os.path.exists("/dev/kfd"):
+        return True  # A TPU VM, or a ROCm GPU.
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_only_without_cuda():
+    """Sets `TF_ENABLED_DEVICE_TYPES=CPU` on Linux without a CUDA driver; True when it did."""
+    if not _settable(DEVICE_TYPES) or sys.platform != "linux" or _has_accelerator_runtime():
+        return False
+    os.environ[DEVICE_TYPES] = "CPU"
+    return True
