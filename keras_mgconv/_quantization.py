@@ -119,14 +119,29 @@ class GroupedConvBatchNormQuantize(transforms.Transform):
         return match_layer
 
 
+class ProlongationBatchNormQuantize(GroupedConvBatchNormQuantize):
+    """`GroupedConvBatchNormQuantize` for a ChannelProlongation and the batch norm after it.
+
+    The block design's coarse-grid correction, `BN(P(y_c - x_c))`: tfmot
+    quantizes no BatchNormalization that follows another layer than its own
+    convolutions.
+    """
+
+    def pattern(self):
+        return transforms.LayerPattern(
+            "BatchNormalization",
+            inputs=[transforms.LayerPattern("keras_mgconv>ChannelProlongation")])
+
+
 class MultigridQuantizeLayoutTransform(
         quantize.default_8bit.Default8BitQuantizeLayoutTransform):
-    """tfmot's 8-bit layout transforms, then `GroupedConvBatchNormQuantize`."""
+    """tfmot's 8-bit layout transforms, then the two batch-norm foldings above."""
 
     def apply(self, model, layer_quantize_map):
         model, layer_quantize_map = super().apply(model, layer_quantize_map)
         return quantize.graph_transformations.model_transformer.ModelTransformer(
-            model, [GroupedConvBatchNormQuantize()], set(layer_quantize_map),
+            model, [GroupedConvBatchNormQuantize(), ProlongationBatchNormQuantize()],
+            set(layer_quantize_map),
             layer_quantize_map).transform()
 
 

@@ -10,13 +10,14 @@ activations, pooling and additions are not counted (the usual convention).
 import math
 
 from keras_mgconv._keras import keras
-from keras_mgconv.layers import GroupedConv2D, MultigridConv2D
+from keras_mgconv.layers import MultigridConv2D
+from keras_mgconv.layers.grouped_conv import GroupedConvBase
 
 _COUNTED = (
     keras.layers.Conv2D,
     keras.layers.DepthwiseConv2D,
     keras.layers.Dense,
-    GroupedConv2D,
+    GroupedConvBase,  # GroupedConv2D, ChannelRestriction, ChannelProlongation
     MultigridConv2D,
 )
 
@@ -29,8 +30,9 @@ def _kernel_weights(layer):
 def count_multiply_adds(model):
     """Multiply-adds of one forward pass of a built functional model, per example.
 
-    Counts Conv2D, DepthwiseConv2D, Dense, GroupedConv2D and MultigridConv2D
-    layers (the latter with everything inside it), also inside nested models.
+    Counts Conv2D, DepthwiseConv2D, Dense, GroupedConv2D, ChannelRestriction,
+    ChannelProlongation and MultigridConv2D layers (the latter with everything
+    inside it), also inside nested models.
 
     Args:
         model: a built functional or Sequential `keras.Model`.

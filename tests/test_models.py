@@ -80,6 +80,12 @@ def test_cifar_resnet56_baseline_has_about_085m_parameters():
     assert 0.84e6 < models.ResNet56(multigrid=False).count_params() < 0.87e6
 
 
+def test_multigrid_true_is_the_layer_design():
+    layer_design = layer_kinds(models.ResNet20(input_shape=(8, 8, 3), multigrid="layer"))
+    assert layer_kinds(models.ResNet20(input_shape=(8, 8, 3), multigrid=True)) == layer_design
+    assert layer_kinds(models.ResNet20(input_shape=(8, 8, 3), multigrid="block")) != layer_design
+
+
 def test_baseline_and_multigrid_share_the_graph():
     baseline = models.ResNet20(multigrid=False)
     multigrid = models.ResNet20(group_size=8)
@@ -142,6 +148,10 @@ def test_weights_file_is_loaded(tmp_path):
     (lambda: models.ResNet18(include_top=False, pooling="mean"), "pooling='mean'"),
     (lambda: models.ResNet56(classes=0), "classes=0"),
     (lambda: models.MobileNetV2(input_shape=(16, 16, 3)), r"input_shape=\(16, 16, 3\)"),
+    (lambda: models.ResNet20(multigrid="blocks"), "multigrid='blocks'"),
+    (lambda: models.ResNet50(multigrid=None), "multigrid=None"),
+    (lambda: models.CIFARResNet(8, multigrid=1), "multigrid=1"),
+    (lambda: models.MobileNetV2(multigrid="block"), "only the layer design.*multigrid='block'"),
 ])
 def test_invalid_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):

@@ -63,6 +63,19 @@ def level_widths(filters, group_size=16, coarsest_channels=None):
     return tuple(widths)
 
 
+def connector_groups(input_channels, filters, group_size):
+    """The groups of a connector from `input_channels` to `filters` channels.
+
+    The most groups that divide both widths while giving each group at least
+    `group_size` input channels (1, a full convolution, where `input_channels
+    <= group_size`).
+    """
+    groups = max(1, input_channels // group_size)
+    while input_channels % groups or filters % groups:
+        groups -= 1
+    return groups
+
+
 def _build_sublayer(layer, input_shape):
     """Builds `layer` with its weights named under its own name.
 
@@ -215,13 +228,6 @@ class MultigridConv2D(keras.layers.Layer):
             name=name,
         )
 
-    def _connector_groups(self, input_channels):
-        """The most groups dividing both widths with `group_size` inputs or more each."""
-        groups = max(1, input_channels // self.group_size)
-        while input_channels % groups or self.filters % groups:
-            groups -= 1
-        return groups
-
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         channels = _arguments.input_channels(self, input_shape)
@@ -244,7 +250,7 @@ class MultigridConv2D(keras.layers.Layer):
             )
             if changes_shape:
                 self.connector = self._conv(
-                    "connector", self.filters, self._connector_groups(channels),
+                    "connector", self.filters, connector_groups(channels, self.filters, self.group_size),
                     self.strides, self.padding)
                 _build_sublayer(self.connector, input_shape)
             for level, width in enumerate(self._levels[:-1]):

@@ -1,6 +1,10 @@
 """Model factories: multigrid networks and their baselines from the same code."""
 
 from keras_mgconv.models.mobilenet_v2 import MobileNetV2
+from keras_mgconv.models.multigrid_block import (
+    multigrid_basic_block,
+    multigrid_bottleneck_block,
+)
 from keras_mgconv.models.resnet import (
     CIFARResNet,
     ResNet,
@@ -30,4 +34,6 @@ __all__ = [
     "ResNet110",
     "basic_block",
     "bottleneck_block",
+    "multigrid_basic_block",
+    "multigrid_bottleneck_block",
 ]

@@ -1,8 +1,9 @@
 """What every model factory shares: argument checks, the convolution switch, the head.
 
 The switch `conv()` is the single place where a factory's convolution becomes
-multigrid or stays standard, so the baseline and the multigrid network are the
-same code.
+multigrid (layer design) or stays standard, so the baseline and the multigrid
+network are the same code; the ResNet blocks switch to the block design
+(`models.multigrid_block`) the same way, by the settings.
 """
 
 import os
@@ -11,11 +12,34 @@ from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
 
 
+DESIGNS = ("layer", "block")
+
+
+def multigrid_design(multigrid):
+    """Normalises a factory's `multigrid` to None (the baseline), "layer" or "block".
+
+    True is "layer", the design every factory had before "block" existed.
+
+    Raises:
+        ValueError: for anything but a bool, "layer" or "block".
+    """
+    if isinstance(multigrid, bool):
+        return "layer" if multigrid else None
+    if isinstance(multigrid, str) and multigrid in DESIGNS:
+        return multigrid
+    raise ValueError(
+        f"Invalid value for argument `multigrid`. Expected True, False or one of "
+        f"{list(DESIGNS)}. Received: multigrid={multigrid!r}."
+    )
+
+
 class ConvSettings:
-    """How a factory builds its block convolutions.
+    """How a factory builds its blocks.
 
     Args:
-        multigrid: False builds standard `Conv2D`s (the baseline).
+        multigrid: False builds standard `Conv2D`s (the baseline); True or
+            "layer" makes block convolutions MultigridConv2D; "block" makes
+            whole residual blocks V-cycles (`models.multigrid_block`).
         group_size: channels per group of the multigrid layers.
         coarsest_channels: the widest coarsest level (default `group_size`).
         use_bias: whether block convolutions have a bias (keras.applications'
@@ -23,7 +47,8 @@ class ConvSettings:
     """
 
     def __init__(self, multigrid, group_size, coarsest_channels, use_bias=False):
-        self.multigrid = bool(multigrid)
+        self.design = multigrid_design(multigrid)
+        self.multigrid = self.design is not None
         self.group_size = _arguments.group_size(group_size)
         self.coarsest_channels = (
             group_size if coarsest_channels is None
@@ -31,7 +56,8 @@ class ConvSettings:
         self.use_bias = use_bias
 
     def is_multigrid(self, filters):
-        """Whether a block convolution of this width becomes a MultigridConv2D.
+        """Whether a block convolution (layer design) or a block (block design)
+        of this width becomes multigrid.
 
         Widths above `coarsest_channels` that are multiples of `group_size` do;
         the others stay full convolutions, which couple all their channels anyway.
@@ -59,8 +85,8 @@ class ConvSettings:
 
 
 def conv(settings, filters, kernel_size, strides=1, padding="same", name=None):
-    """A block convolution: MultigridConv2D or Conv2D, as the settings say."""
-    if settings.is_multigrid(filters):
+    """A block convolution: MultigridConv2D in the layer design, else Conv2D."""
+    if settings.design == "layer" and settings.is_multigrid(filters):
         return MultigridConv2D(
             filters, kernel_size, strides=strides, padding=padding,
             use_bias=settings.use_bias, group_size=settings.group_size,

@@ -89,7 +89,15 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
         classifier_activation, name: as in keras.applications; `weights` is
             None or the path of a weights file ("imagenet" is refused: there
             are no pretrained multigrid weights).
-        multigrid: False builds the standard MobileNetV2.
+        multigrid: False builds the standard MobileNetV2; True or "layer"
+            the multigrid one. MobileNetV2 has only the layer design:
+            `multigrid="block"`, the authors' design for ResNets, makes a
+            residual block's two 3x3 convolutions at one width a V-cycle
+            smoothed by grouped basic blocks. An inverted residual block has
+            no such pair: it widens 6x and narrows back inside, its only 3x3
+            convolution is depthwise (already linear in the width, and mixing
+            no channels), and all its channel mixing is in the 1x1 expansion
+            and projection, which the layer design makes multigrid.
         group_size: channels per group of the multigrid layers (default 8).
         coarsest_channels: widest coarsest level (default `group_size`).
         width: a multiplier on the blocks' channels only (stem and head keep
@@ -101,7 +109,8 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
         A `keras.Model`.
 
     Raises:
-        ValueError: for alpha <= 0 or width <= 0, 'imagenet' weights, a missing
+        ValueError: for `multigrid="block"` or another value than True,
+            False or "layer", alpha <= 0 or width <= 0, 'imagenet' weights, a missing
             weights file, pooling with include_top, classes < 1, inputs smaller
             than 32x32, or a `group_size` dividing none of the block widths.
 
@@ -115,6 +124,14 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
         raise ValueError(
             "Invalid value for argument `alpha`. Expected a positive width "
             f"multiplier. Received: alpha={alpha!r}."
+        )
+    if multigrid == "block":
+        raise ValueError(
+            "MobileNetV2 has only the layer design (multigrid=True or 'layer'): "
+            "the block design smooths pairs of 3x3 convolutions at one width, "
+            "which inverted residual blocks do not have; their 1x1 expansion "
+            "and projection are made multigrid by the layer design. "
+            f"Received: multigrid={multigrid!r}."
         )
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     settings = common.ConvSettings(multigrid, group_size, coarsest_channels)

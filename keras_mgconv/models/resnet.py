@@ -7,15 +7,19 @@ max-pool, basic blocks (ResNet18/34) or bottlenecks (ResNet50), projection
 shortcuts, laid out exactly as keras.applications' ResNet50 so that the
 baselines have the same parameters.
 
-With `multigrid=True` every convolution inside a residual block (the 3x3 ones
-and the bottlenecks' 1x1 reduce/expand) becomes a MultigridConv2D; the stem, the
-shortcuts and the classifier stay standard.
+With `multigrid=True` or `"layer"` (the layer design) every convolution inside
+a residual block (the 3x3 ones and the bottlenecks' 1x1 reduce/expand) becomes a
+MultigridConv2D; the stem, the shortcuts and the classifier stay standard. With
+`multigrid="block"` (the authors' block design, `models.multigrid_block`) every
+residual block of a multigrid width becomes one V-cycle smoothed by grouped
+residual units, with no shortcut around it; the stem and the classifier stay
+standard.
 """
 
 import tensorflow as tf
 
 from keras_mgconv._keras import keras
-from keras_mgconv.models import common
+from keras_mgconv.models import common, multigrid_block
 
 # keras.applications' ResNet normalisation epsilon.
 _BN_EPSILON = 1.001e-5
@@ -61,7 +65,11 @@ def _shortcut(x, filters, stride, option, momentum, name):
 
 
 def basic_block(x, filters, stride, settings, shortcut, momentum, name):
-    """Two 3x3 convolutions and the skip connection."""
+    """Two 3x3 convolutions and the skip connection; a V-cycle in the block design."""
+    if settings.design == "block" and settings.is_multigrid(filters):
+        return multigrid_block.multigrid_basic_block(
+            x, filters, stride, settings.group_size, settings.coarsest_width(filters),
+            momentum, _BN_EPSILON, name)
     skip = _shortcut(x, filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 3, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
@@ -76,7 +84,14 @@ basic_block.expansion = 1
 
 
 def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
-    """1x1 reduce (with the stride, as keras.applications' ResNet50), 3x3, 1x1 expand."""
+    """1x1 reduce (with the stride, as keras.applications' ResNet50), 3x3, 1x1 expand.
+
+    A V-cycle of bottleneck units in the block design.
+    """
+    if settings.design == "block" and settings.is_multigrid(filters):
+        return multigrid_block.multigrid_bottleneck_block(
+            x, filters, stride, settings.group_size, settings.coarsest_width(filters),
+            momentum, _BN_EPSILON, name)
     skip = _shortcut(x, 4 * filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 1, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
@@ -114,8 +129,14 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
         classifier_activation, name: as in `keras.applications.ResNet50`;
             `weights` is None or the path of a weights file ("imagenet" is
             refused: there are no pretrained multigrid weights).
-        multigrid: True replaces the block convolutions by MultigridConv2D;
-            False builds the standard network.
+        multigrid: False builds the standard network. True or "layer" (the
+            layer design) replaces every block convolution of a multigrid
+            width by a MultigridConv2D. "block" (the authors' block design,
+            `multigrid_basic_block` / `multigrid_bottleneck_block`) makes each
+            residual block of a multigrid width (its `filters` a multiple of
+            `group_size` above `coarsest_channels`) one V-cycle, without
+            shortcut or convolution biases; blocks of other widths stay
+            standard in both designs.
         group_size: channels per group of the multigrid layers.
         coarsest_channels: widest coarsest level (default `group_size`).
         width: multiplier on every stage's channels (and the stem's).
@@ -126,8 +147,9 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
         A `keras.Model`.
 
     Raises:
-        ValueError: for 'imagenet' weights, a missing weights file, pooling
-            with include_top, classes < 1, width <= 0, input sizes below the
+        ValueError: for a `multigrid` other than True, False, "layer" or
+            "block", 'imagenet' weights, a missing weights file, pooling with
+            include_top, classes < 1, width <= 0, input sizes below the
             network's minimum, a `group_size` that is not a positive even int,
             or one that divides none of the block widths.
     """
@@ -135,8 +157,10 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
     settings = common.ConvSettings(multigrid, group_size, coarsest_channels,
                                    use_bias=stem == "imagenet")
     stage_filters = [max(1, round(filters * width)) for filters, _, _ in stages]
-    settings.check_widths(
-        [f * m for f in stage_filters for m in {1, block.expansion}], name)
+    # A block-design block is multigrid by its `filters`, a layer-design
+    # bottleneck by each convolution's width.
+    expansions = {1} if settings.design == "block" else {1, block.expansion}
+    settings.check_widths([f * m for f in stage_filters for m in expansions], name)
     cifar = stem == "cifar"
     inputs, input_tensor = common.model_inputs(
         input_shape, input_tensor, (32, 32, 3) if cifar else (224, 224, 3),
@@ -184,6 +208,12 @@ def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
     >>> model.count_params() < keras_mgconv.models.CIFARResNet(
     ...     20, multigrid=False).count_params()
     True
+
+    The authors' block design, one V-cycle per residual block:
+
+    >>> blocks = keras_mgconv.models.CIFARResNet(20, group_size=8, multigrid="block")
+    >>> blocks.get_layer("conv4_block1_level2_1_conv").groups  # level 2 (16 channels)
+    2
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(
