@@ -2,6 +2,7 @@
 
     keras-mgconv train                       # multigrid ResNet20 on the embedded digits
     keras-mgconv train --model ResNet56 --dataset cifar10 --epochs 200 --width 2
+    keras-mgconv train --design block        # the authors' block-level V-cycle
     keras-mgconv evaluate runs/ResNet20-multigrid-digits/best.keras --dataset digits
     keras-mgconv summary --filters 256 --group-size 16
     keras-mgconv export runs/ResNet20-multigrid-digits/best.keras --quantization int8 --dataset digits
@@ -22,13 +23,14 @@ import sys
 def _summary(args):
     # Imported here so that `keras-mgconv --help` answers without loading TensorFlow.
     from keras_mgconv._keras import keras
-    from keras_mgconv.layers import MultigridConv2D
+    from keras_mgconv.layers import MultigridConv2D, _arguments
 
-    input_channels = args.input_channels or args.filters
-    input_shape = (None, None, None, input_channels)
     layer = MultigridConv2D(
         args.filters, args.kernel_size, strides=args.strides, padding="same",
         group_size=args.group_size, coarsest_channels=args.coarsest_channels)
+    input_channels = args.filters if args.input_channels is None else args.input_channels
+    _arguments.positive_int("input_channels", input_channels)
+    input_shape = (None, None, None, input_channels)
     layer.build(input_shape)
     conv = keras.layers.Conv2D(args.filters, args.kernel_size, strides=args.strides)
     conv.build(input_shape)
@@ -40,24 +42,47 @@ def _summary(args):
           f"(Conv2D: {conv.count_params():,}, ratio {layer.count_params() / conv.count_params():.3f})")
 
 
+# What `--multigrid`/`--no-multigrid` and `--design` build, and the name of its output directory.
+_RUN_NAMES = {False: "baseline", "layer": "multigrid", "block": "multigrid-block"}
+_DESIGN_NAMES = {False: "baseline", "layer": "multigrid, layer design",
+                 "block": "multigrid, block design"}
+
+
+def _multigrid(args):
+    """train's `multigrid` argument from --multigrid/--no-multigrid and --design."""
+    if args.multigrid:
+        return args.design or "layer"
+    if args.design is not None:
+        raise ValueError(
+            f"`--design` chooses between multigrid designs: it cannot be combined with "
+            f"--no-multigrid. Received: design={args.design!r}.")
+    return False
+
+
 def _train(args):
     from keras_mgconv import training
 
-    output_dir = args.output_dir or os.path.join(
-        "runs", f"{args.model}-{'multigrid' if args.multigrid else 'baseline'}-{args.dataset}")
+    multigrid = _multigrid(args)
+    output_dir = args.output_dir
+    if output_dir is None:
+        output_dir = os.path.join("runs", f"{args.model}-{_RUN_NAMES[multigrid]}-{args.dataset}")
     summary = training.train(
         model=args.model, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate,
         schedule=args.schedule, optimizer=args.optimizer, momentum=args.momentum,
-        weight_decay=args.weight_decay, multigrid=args.multigrid,
+        weight_decay=args.weight_decay, multigrid=multigrid,
         group_size=args.group_size, width=args.width, image_size=args.image_size,
         output_dir=output_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
         strategy=args.strategy, batch_norm_momentum=args.batch_norm_momentum,
-        seed=args.seed, overwrite=args.overwrite)
-    print(f"{summary['model']} ({'multigrid' if summary['multigrid'] else 'baseline'}) on "
-          f"{summary['dataset']}: {summary['parameters']:,} parameters, "
-          f"{summary['multiply_adds']:,} multiply-adds per image, best test accuracy "
-          f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+        validation_fraction=args.validation_fraction, seed=args.seed,
+        overwrite=args.overwrite)
+    print(f"{summary['model']} ({_DESIGN_NAMES[summary['multigrid']]}) on {summary['dataset']}: "
+          f"{summary['parameters']:,} parameters, {summary['multiply_adds']:,} multiply-adds "
+          f"per image. Test accuracy {summary['final_test_accuracy']:.4f} after the last epoch "
+          f"({summary['final_test_accuracy_batch_statistics']:.4f} with batch statistics), "
+          f"{summary['selected_test_accuracy']:.4f} after epoch {summary['selected_epoch']}, "
+          f"the best.keras selected on the validation split ({summary['selected_by']}: "
+          f"accuracy {summary['best_validation_accuracy']:.4f}). "
           f"{summary['train_time']:.1f} s of training. Written to {output_dir}")
 
 
@@ -81,15 +106,12 @@ def _add_data_arguments(parser, dataset_default="digits",
 
 
 def _export(args):
-    from keras_mgconv import data
-    from keras_mgconv._keras import keras
+    from keras_mgconv import data, training
     from keras_mgconv.export import export_tflite
     from keras_mgconv.layers import _arguments
 
     _arguments.positive_int("samples", args.samples)
-    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
-        raise ValueError(f"MODEL must be an existing .keras file. Received: model={args.model!r}.")
-    model = keras.models.load_model(args.model)
+    model = training.load_model(args.model, "model")
     representative = verification = None
     if args.dataset is not None:
         info = data.image_dataset_info(args.dataset, args.data_dir, args.manual_dir)
@@ -169,7 +191,9 @@ def _parser():
 
     train = commands.add_parser(
         "train", help="train a multigrid or baseline network on a TFDS dataset",
-        description="Train a model with model.fit. Writes best.keras, last.keras, "
+        description="Train a model with model.fit on the training data less a validation "
+                    "split, whose accuracy selects best.keras; the test split is evaluated "
+                    "after training, only to report. Writes best.keras, last.keras, "
                     "history.csv, TensorBoard logs and summary.json to --output-dir; "
                     "rerun the same command to resume an interrupted run.")
     train.add_argument("--model", default="ResNet20", help="factory name (default ResNet20): "
@@ -184,6 +208,10 @@ def _parser():
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--multigrid", action=argparse.BooleanOptionalAction, default=True,
                        help="--no-multigrid trains the baseline network")
+    train.add_argument("--design", choices=["layer", "block"], default=None,
+                       help="the multigrid design: layer (default), a MultigridConv2D in place "
+                            "of every block convolution; block, the authors' V-cycle over each "
+                            "residual block (ResNets)")
     train.add_argument("--group-size", type=int, default=None,
                        help="multigrid group size (default: the factory's)")
     train.add_argument("--width", type=float, default=1.0, help="channel multiplier")
@@ -193,9 +221,13 @@ def _parser():
                        help="default: chosen from the steps per epoch")
     train.add_argument("--strategy", default="default",
                        help="default, mirrored, multi_worker (from TF_CONFIG) or tpu")
+    train.add_argument("--validation-fraction", type=float, default=0.1,
+                       help="stratified share of the train split that selects best.keras, "
+                            "where the dataset has no validation split (default 0.1); the "
+                            "test split is only reported on")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output-dir", default=None,
-                       help="default: runs/MODEL-multigrid|baseline-DATASET")
+                       help="default: runs/MODEL-multigrid|multigrid-block|baseline-DATASET")
     train.add_argument("--overwrite", action="store_true",
                        help="discard a finished or unfinished run in --output-dir")
     train.set_defaults(run=_train)
@@ -217,7 +249,8 @@ def main(argv=None):
     try:
         args.run(args)
     except ValueError as error:
-        parser.exit(2, f"keras-mgconv {args.command}: error: {error}\n")
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        parser.exit(2, f"keras-mgconv {args.command}: error: {message}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"keras-mgconv {args.command}: interrupted; run the same command "
                          f"again to resume from the last completed epoch.\n")

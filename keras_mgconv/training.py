@@ -4,36 +4,56 @@
     summary = training.train("ResNet20", "digits", epochs=15, output_dir="runs/digits")
     training.evaluate("runs/digits/best.keras", "digits")
 
-`train` builds a factory model (multigrid or baseline) with the dataset's
-per-channel normalisation as its first layer, trains it with `model.fit` and
+`train` builds a factory model (baseline, or multigrid in the layer or the
+block design) with the dataset's per-channel normalisation as its first layer,
+and trains it with `model.fit` on the training data less a validation split
+(the dataset's own validation split where it has one, else a fixed,
+stratified 10% of its train split). The validation accuracy chooses the
+checkpoint; the test split is evaluated only after training, to report. It
 writes to `output_dir`:
 
 - `last.keras`: model and optimizer after the latest epoch, written atomically;
-- `best.keras`: the epoch with the best test accuracy so far;
-- `history.csv`: one row of losses, accuracies and the epoch time per epoch;
+- `best.keras`: the epoch with the best validation accuracy so far;
+- `history.csv`: one row per epoch: training and validation losses and
+  accuracies, and the epoch time;
 - `logs/`: TensorBoard logs;
 - `config.json`: the arguments of the run;
-- `summary.json`: parameters, multiply-adds, best test accuracy, epoch times.
-  It is written last: a directory holds a finished run exactly when it has one.
+- `summary.json`: parameters, multiply-adds, the selected epoch and how it was
+  selected, the test accuracy of the final and of the selected model (and of
+  the final one with BatchNormalization using each test batch's statistics),
+  epoch times. It is written last: a directory holds a finished run exactly
+  when it has one.
 
 A run that stops early (Ctrl-C, a killed process, a lost machine) is resumed by
 calling `train` again with the same arguments and `output_dir`: it reloads
-`last.keras` with its optimizer state and continues with the next epoch.
+`last.keras` with its optimizer state and continues with the next epoch. A
+second run into an `output_dir` that a live run is using is refused.
 """
 
+import contextlib
 import csv
 import json
+import math
+import numbers
 import os
+import shutil
 import tempfile
 import time
+import zipfile
 
 import tensorflow as tf
 
 from keras_mgconv import data, models
-from keras_mgconv._files import atomic_write
+from keras_mgconv._files import (
+    DirectoryLockedError,
+    atomic_write,
+    directory_lock,
+    remove_stale_temporaries,
+)
 from keras_mgconv._keras import keras
 from keras_mgconv.complexity import count_multiply_adds
 from keras_mgconv.layers import _arguments
+from keras_mgconv.models.common import multigrid_design
 
 MODELS = {
     "ResNet20": models.ResNet20,
@@ -55,19 +75,16 @@ _STEP_BOUNDARIES = (0.5, 0.75)
 
 _CHECKPOINT_NAMES = ("last.keras", "best.keras", "history.csv", "config.json", "summary.json")
 
+# Held in `output_dir` while a run writes there.
+_LOCK_NAME = ".train.lock"
 
-def _positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+
+def _number(name, value, expected, accept):
+    """Returns `value` if it is a finite real number that `accept`s, else raises."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or not accept(value)):
         raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a positive number. "
-            f"Received: {name}={value!r}.")
-    return value
-
-
-def _non_negative_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a number >= 0. "
+            f"Invalid value for argument `{name}`. Expected {expected}. "
             f"Received: {name}={value!r}.")
     return value
 
@@ -106,7 +123,7 @@ def auto_batch_norm_momentum(steps_per_epoch):
     """BatchNorm momentum whose moving statistics forget their start within a tenth of an epoch.
 
     Keras' default 0.99 averages over about 100 steps; a short run on a small
-    dataset (the digits: 23 steps an epoch) then evaluates with statistics
+    dataset (the digits: 20 steps an epoch) then evaluates with statistics
     still dominated by their initial values. The horizon 1 / (1 - momentum) is
     kept at most a tenth of an epoch, with momentum between 0.9 and 0.99.
     """
@@ -152,31 +169,42 @@ class _EpochTimer(keras.callbacks.Callback):
 
 
 class _Checkpoints(keras.callbacks.Callback):
-    """Saves `last.keras` every epoch and `best.keras` when the test accuracy improves.
+    """Saves `last.keras` every epoch, and copies it to `best.keras` when validation improves.
 
     Not keras.callbacks.ModelCheckpoint: it writes in place, and a process
     killed during the write leaves a truncated file that resuming would load.
+    A process killed between the two writes leaves the best epoch in
+    `last.keras` alone, which `_restore_best` repairs on resuming.
     """
 
-    def __init__(self, output_dir, best_accuracy):
+    def __init__(self, run_dir, best_accuracy):
         super().__init__()
-        self.output_dir = output_dir
+        self.run_dir = run_dir
         self.best_accuracy = best_accuracy
 
     def on_epoch_end(self, epoch, logs=None):
-        atomic_write(os.path.join(self.output_dir, "last.keras"), self.model.save)
+        last = os.path.join(self.run_dir, "last.keras")
+        atomic_write(last, self.model.save)
         if logs["val_accuracy"] > self.best_accuracy:
             self.best_accuracy = logs["val_accuracy"]
-            atomic_write(os.path.join(self.output_dir, "best.keras"), self.model.save)
+            _copy(last, os.path.join(self.run_dir, "best.keras"))
+
+
+def _copy(source, target):
+    atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def _read_history(path, epochs_done):
-    """The CSV history's rows for the completed epochs (a killed run may have logged one more)."""
+    """The CSV history's rows for the completed epochs.
+
+    A killed run may have logged one epoch more than its checkpoint holds, or
+    part of a row.
+    """
     if not os.path.exists(path):
         return []
     with open(path, newline="") as file:
-        rows = [row for row in csv.DictReader(file) if int(row["epoch"]) < epochs_done]
-    return rows
+        return [row for row in csv.DictReader(file)
+                if None not in row.values() and int(row["epoch"]) < epochs_done]
 
 
 def _rewrite_history(path, rows):
@@ -193,8 +221,30 @@ def _rewrite_history(path, rows):
     atomic_write(path, write)
 
 
-def _check_output_dir(output_dir, config, overwrite):
-    """Refuses a directory that cannot be written, holds a finished run, or another run."""
+def _selected_epoch(history):
+    """The index of the first epoch of best validation accuracy: the one `_Checkpoints` keeps."""
+    accuracies = [float(row["val_accuracy"]) for row in history]
+    return accuracies.index(max(accuracies))
+
+
+def _restore_best(output_dir, run_dir, history):
+    """Makes `run_dir/best.keras` the model of the epoch `history` selects.
+
+    That is `output_dir/last.keras` when the selected epoch is the last one
+    completed (an interrupted run may not have copied it yet), else
+    `output_dir/best.keras`.
+    """
+    if not history:
+        return
+    latest = _selected_epoch(history) == len(history) - 1
+    source = os.path.join(output_dir, "last.keras" if latest else "best.keras")
+    target = os.path.join(run_dir, "best.keras")
+    if source != target:
+        _copy(source, target)
+
+
+def _writable_output_dir(output_dir):
+    """`output_dir` as an absolute path, refused if it cannot be created or written."""
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
         raise ValueError(f"`output_dir` must be a path. Received: output_dir={output_dir!r}.")
     output_dir = os.path.abspath(output_dir)
@@ -205,8 +255,32 @@ def _check_output_dir(output_dir, config, overwrite):
         raise ValueError(
             f"`output_dir` cannot be written: {existing} is not a writable directory. "
             f"Received: output_dir={output_dir!r}.")
-    if existing != output_dir or overwrite:
-        return output_dir, False
+    return output_dir
+
+
+@contextlib.contextmanager
+def _output_dir_lock(output_dir):
+    """Keeps any other run from writing into `output_dir` while this one does."""
+    try:
+        with directory_lock(output_dir, _LOCK_NAME):
+            yield
+    except DirectoryLockedError as error:
+        owner = "another process" if error.pid is None else f"process {error.pid}"
+        raise ValueError(
+            f"`output_dir` is in use by another training run ({owner}). Wait for it to "
+            f"end, or choose another directory. Received: output_dir={output_dir!r}."
+        ) from None
+
+
+def _resumable(output_dir, config, overwrite):
+    """Whether `output_dir` holds an unfinished run of `config` to resume.
+
+    Raises:
+        ValueError: it holds a finished run, a run with other settings, or a
+            `config.json` that cannot be read (unless `overwrite`).
+    """
+    if overwrite:
+        return False
     if os.path.exists(os.path.join(output_dir, "summary.json")):
         raise ValueError(
             f"`output_dir` already holds a finished run (it has summary.json). Choose "
@@ -214,9 +288,17 @@ def _check_output_dir(output_dir, config, overwrite):
             f"from scratch. Received: output_dir={output_dir!r}.")
     config_path = os.path.join(output_dir, "config.json")
     if not os.path.exists(config_path):
-        return output_dir, False
-    with open(config_path) as file:
-        saved = json.load(file)
+        return False
+    try:
+        with open(config_path) as file:
+            saved = json.load(file)
+        if not isinstance(saved, dict):
+            raise ValueError(f"a {type(saved).__name__}, not an object")
+    except ValueError as error:
+        raise ValueError(
+            f"{config_path} cannot be read ({error}), so the unfinished run in `output_dir` "
+            f"cannot be resumed. Pass overwrite=True (`--overwrite`) to start it again, or "
+            f"choose another directory. Received: output_dir={output_dir!r}.") from None
     changed = sorted(key for key in config.keys() | saved.keys()
                      if config.get(key) != saved.get(key))
     if changed:
@@ -226,7 +308,7 @@ def _check_output_dir(output_dir, config, overwrite):
             f"`output_dir` holds an unfinished run with other settings ({differences}). "
             f"Rerun with its settings to resume it, choose another directory, or pass "
             f"overwrite=True (`--overwrite`). Received: output_dir={output_dir!r}.")
-    return output_dir, os.path.exists(os.path.join(output_dir, "last.keras"))
+    return os.path.exists(os.path.join(output_dir, "last.keras"))
 
 
 def _clear_run(output_dir):
@@ -290,18 +372,87 @@ def _synchronize_batch_norm(network):
             layer.synchronized = True
 
 
+
+def _distribute(network, strategy):
+    """Readies a built model to be trained or evaluated under `strategy`."""
+    if strategy.num_replicas_in_sync > 1:
+        _synchronize_batch_norm(network)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _work_around_multi_worker_fit(network)
+
+
+class _BatchStatistics(keras.Model):
+    """`network` in training mode: its BatchNormalization uses each batch's own statistics."""
+
+    def __init__(self, network):
+        super().__init__(name="batch_statistics")
+        self.network = network
+
+    def call(self, inputs):
+        return self.network(inputs, training=True)
+
+
+def _test_accuracy(network, test_data, strategy, batch_statistics=False):
+    """`network`'s accuracy on `test_data`, in inference mode or with batch statistics.
+
+    Keras' BatchNormalization updates its moving statistics whenever it runs in
+    training mode: with `batch_statistics`, they are put back afterwards.
+    """
+    if not batch_statistics:
+        return float(network.evaluate(test_data, verbose=0, return_dict=True)["accuracy"])
+    moving = [weight.numpy() for weight in network.non_trainable_weights]
+    with strategy.scope():
+        evaluated = _BatchStatistics(network)
+        evaluated.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
+                          metrics=["accuracy"], jit_compile=False)
+    _distribute(evaluated, strategy)
+    try:
+        return float(evaluated.evaluate(test_data, verbose=0, return_dict=True)["accuracy"])
+    finally:
+        for weight, value in zip(network.non_trainable_weights, moving):
+            weight.assign(value)
+
+
+def _test_accuracies(network, selected_path, selected_is_final, test_data, strategy):
+    """What `summary.json` reports on the test split, which chooses nothing.
+
+    The final model in inference mode and with batch statistics (their gap
+    measures how well the moving statistics describe the activations), and the
+    model that the validation split selected.
+    """
+    final = _test_accuracy(network, test_data, strategy)
+    if selected_is_final:
+        selected = final
+    else:
+        with strategy.scope():
+            selected_network = keras.models.load_model(selected_path)
+        _distribute(selected_network, strategy)
+        selected = _test_accuracy(selected_network, test_data, strategy)
+    return {
+        "final_test_accuracy": final,
+        "final_test_accuracy_batch_statistics": _test_accuracy(
+            network, test_data, strategy, batch_statistics=True),
+        "selected_test_accuracy": selected,
+    }
+
+
 def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,
           learning_rate=0.1, schedule="cosine", optimizer="sgd", momentum=0.9,
           weight_decay=5e-4, multigrid=True, group_size=None, width=1.0, image_size=None,
           output_dir="runs/ResNet20-multigrid-digits", data_dir=None, manual_dir=None,
-          strategy="default", batch_norm_momentum=None, seed=0, overwrite=False,
-          verbose="auto"):
+          strategy="default", batch_norm_momentum=None, validation_fraction=0.1, seed=0,
+          overwrite=False, verbose="auto"):
     """Trains a factory model on a TFDS image-classification dataset with `model.fit`.
 
     The recipe is the paper's: SGD with Nesterov momentum 0.9, weight decay
     5e-4, cosine learning-rate decay from 0.1. The defaults train a multigrid
     CIFAR ResNet20 on the embedded `digits` dataset in a few minutes on a
     laptop CPU. `jit_compile` stays off: XLA is slower for these networks on CPU.
+
+    The model is fitted on the training data less a validation split, whose
+    accuracy after each epoch selects `best.keras`. The test split is
+    evaluated once training has ended, only to report: the summary gives the
+    test accuracy of the final model and of the selected one.
 
     Args:
         model: a name in `MODELS`, e.g. "ResNet20", "ResNet18", "MobileNetV2".
@@ -312,9 +463,12 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
         schedule: "cosine" (to 0 at the end), "step" (divided by 10 at 50% and
             75% of the run) or "constant".
         optimizer: "sgd" (Nesterov, `momentum`), "adam" or "adamw".
-        momentum: SGD momentum.
+        momentum: SGD momentum, in [0, 1).
         weight_decay: decoupled weight decay; 0 for none.
-        multigrid: False trains the baseline network from the same factory.
+        multigrid: "layer" (or True): every block convolution becomes a
+            MultigridConv2D; "block": the authors' V-cycle over each residual
+            block (ResNets only); False: the baseline network from the same
+            factory.
         group_size: multigrid group size; None uses the factory's default.
         width: multiplier on the block channels.
         image_size: resize images to this square size; None keeps the
@@ -323,7 +477,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
         data_dir: TFDS data directory.
         manual_dir: folder of manually downloaded dataset files.
         strategy: one of `STRATEGIES` or a `tf.distribute.Strategy`.
-        batch_norm_momentum: None chooses `auto_batch_norm_momentum`.
+        batch_norm_momentum: in [0, 1); None chooses `auto_batch_norm_momentum`.
+        validation_fraction: the stratified share of the train split that
+            validates, where the dataset has no validation split of its own.
         seed: seeds weights, shuffling and augmentation.
         overwrite: discard a finished or unfinished run in `output_dir`.
         verbose: `model.fit`'s verbosity ("auto" shows the progress bar).
@@ -333,144 +489,194 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
 
     Raises:
         ValueError: for any invalid argument, unavailable dataset, image shape
-            the model cannot take, or unusable `output_dir`, before anything is
-            written.
+            the model cannot take, or unusable `output_dir` (another run using
+            it included), before anything is written.
 
     Example:
 
     >>> from keras_mgconv import training
     >>> summary = training.train(epochs=1, width=0.5, output_dir=tmp_dir + "/run", verbose=0)
-    >>> summary["epochs"], summary["replicas"], summary["image_shape"]
-    (1, 1, [8, 8, 1])
+    >>> summary["epochs"], summary["replicas"], summary["image_shape"], summary["selected_by"]
+    (1, 1, [8, 8, 1], "10% of 'train', stratified")
     """
     _arguments.choice("model", model, MODELS)
+    # False, "layer" or "block", as config.json records it.
+    multigrid = multigrid_design(multigrid) or False
     epochs = _arguments.positive_int("epochs", epochs)
     batch_size = _arguments.positive_int("batch_size", batch_size)
-    _positive_number("learning_rate", learning_rate)
+    _number("learning_rate", learning_rate, "a positive finite number", lambda v: v > 0)
     _arguments.choice("schedule", schedule, SCHEDULES)
     _arguments.choice("optimizer", optimizer, OPTIMIZERS)
-    _non_negative_number("momentum", momentum)
-    _non_negative_number("weight_decay", weight_decay)
+    _number("momentum", momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    _number("weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
+    _number("width", width, "a positive finite multiplier of the block channels",
+            lambda v: v > 0)
+    if batch_norm_momentum is not None:
+        _number("batch_norm_momentum", batch_norm_momentum,
+                "a number in [0, 1), or None to choose one from the steps per epoch",
+                lambda v: 0 <= v < 1)
+    _number("validation_fraction", validation_fraction, "a number strictly between 0 and 1",
+            lambda v: 0 < v < 1)
     config = {
         "model": model, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "schedule": schedule, "optimizer": optimizer,
-        "momentum": momentum, "weight_decay": weight_decay, "multigrid": bool(multigrid),
+        "momentum": momentum, "weight_decay": weight_decay, "multigrid": multigrid,
         "group_size": group_size, "width": width, "image_size": image_size,
-        "batch_norm_momentum": batch_norm_momentum, "seed": seed,
+        "batch_norm_momentum": batch_norm_momentum,
+        "validation_fraction": validation_fraction, "seed": seed,
     }
-    output_dir, resume = _check_output_dir(output_dir, config, overwrite)
+    output_dir = _writable_output_dir(output_dir)
     if not isinstance(strategy, tf.distribute.Strategy):
         strategy = make_strategy(strategy)
-    info = data.image_dataset_info(dataset, data_dir, manual_dir)
-    image_shape = _image_shape(info, image_size)
-    if image_shape is None:
-        raise ValueError(
-            f"Dataset {dataset!r} has images of varying size: pass `image_size` "
-            f"(`--image-size`), e.g. 224. Received: image_size=None.")
-
-    if batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(
-            f"`batch_size` is the global batch and must divide evenly between the "
-            f"{strategy.num_replicas_in_sync} replicas. Received: batch_size={batch_size}.")
-    pipeline_args = dict(image_shape=image_shape, data_dir=data_dir, manual_dir=manual_dir,
-                         seed=seed)
-    # Full training batches only: every global batch then has the same size and
-    # splits evenly between replicas.
-    steps_per_epoch = int(data.image_pipeline(
-        dataset, info.train_split, batch_size, drop_remainder=True, **pipeline_args
-    ).cardinality())
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"`batch_size` is larger than the {info.train_split!r} split of {dataset!r} "
-            f"({info.num_examples[info.train_split]} examples). "
-            f"Received: batch_size={batch_size}.")
-    if batch_norm_momentum is None:
-        batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
-
-    keras.utils.set_random_seed(seed)
-    # Adapted outside the strategy's scope, which would distribute its statistics.
-    normalization = None if resume else data.normalization_layer(
-        dataset, image_shape, data_dir, manual_dir)
-    with strategy.scope():
-        if resume:
-            network = keras.models.load_model(os.path.join(output_dir, "last.keras"))
-        else:
-            network = _build_model(model, info, image_shape, normalization, multigrid,
-                                   group_size, width, batch_norm_momentum)
-            network.compile(
-                optimizer=_optimizer(
-                    optimizer, _learning_rate(schedule, learning_rate, epochs, steps_per_epoch),
-                    momentum, weight_decay),
-                loss=keras.losses.SparseCategoricalCrossentropy(),
-                metrics=["accuracy"], jit_compile=False)
-        if strategy.num_replicas_in_sync > 1:
-            _synchronize_batch_norm(network)
-    initial_epoch = int(network.optimizer.iterations.numpy()) // steps_per_epoch
-    # The remaining epochs, each fixed by the seed: a resumed run sees the
-    # batches an uninterrupted one would have. `fit` splits every global batch
-    # between the replicas (and the workers: the pipeline asks for sharding by
-    # example); the pipeline has no random state that its rewriting could reset.
-    train_data = data.image_pipeline(
-        dataset, info.train_split, batch_size, training=True, drop_remainder=True,
-        epochs=range(initial_epoch, epochs), **pipeline_args)
-    test_data = data.image_pipeline(dataset, info.test_split, batch_size, **pipeline_args)
-
     writes = strategy.extended.should_checkpoint
-    history_path = os.path.join(output_dir, "history.csv")
-    history = _read_history(history_path, initial_epoch)
-    best_accuracy = max((float(row["val_accuracy"]) for row in history), default=-1.0)
-    if writes:
-        os.makedirs(output_dir, exist_ok=True)
-        if overwrite:
-            _clear_run(output_dir)
+    with contextlib.ExitStack() as stack:
+        if writes:
+            stack.enter_context(_output_dir_lock(output_dir))
+            run_dir = output_dir
+        else:
+            # The other workers of a multi-worker run save the same checkpoints
+            # where nobody reads them: every save creates a variable, which all
+            # workers must do together.
+            run_dir = stack.enter_context(tempfile.TemporaryDirectory())
+        resume = _resumable(output_dir, config, overwrite)
+        info = data.image_dataset_info(dataset, data_dir, manual_dir)
+        image_shape = _image_shape(info, image_size)
+        if image_shape is None:
+            raise ValueError(
+                f"Dataset {dataset!r} has images of varying size: pass `image_size` "
+                f"(`--image-size`), e.g. 224. Received: image_size=None.")
+        if batch_size % strategy.num_replicas_in_sync:
+            raise ValueError(
+                f"`batch_size` is the global batch and must divide evenly between the "
+                f"{strategy.num_replicas_in_sync} replicas. Received: batch_size={batch_size}.")
+        fit_split, validation_split, selected_by = data.validation_splits(
+            dataset, data_dir, manual_dir, validation_fraction)
+        fit_examples = data.split_size(dataset, fit_split, data_dir, manual_dir)
+        # Full training batches only: every global batch then has the same size
+        # and splits evenly between replicas.
+        steps_per_epoch = fit_examples // batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"`batch_size` is larger than the {fit_examples} examples of {dataset!r} "
+                f"to fit on. Received: batch_size={batch_size}.")
+        if batch_norm_momentum is None:
+            batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
+
+        keras.utils.set_random_seed(seed)
+        # Adapted outside the strategy's scope, which would distribute its statistics.
+        normalization = None if resume else data.normalization_layer(
+            dataset, image_shape, data_dir, manual_dir, split=fit_split)
+        with strategy.scope():
+            if resume:
+                network = keras.models.load_model(os.path.join(output_dir, "last.keras"))
+            else:
+                network = _build_model(model, info, image_shape, normalization, multigrid,
+                                       group_size, width, batch_norm_momentum)
+                network.compile(
+                    optimizer=_optimizer(
+                        optimizer,
+                        _learning_rate(schedule, learning_rate, epochs, steps_per_epoch),
+                        momentum, weight_decay),
+                    loss=keras.losses.SparseCategoricalCrossentropy(),
+                    metrics=["accuracy"], jit_compile=False)
+        _distribute(network, strategy)
+        initial_epoch = int(network.optimizer.iterations.numpy()) // steps_per_epoch
+        pipeline_args = dict(image_shape=image_shape, data_dir=data_dir, manual_dir=manual_dir,
+                             seed=seed)
+        validation_data = data.image_pipeline(dataset, validation_split, batch_size,
+                                              **pipeline_args)
+        test_data = data.image_pipeline(dataset, info.test_split, batch_size, **pipeline_args)
+
+        history = _read_history(os.path.join(output_dir, "history.csv"), initial_epoch)
+        if writes:
+            if overwrite:
+                _clear_run(output_dir)
+            remove_stale_temporaries(output_dir)
+            _write_json(os.path.join(output_dir, "config.json"), config)
+        history_path = os.path.join(run_dir, "history.csv")
         _rewrite_history(history_path, history)
-        _write_json(os.path.join(output_dir, "config.json"), config)
+        _restore_best(output_dir, run_dir, history)
+        best_accuracy = max((float(row["val_accuracy"]) for row in history), default=-1.0)
         callbacks = [
             _EpochTimer(),
             keras.callbacks.CSVLogger(history_path, append=True),
-            keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-            _Checkpoints(output_dir, best_accuracy),
+            _Checkpoints(run_dir, best_accuracy),
         ]
-    else:
-        # The other workers of a multi-worker run save the same checkpoints where
-        # nobody reads them: every save creates a variable, which all workers
-        # must do together.
-        scratch = tempfile.TemporaryDirectory()
-        callbacks = [_Checkpoints(scratch.name, best_accuracy)]
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _work_around_multi_worker_fit(network)
-    if initial_epoch < epochs:
-        with strategy.scope():
-            network.fit(train_data, validation_data=test_data, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
-                        callbacks=callbacks, verbose=verbose,
-                        shuffle=False)  # The pipeline shuffles.
+        if writes:
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")))
+        if initial_epoch < epochs:
+            # The remaining epochs, each fixed by the seed: a resumed run sees the
+            # batches an uninterrupted one would have. `fit` splits every global
+            # batch between the replicas (and the workers: the pipeline asks for
+            # sharding by example); the pipeline has no random state that its
+            # rewriting could reset.
+            train_data = data.image_pipeline(
+                dataset, fit_split, batch_size, training=True, drop_remainder=True,
+                epochs=range(initial_epoch, epochs), **pipeline_args)
+            with strategy.scope():
+                network.fit(train_data, validation_data=validation_data, epochs=epochs,
+                            steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
+                            callbacks=callbacks, verbose=verbose,
+                            shuffle=False)  # The pipeline shuffles.
 
-    summary = _summary(network, config, _read_history(history_path, epochs), info,
-                       image_shape, batch_norm_momentum, strategy)
-    if writes:
-        _write_json(os.path.join(output_dir, "summary.json"), summary)
+        history = _read_history(history_path, epochs)
+        summary = {
+            **config,
+            "batch_norm_momentum": batch_norm_momentum,
+            "parameters": network.count_params(),
+            "multiply_adds": count_multiply_adds(network),
+            "image_shape": list(image_shape),
+            "num_classes": info.num_classes,
+            "replicas": strategy.num_replicas_in_sync,
+            **_test_accuracies(network, os.path.join(run_dir, "best.keras"),
+                               _selected_epoch(history) == epochs - 1, test_data, strategy),
+            **_epochs_summary(history, selected_by),
+        }
+        if writes:
+            _write_json(os.path.join(output_dir, "summary.json"), summary)
     return summary
 
 
-def _summary(network, config, history, info, image_shape, batch_norm_momentum, strategy):
-    accuracies = [float(row["val_accuracy"]) for row in history]
-    best_epoch = max(range(len(accuracies)), key=accuracies.__getitem__) if accuracies else None
+def _epochs_summary(history, selected_by):
+    """The summary's account of the epochs: which one was selected and how, and their times."""
+    selected = _selected_epoch(history)
     epoch_times = [round(float(row["epoch_time"]), 3) for row in history]
     return {
-        **config,
-        "batch_norm_momentum": batch_norm_momentum,
-        "parameters": network.count_params(),
-        "multiply_adds": count_multiply_adds(network),
-        "image_shape": list(image_shape),
-        "num_classes": info.num_classes,
-        "replicas": strategy.num_replicas_in_sync,
-        "best_test_accuracy": accuracies[best_epoch] if accuracies else None,
-        "best_epoch": None if best_epoch is None else best_epoch + 1,
-        "final_test_accuracy": accuracies[-1] if accuracies else None,
+        "selected_by": selected_by,
+        "selected_epoch": selected + 1,
+        "best_validation_accuracy": float(history[selected]["val_accuracy"]),
         "epoch_times": epoch_times,
         "train_time": round(sum(epoch_times), 3),
     }
+
+
+def load_model(path, argument="model_path"):
+    """`keras.models.load_model`, with an error that names the file and what is wrong with it.
+
+    Args:
+        path: a `.keras` file.
+        argument: the name of the argument that gave `path`, for the error.
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: `path` is not an existing `.keras` file, or not a readable
+            Keras model (truncated, damaged, or not saved by Keras).
+    """
+    if not os.path.isfile(str(path)) or not str(path).endswith(".keras"):
+        raise ValueError(f"`{argument}` must be an existing .keras file. "
+                         f"Received: {argument}={str(path)!r}.")
+    # Keras reports a file that is not a zip archive as "File not found".
+    problem = None if zipfile.is_zipfile(path) else "not a zip archive"
+    if problem is None:
+        try:
+            return keras.models.load_model(path)
+        except Exception as error:  # A damaged archive fails in many ways, each its own type.
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    raise ValueError(
+        f"{path} is not a readable Keras model ({problem}): it is truncated, damaged or "
+        f"was not saved by Keras; save or train it again. Received: {argument}={str(path)!r}.")
 
 
 def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=256,
@@ -493,15 +699,12 @@ def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=25
         A dict with "loss", "accuracy" and the "split".
 
     Raises:
-        ValueError: the file is missing or not a Keras model, or its classes do
-            not match the dataset's.
+        ValueError: the file is missing or not a readable Keras model, or its
+            classes do not match the dataset's.
     """
-    if not os.path.isfile(str(model_path)) or not str(model_path).endswith(".keras"):
-        raise ValueError(f"`model_path` must be an existing .keras file. "
-                         f"Received: model_path={model_path!r}.")
     batch_size = _arguments.positive_int("batch_size", batch_size)
+    network = load_model(model_path)
     info = data.image_dataset_info(dataset, data_dir, manual_dir)
-    network = keras.models.load_model(model_path)
     classes = network.output_shape[-1]
     if classes != info.num_classes:
         raise ValueError(

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,62 @@ def test_summary_connector_groups_divide_both_widths(capsys):
     cli.main(["summary", "--filters", "96", "--input-channels", "576", "--group-size", "8",
               "--coarsest-channels", "12", "--kernel-size", "1"])
     assert "connector: 48 group(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argument, name", [
+    ("--filters", "filters"), ("--kernel-size", "kernel_size"), ("--strides", "strides"),
+    ("--group-size", "group_size"), ("--coarsest-channels", "coarsest_channels"),
+    ("--input-channels", "input_channels"),
+])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_summary_refuses_non_positive_integers(capsys, argument, name, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["summary", argument, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].endswith(f"Received: {name}={value}."), error
+
+
+def test_command_line_imports_no_tensorflow_until_a_command_runs():
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, keras_mgconv.cli; assert 'tensorflow' not in sys.modules"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+_SUMMARY = dict(
+    model="ResNet20", dataset="digits", parameters=1000, multiply_adds=2000,
+    final_test_accuracy=0.91, final_test_accuracy_batch_statistics=0.93,
+    selected_test_accuracy=0.92, selected_epoch=4, selected_by="10% of 'train', stratified",
+    best_validation_accuracy=0.95, train_time=12.0)
+
+
+@pytest.mark.parametrize("arguments, multigrid, run_name, design", [
+    ([], "layer", "multigrid", "multigrid, layer design"),
+    (["--design", "layer"], "layer", "multigrid", "multigrid, layer design"),
+    (["--design", "block"], "block", "multigrid-block", "multigrid, block design"),
+    (["--no-multigrid"], False, "baseline", "baseline"),
+])
+def test_train_command_chooses_the_design_and_reports_both_test_figures(
+        monkeypatch, capsys, arguments, multigrid, run_name, design):
+    from keras_mgconv import training
+
+    received = {}
+
+    def train(**kwargs):
+        received.update(kwargs)
+        return dict(_SUMMARY, multigrid=kwargs["multigrid"])
+
+    monkeypatch.setattr(training, "train", train)
+    assert cli.main(["train", *arguments]) == 0
+    assert received["multigrid"] == multigrid
+    assert received["output_dir"] == os.path.join("runs", f"ResNet20-{run_name}-digits")
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"ResNet20 ({design}) on digits:")
+    assert ("Test accuracy 0.9100 after the last epoch (0.9300 with batch statistics), "
+            "0.9200 after epoch 4, the best.keras selected on the validation split "
+            "(10% of 'train', stratified: accuracy 0.9500).") in printed
 
 
 @pytest.fixture
@@ -89,14 +146,17 @@ def test_benchmark_prints_latency_table(capsys, small_model_path, tmp_path):
 
 
 @pytest.mark.parametrize("arguments,message", [
-    (["export", "missing.keras"], "MODEL must be an existing .keras file. "
+    (["export", "missing.keras"], "`model` must be an existing .keras file. "
                                   "Received: model='missing.keras'."),
+    (["export", "{cut}"], "cut.keras is not a readable Keras model (not a zip archive)"),
     (["export", "{model}", "--quantization", "int8"], "Received: representative_data=None."),
     (["export", "{model}", "--output", "missing/model.tflite"], "Received: path="),
     (["benchmark", "missing.tflite"], "Received: path='missing.tflite'."),
 ])
 def test_export_and_benchmark_errors_exit_2(capsys, small_model_path, arguments, message):
-    arguments = [argument.format(model=small_model_path) for argument in arguments]
+    cut = small_model_path.parent / "cut.keras"
+    cut.write_bytes(small_model_path.read_bytes()[:1000])
+    arguments = [argument.format(model=small_model_path, cut=cut) for argument in arguments]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(arguments)
     assert exit_info.value.code == 2

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from keras_mgconv import cli, training
+from keras_mgconv import cli, data, training
 from keras_mgconv._keras import keras
 
 _QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -20,28 +22,132 @@ def _history(output_dir):
         return list(csv.DictReader(file))
 
 
+def _fit_steps(batch_size=64):
+    """Steps in an epoch of `train` on the digits: full batches of the split it fits on."""
+    fit_split, _, _ = data.validation_splits("digits")
+    return data.split_size("digits", fit_split) // batch_size
+
+
 def test_train_command_reaches_90_percent_on_digits(digits_run, capsys):
     output_dir, printed = digits_run
-    assert "best test accuracy" in printed
+    _, validation_split, selected_by = data.validation_splits("digits")
+    assert f"selected on the validation split ({selected_by}" in printed
     with open(os.path.join(output_dir, "summary.json")) as file:
         summary = json.load(file)
-    assert summary["best_test_accuracy"] >= 0.90
-    assert summary["model"] == "ResNet20" and summary["multigrid"]
+    assert "best_test_accuracy" not in summary
+    assert summary["selected_test_accuracy"] >= 0.90 and summary["final_test_accuracy"] >= 0.90
+    assert 0 <= summary["final_test_accuracy_batch_statistics"] <= 1
+    assert summary["model"] == "ResNet20" and summary["multigrid"] == "layer"
+    assert summary["selected_by"] == selected_by
     assert len(summary["epoch_times"]) == 6 and all(t > 0 for t in summary["epoch_times"])
     assert summary["multiply_adds"] > 0
-    best = keras.models.load_model(os.path.join(output_dir, "best.keras"))
+    best_path = os.path.join(output_dir, "best.keras")
+    best = keras.models.load_model(best_path)
     assert summary["parameters"] == best.count_params()
     assert any(type(layer).__name__ == "MultigridConv2D" for layer in best.layers)
-    assert [int(row["epoch"]) for row in _history(output_dir)] == list(range(6))
+    history = _history(output_dir)
+    assert [int(row["epoch"]) for row in history] == list(range(6))
     assert os.listdir(os.path.join(output_dir, "logs"))
-    # The best checkpoint scores on the test split what the run recorded for it.
-    result = training.evaluate(os.path.join(output_dir, "best.keras"), "digits")
-    assert result["accuracy"] == pytest.approx(summary["best_test_accuracy"], abs=1e-6)
+    # best.keras is the first epoch of best validation accuracy, and the history's
+    # validation figures are the validation split's.
+    accuracies = [float(row["val_accuracy"]) for row in history]
+    assert summary["selected_epoch"] == accuracies.index(max(accuracies)) + 1
+    assert int(best.optimizer.iterations.numpy()) == summary["selected_epoch"] * _fit_steps()
+    assert summary["best_validation_accuracy"] == max(accuracies)
+    on_validation = training.evaluate(best_path, "digits", split=validation_split)
+    assert on_validation["accuracy"] == pytest.approx(max(accuracies), abs=1e-6)
+    # The test figures are best.keras's and last.keras's on the test split.
+    assert training.evaluate(best_path, "digits")["accuracy"] == pytest.approx(
+        summary["selected_test_accuracy"], abs=1e-6)
+    assert training.evaluate(os.path.join(output_dir, "last.keras"), "digits")[
+        "accuracy"] == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
     # A finished run is not trained again by accident.
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--epochs", "6", "--output-dir", output_dir])
     assert exit_info.value.code == 2
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+def _tiny_classifier(input_tensor, classes, multigrid, width, batch_norm_momentum, **kwargs):
+    """A factory's signature on one convolution: `train` in seconds, for its bookkeeping."""
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(input_tensor)
+    x = keras.layers.BatchNormalization(momentum=batch_norm_momentum)(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(keras.utils.get_source_inputs(input_tensor), outputs)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """`train`'s arguments for one epoch of `_tiny_classifier`, registered as model "Tiny"."""
+    monkeypatch.setitem(training.MODELS, "Tiny", _tiny_classifier)
+    return dict(model="Tiny", epochs=1, verbose=0)
+
+
+def test_test_split_is_evaluated_only_after_training_and_chooses_nothing(
+        tmp_path, tiny, monkeypatch):
+    fit_split, validation_split, _ = data.validation_splits("digits")
+    split_of = {}
+    pipeline = data.image_pipeline
+
+    def recording_pipeline(name, split, *args, **kwargs):
+        dataset = pipeline(name, split, *args, **kwargs)
+        split_of[id(dataset)] = split
+        return dataset
+
+    calls = []
+    fit, evaluate = keras.Model.fit, keras.Model.evaluate
+
+    def recording_fit(self, x, validation_data=None, **kwargs):
+        calls.append(("fit", split_of[id(x)], split_of[id(validation_data)]))
+        result = fit(self, x, validation_data=validation_data, **kwargs)
+        calls.append(("fit returned",))
+        return result
+
+    def recording_evaluate(self, x, **kwargs):
+        calls.append(("evaluate", split_of[id(x)]))
+        return evaluate(self, x, **kwargs)
+
+    monkeypatch.setattr(data, "image_pipeline", recording_pipeline)
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    monkeypatch.setattr(keras.Model, "evaluate", recording_evaluate)
+    summary = training.train(output_dir=str(tmp_path / "run"), **dict(tiny, epochs=2))
+    assert calls[0] == ("fit", fit_split, validation_split)
+    returned = calls.index(("fit returned",))
+    # Each epoch's validation, which selects best.keras, is on the validation split...
+    assert calls[1:returned] == [("evaluate", validation_split)] * 2
+    # ...and the test split is evaluated only once training is over: the final
+    # model in inference mode and with batch statistics, and the selected one
+    # unless it is the final one.
+    assert calls[returned + 1:] == [("evaluate", "test")] * (
+        2 if summary["selected_epoch"] == 2 else 3)
+
+
+def test_batch_statistics_accuracy_uses_each_batch_and_restores_the_moving_statistics():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    batch_norm = keras.layers.BatchNormalization()
+    x = keras.layers.Flatten()(keras.layers.ReLU()(batch_norm(x)))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # Moving means far above the activations: in inference mode the ReLU zeroes
+    # everything and every image gets the same prediction.
+    batch_norm.moving_mean.assign(np.full(8, 1e4, np.float32))
+    images, _ = next(iter(data.image_pipeline("digits", "test", 355)))
+    # Labels that the model predicts exactly when BatchNormalization normalises
+    # each batch of 64 by its own statistics, computed on a copy.
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    labels = np.concatenate([np.argmax(copy(images[i:i + 64], training=True), -1)
+                             for i in range(0, 355, 64)])
+    assert np.bincount(labels).max() < 0.9 * len(labels)
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(64)
+    strategy = tf.distribute.get_strategy()
+    assert training._test_accuracy(model, batches, strategy) < 0.9
+    moving = [weight.numpy() for weight in model.non_trainable_weights]
+    assert training._test_accuracy(model, batches, strategy, batch_statistics=True) == 1.0
+    for weight, value in zip(model.non_trainable_weights, moving):
+        np.testing.assert_array_equal(weight.numpy(), value)
 
 
 class _Interrupt(Exception):
@@ -67,7 +173,7 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(output_dir, "summary.json"))
     after_epoch_1 = keras.models.load_model(os.path.join(output_dir, "last.keras"))
     steps = int(after_epoch_1.optimizer.iterations.numpy())
-    assert steps == 1442 // 64
+    assert steps == _fit_steps()
     assert any(np.abs(v.numpy()).sum() > 0 for v in after_epoch_1.optimizer.variables
                if "momentum" in v.path)
 
@@ -81,6 +187,96 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
     assert resumed["final_test_accuracy"] == pytest.approx(
         uninterrupted["final_test_accuracy"], abs=0.01)
+
+
+def test_run_killed_after_its_last_checkpoint_is_completed_by_a_rerun(tmp_path, tiny,
+                                                                     monkeypatch):
+    output_dir = str(tmp_path / "run")
+    copy = training._copy
+
+    def killed_before_best_keras(source, target):
+        if os.path.basename(target) == "best.keras":
+            raise _Interrupt
+        copy(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_copy", killed_before_best_keras)
+        with pytest.raises(_Interrupt):
+            training.train(output_dir=output_dir, **tiny)
+    assert sorted(os.listdir(output_dir)) == ["config.json", "history.csv", "last.keras", "logs"]
+    # A temporary file of a killed write, and one of a live process's write.
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    stale = os.path.join(output_dir, f".last.{dead_pid}.tmp.keras")
+    live = os.path.join(output_dir, f".best.int8.{os.getpid()}.tmp.tflite")
+    for path in (stale, live):
+        open(path, "w").close()
+
+    def fit(*args, **kwargs):
+        raise AssertionError("the rerun trained again")
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    summary = training.train(output_dir=output_dir, **tiny)
+    assert os.path.exists(os.path.join(output_dir, "summary.json"))
+    assert summary["selected_epoch"] == 1
+    best = keras.models.load_model(os.path.join(output_dir, "best.keras"))
+    assert int(best.optimizer.iterations.numpy()) == _fit_steps()
+    assert not os.path.exists(stale) and os.path.exists(live)
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from keras_mgconv._files import directory_lock
+    with directory_lock(sys.argv[1], sys.argv[2]):
+        print("locked", flush=True)
+        time.sleep(300)
+""")
+
+
+def test_second_run_into_one_output_dir_is_refused_until_the_first_dies(tmp_path, tiny, capsys):
+    output_dir = str(tmp_path / "run")
+    command = ["train", "--model", "Tiny", "--epochs", "1", "--output-dir", output_dir]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, output_dir, training._LOCK_NAME],
+                              env=_QUIET, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(command)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1, error
+        assert f"in use by another training run (process {holder.pid})" in error
+        assert os.listdir(output_dir) == [training._LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed holding the lock: its lock file is left behind, and blocks nothing.
+    assert os.listdir(output_dir) == [training._LOCK_NAME]
+    assert cli.main(command) == 0
+    assert os.path.exists(os.path.join(output_dir, "summary.json"))
+    assert not os.path.exists(os.path.join(output_dir, training._LOCK_NAME))
+
+
+def test_unreadable_config_json_is_named_with_the_way_out(tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "config.json").write_text('{"model": "ResNet20", "epo')
+    with pytest.raises(ValueError, match=re.escape(
+            f"{output_dir / 'config.json'} cannot be read (")) as error:
+        training.train(output_dir=str(output_dir), epochs=1, verbose=0)
+    assert "`--overwrite`" in str(error.value)
+    assert os.listdir(output_dir) == ["config.json"]
+
+
+@pytest.mark.parametrize("arguments", [
+    dict(multigrid="blok"),
+    dict(multigrid=1),
+    dict(model="MobileNetV2", multigrid="block"),
+])
+def test_multigrid_takes_a_design_or_false(tmp_path, arguments):
+    with pytest.raises(ValueError, match=re.escape(f"multigrid={arguments['multigrid']!r}.")):
+        training.train(output_dir=str(tmp_path / "run"), epochs=1, verbose=0, **arguments)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -115,9 +311,13 @@ def test_mirrored_two_devices_follow_the_one_device_trajectory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"one": 1, "two": 2}
     one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
-    for key in ("loss", "val_loss"):
-        np.testing.assert_allclose([float(r[key]) for r in two], [float(r[key]) for r in one],
-                                   rtol=0.05)
+    # The training losses follow the trajectory: they differ by the rounding of
+    # sums taken in another order, grown over 40 steps (0.13% measured). The
+    # validation loss is left out: in inference mode this early in training it
+    # depends so steeply on the moving statistics that the same rounding moved
+    # it by 5% (143 validation images, 6 predictions changed).
+    np.testing.assert_allclose([float(r["loss"]) for r in two], [float(r["loss"]) for r in one],
+                               rtol=0.05)
 
 
 def _free_ports(count):
@@ -153,15 +353,29 @@ def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
     assert summary["replicas"] == 2
     assert len(_history(output_dir)) == 1
     assert keras.models.load_model(os.path.join(output_dir, "last.keras")).optimizer.iterations \
-        .numpy() == 1442 // 64
+        .numpy() == _fit_steps()
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "ResNet99"], "Received: model='ResNet99'"),
     (["--dataset", "no_such_data"], "no dataset named 'no_such_data'"),
+    (["--dataset", "digits:9.9.9"], "digits:9.9.9"),
     (["--epochs", "0"], "Received: epochs=0"),
     (["--batch-size", "-8"], "Received: batch_size=-8"),
     (["--model", "ResNet18"], "ResNet18 cannot take the 8x8x1 images of 'digits'"),
+    (["--learning-rate", "nan"], "Received: learning_rate=nan"),
+    (["--learning-rate", "inf"], "Received: learning_rate=inf"),
+    (["--weight-decay", "nan"], "Received: weight_decay=nan"),
+    (["--weight-decay", "inf"], "Received: weight_decay=inf"),
+    (["--momentum", "nan"], "Received: momentum=nan"),
+    (["--momentum", "inf"], "Received: momentum=inf"),
+    (["--batch-norm-momentum", "5"], "Received: batch_norm_momentum=5.0"),
+    (["--batch-norm-momentum", "-1"], "Received: batch_norm_momentum=-1.0"),
+    (["--width", "inf"], "Received: width=inf"),
+    (["--width", "nan"], "Received: width=nan"),
+    (["--validation-fraction", "1"], "Received: validation_fraction=1.0"),
+    (["--no-multigrid", "--design", "block"], "Received: design='block'"),
+    (["--model", "MobileNetV2", "--design", "block"], "multigrid='block'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
     output_dir = tmp_path / "run"
@@ -171,6 +385,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argum
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error, error
     assert not output_dir.exists()
+
+
+def test_empty_output_dir_is_an_error_not_the_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", ""])
+    assert exit_info.value.code == 2
+    assert "Received: output_dir=''." in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_unwritable_output_dir_is_refused(tmp_path, capsys):
@@ -201,3 +424,17 @@ def test_evaluate_refuses_a_model_for_other_classes(tmp_path):
         training.evaluate(path, "digits")
     with pytest.raises(ValueError, match="model_path="):
         training.evaluate(str(tmp_path / "missing.keras"), "digits")
+
+
+def test_damaged_keras_file_is_named_not_reported_missing(tmp_path):
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    whole = tmp_path / "whole.keras"
+    model.save(whole)
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    text = tmp_path / "text.keras"
+    text.write_text("not a model")
+    for path in (cut, text):
+        with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable Keras model")):
+            training.evaluate(str(path), "digits")
