@@ -15,7 +15,7 @@ _environment.cpu_only_without_cuda()
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "export", "models", "optimization", "training")
+_SUBMODULES = ("batch_norm", "data", "export", "models", "optimization", "training")
 _ATTRIBUTES = {
     "ChannelProlongation": "keras_mgconv.layers",
     "ChannelRestriction": "keras_mgconv.layers",
@@ -30,6 +30,7 @@ __all__ = [
     "GroupedConv2D",
     "MultigridConv2D",
     "__version__",
+    "batch_norm",
     "count_multiply_adds",
     "data",
     "models",
