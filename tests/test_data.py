@@ -130,10 +130,11 @@ def test_unknown_dataset_is_refused():
         data.image_dataset_info("no_such_data")
 
 
-class UnreachableImages(tfds.core.GeneratorBasedBuilder):
-    """Downloads from a host that cannot resolve anywhere (RFC 6761 `.invalid`)."""
+class _TwoClassesOfTinyImages:
+    """The `_info` of the test builders: 4x4 grayscale images of two classes.
 
-    VERSION = tfds.core.Version("1.0.0")
+    A mixin, not a builder: TFDS would register a builder subclass by name.
+    """
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -142,6 +143,12 @@ class UnreachableImages(tfds.core.GeneratorBasedBuilder):
                 "image": tfds.features.Image(shape=(4, 4, 1)),
                 "label": tfds.features.ClassLabel(num_classes=2)}),
             supervised_keys=("image", "label"))
+
+
+class UnreachableImages(_TwoClassesOfTinyImages, tfds.core.GeneratorBasedBuilder):
+    """Downloads from a host that cannot resolve anywhere (RFC 6761 `.invalid`)."""
+
+    VERSION = tfds.core.Version("1.0.0")
 
     def _split_generators(self, dl_manager):
         path = dl_manager.download("https://keras-mgconv-test.invalid/images.tar.gz")
@@ -305,19 +312,11 @@ def test_fraction_that_empties_a_part_is_refused(data_dir, fraction, empty):
         data.validation_splits("digits", data_dir, fraction=fraction)
 
 
-class ThreeSplitImages(tfds.core.GeneratorBasedBuilder):
+class ThreeSplitImages(_TwoClassesOfTinyImages, tfds.core.GeneratorBasedBuilder):
     """Train, validation and test splits, like cifar10 would have with a validation split."""
 
     VERSION = tfds.core.Version("1.0.0")
     TEST_LABEL = 1
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(4, 4, 1)),
-                "label": tfds.features.ClassLabel(num_classes=2)}),
-            supervised_keys=("image", "label"))
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(20, 0),

@@ -96,26 +96,33 @@ def test_test_split_is_evaluated_only_after_training_and_chooses_nothing(
         return dataset
 
     calls = []
-    fit, evaluate = keras.Model.fit, keras.Model.evaluate
+    fit, evaluate, predict = keras.Model.fit, keras.Model.evaluate, keras.Model.predict
 
-    def recording_fit(self, x, validation_data=None, **kwargs):
-        calls.append(("fit", split_of[id(x)], split_of[id(validation_data)]))
-        result = fit(self, x, validation_data=validation_data, **kwargs)
+    def recording_fit(self, x, *args, **kwargs):
+        calls.append(("fit", split_of[id(x)], kwargs.get("validation_data")))
+        result = fit(self, x, *args, **kwargs)
         calls.append(("fit returned",))
         return result
 
-    def recording_evaluate(self, x, **kwargs):
+    def recording_evaluate(self, x, *args, **kwargs):
         calls.append(("evaluate", split_of[id(x)]))
-        return evaluate(self, x, **kwargs)
+        return evaluate(self, x, *args, **kwargs)
+
+    def recording_predict(self, x, *args, **kwargs):
+        calls.append(("predict", split_of[id(x)]))
+        return predict(self, x, *args, **kwargs)
 
     monkeypatch.setattr(data, "image_pipeline", recording_pipeline)
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
     monkeypatch.setattr(keras.Model, "evaluate", recording_evaluate)
+    monkeypatch.setattr(keras.Model, "predict", recording_predict)
     summary = training.train(output_dir=str(tmp_path / "run"), **dict(tiny, epochs=2))
-    assert calls[0] == ("fit", fit_split, validation_split)
+    # Validation is not fit's: it follows the recomputed batch-norm statistics.
+    assert calls[0] == ("fit", fit_split, None)
     returned = calls.index(("fit returned",))
-    # Each epoch's validation, which selects best.keras, is on the validation split...
-    assert calls[1:returned] == [("evaluate", validation_split)] * 2
+    # Each epoch, the BatchNormalization statistics are recomputed on the fit
+    # split, then the validation split, which selects best.keras, is evaluated...
+    assert calls[1:returned] == [("predict", fit_split), ("evaluate", validation_split)] * 2
     # ...and the test split is evaluated only once training is over: the final
     # model in inference mode and with batch statistics, and the selected one
     # unless it is the final one.
