@@ -64,17 +64,34 @@ def label(config):
     return f"{config['model']} {config['width']}x {config['design']}{group}"
 
 
+def _summary_path(config, seed, runs_dir):
+    return os.path.join(runs_dir, label(config).replace(" ", "_").replace("=", ""),
+                        f"seed{seed}", "summary.json")
+
+
 def run(config, seed, epochs, dataset, runs_dir):
-    """Trains (or resumes, or reads) one configuration with one seed; its summary."""
-    output_dir = os.path.join(runs_dir, label(config).replace(" ", "_").replace("=", ""),
-                              f"seed{seed}")
-    summary_path = os.path.join(output_dir, "summary.json")
+    """Trains, or resumes, one configuration with one seed, unless it is finished."""
+    summary_path = _summary_path(config, seed, runs_dir)
     if not os.path.exists(summary_path):
         training.train(model=config["model"], dataset=dataset, epochs=epochs,
                        multigrid=config["multigrid"], group_size=config["group_size"],
-                       width=config["width"], seed=seed, output_dir=output_dir, verbose=0)
-    with open(summary_path) as file:
-        return json.load(file)
+                       width=config["width"], seed=seed,
+                       output_dir=os.path.dirname(summary_path), verbose=0)
+
+
+def finished(configs, seeds, runs_dir):
+    """(config, summaries) of every configuration with two or more of `seeds` finished."""
+    done = []
+    for config in configs:
+        summaries = []
+        for seed in range(seeds):
+            path = _summary_path(config, seed, runs_dir)
+            if os.path.exists(path):
+                with open(path) as file:
+                    summaries.append({"seed": seed, **json.load(file)})
+        if len(summaries) >= 2:
+            done.append((config, summaries))
+    return done
 
 
 def _mean_std(values):
@@ -82,7 +99,7 @@ def _mean_std(values):
 
 
 def aggregate(config, summaries):
-    """Mean and standard deviation over the seeds of one configuration."""
+    """Mean and standard deviation over the finished seeds of one configuration."""
     row = {**config, "label": label(config), "seeds": len(summaries),
            "parameters": summaries[0]["parameters"],
            "multiply_adds": summaries[0]["multiply_adds"]}
@@ -199,19 +216,19 @@ def main(argv=None):
         parser.error(f"no configuration matches --only {args.only}")
 
     arguments = {"seeds": args.seeds, "epochs": args.epochs, "dataset": args.dataset}
-    rows, runs = [], []
     start = time.perf_counter()
     for number, config in enumerate(selected, 1):
-        summaries = []
         for seed in range(args.seeds):
             print(f"[{number}/{len(selected)}] {label(config)}, seed {seed} "
                   f"({time.perf_counter() - start:.0f} s so far)", flush=True)
-            summary = run(config, seed, args.epochs, args.dataset, runs_dir)
-            summaries.append(summary)
-            runs.append({"label": label(config), "seed": seed, **summary})
-        rows.append(aggregate(config, summaries))
+            run(config, seed, args.epochs, args.dataset, runs_dir)
+        # Every finished configuration in the runs folder, also from earlier
+        # invocations with other --only patterns.
+        done = finished(configurations(networks), args.seeds, runs_dir)
+        rows = [aggregate(config, summaries) for config, summaries in done]
+        runs = [{"label": label(config), **summary}
+                for config, summaries in done for summary in summaries]
         print(write_results(rows, runs, arguments, output), flush=True)
-
 
 if __name__ == "__main__":
     main()
