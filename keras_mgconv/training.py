@@ -609,9 +609,11 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
         # Validation after the moving statistics are recomputed for the epoch's
         # weights (see keras_mgconv.batch_norm), so that it judges, and the
         # checkpoints hold, the model that inference mode will run.
+        # The same batches every epoch (those of the first), so that a resumed
+        # run computes what an uninterrupted one does.
         batch_norm_data = data.image_pipeline(
             dataset, fit_split, batch_size, training=True, drop_remainder=True,
-            **pipeline_args)
+            epochs=range(1), **pipeline_args)
         callbacks = [
             _EpochTimer(),
             PreciseBatchNormalization(
