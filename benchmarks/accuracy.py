@@ -37,6 +37,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+from matplotlib import ticker  # noqa: E402
 
 from keras_mgconv import training  # noqa: E402
 from keras_mgconv._files import atomic_write  # noqa: E402
@@ -158,6 +159,9 @@ def plot(rows, path):
             axes.annotate(f"{r['width']}x", (r["parameters"], 100 * r["final_test_accuracy"]),
                           textcoords="offset points", xytext=(4, -10), fontsize=7)
     axes.set_xscale("log")
+    millions = ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g}M")
+    axes.xaxis.set_major_formatter(millions)
+    axes.xaxis.set_minor_formatter(millions)
     axes.set_xlabel("parameters")
     axes.set_ylabel("test accuracy (%), mean ± std over seeds")
     axes.grid(alpha=0.3, which="both")
