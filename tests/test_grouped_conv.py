@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,6 +9,7 @@ from keras_mgconv._keras import keras
 from keras_mgconv.layers.grouped_conv import grouped_conv2d, grouped_gradient_supported
 
 from conftest import block_diagonal_kernel
+from float32_rounding import assert_within_rounding
 from layer_checks import check_layer
 
 
@@ -22,22 +25,36 @@ def test_grouped_conv2d_equals_full_conv_with_block_diagonal_kernel(
                             padding.upper())
     outputs = grouped_conv2d(inputs, kernel, groups, (strides, strides), padding,
                              implementation)
-    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-4)
+    # Both sum the same k * k * C_in / G products per output, in other orders:
+    # the full convolution's other products are exact zeros.
+    magnitudes = tf.nn.conv2d(np.abs(inputs), np.abs(block_diagonal_kernel(kernel, groups)),
+                              strides, padding.upper())
+    assert_within_rounding(outputs, expected, math.prod(kernel.shape[:3]), magnitudes)
 
 
 def test_grouped_conv2d_gradients_match_between_implementations():
     rng = np.random.default_rng(2)
     inputs = tf.constant(rng.standard_normal((2, 8, 8, 32)).astype("float32"))
     kernel = tf.constant(rng.standard_normal((3, 3, 8, 32)).astype("float32"))
-    grads = {}
-    for implementation in ("split", "auto"):
+
+    def gradients(implementation, inputs, kernel):
         with tf.GradientTape() as tape:
             tape.watch([inputs, kernel])
             outputs = grouped_conv2d(inputs, kernel, 4, implementation=implementation)
             loss = tf.reduce_sum(outputs ** 2)
-        grads[implementation] = tape.gradient(loss, [inputs, kernel])
-    for split_grad, auto_grad in zip(grads["split"], grads["auto"]):
-        np.testing.assert_allclose(split_grad, auto_grad, rtol=1e-4, atol=1e-3)
+        return tape.gradient(loss, [inputs, kernel])
+
+    # The same gradients at the absolute values (for the inputs 2 |K|^T |K| |x|)
+    # are the magnitudes that their rounding errors scale with.
+    magnitudes = gradients("split", tf.abs(inputs), tf.abs(kernel))
+    # Every output sums 3 * 3 * C_in / G products; then every input's gradient
+    # sums 3 * 3 * C_out / G, and every kernel weight's one per output position.
+    outputs = math.prod(kernel.shape[:3])
+    lengths = [outputs + 3 * 3 * 32 // 4, outputs + 2 * 8 * 8]
+    for split_grad, auto_grad, length, magnitude in zip(
+            gradients("split", inputs, kernel), gradients("auto", inputs, kernel), lengths,
+            magnitudes):
+        assert_within_rounding(auto_grad, split_grad, length, magnitude)
 
 
 def test_gradient_probe_answers_per_dtype():
