@@ -8,7 +8,6 @@ without oneDNN, where the split fallback trains. On Linux without a CUDA driver 
 also spares the user TensorFlow's error-level cuInit line.
 """
 
-import ctypes
 
 import json
 import os
@@ -20,7 +19,9 @@ import textwrap
 
 import pytest
 
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+from keras_mgconv import _environment
+
+X86 = platform.machine().lower() in _environment._X86
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, warnings
@@ -118,16 +119,8 @@ def test_trains_through_split_fallback_with_onednn_off():
                      report["direct_error"])
 
 
-def _has_cuda_driver():
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(sys.platform != "linux" or _has_cuda_driver(),
-                    reason="the cuInit error appears only on Linux without a CUDA driver")
+@pytest.mark.skipif(sys.platform != "linux" or _environment._has_accelerator_runtime(),
+                    reason="the cuInit error appears only on Linux without a GPU runtime")
 def test_no_cuda_error_without_a_gpu():
     script = ("import sys\nif sys.argv[1] == 'tensorflow first': import tensorflow\n"
               "import keras_mgconv, tensorflow as tf\n"
