@@ -4,21 +4,42 @@ The public names load on first use (PEP 562), so that `import keras_mgconv`
 and the `keras-mgconv` command answer without importing TensorFlow until they
 need it; before that import, `_environment` turns oneDNN on where TensorFlow
 would leave it off, and quiets its CUDA error where there is no GPU.
+
+Saved models must load after nothing but `import keras_mgconv`, in either
+import order: the package's layers register with Keras as soon as Keras is
+imported (at once if it already is), through a post-import hook on the Keras
+that `_keras` chooses.
 """
 
 import importlib
+
+import wrapt
 
 from keras_mgconv import _environment
 
 _environment.enable_onednn()
 _environment.cpu_only_without_cuda()
 
+
+def _register_layers(keras_module):
+    # Only for the Keras the package uses (tensorflow-model-optimization may
+    # switch to Keras 2 after this import). `_keras` imports the layers once
+    # it holds Keras; inside the package's own import of Keras, import_module
+    # returns `_keras` in progress.
+    if keras_module.__name__ == _environment.keras_module_name():
+        importlib.import_module("keras_mgconv._keras")
+
+
+for _name in ("keras", "tf_keras"):
+    wrapt.register_post_import_hook(_register_layers, _name)
+
 __version__ = "0.1.0"
 
-_SUBMODULES = ("batch_norm", "data", "export", "models", "optimization", "training")
+_SUBMODULES = ("batch_norm", "data", "export", "layers", "models", "optimization", "training")
 _ATTRIBUTES = {
     "ChannelProlongation": "keras_mgconv.layers",
     "ChannelRestriction": "keras_mgconv.layers",
+    "ChannelZeroPadding": "keras_mgconv.layers",
     "GroupedConv2D": "keras_mgconv.layers",
     "MultigridConv2D": "keras_mgconv.layers",
     "count_multiply_adds": "keras_mgconv.complexity",
@@ -27,6 +48,7 @@ _ATTRIBUTES = {
 __all__ = [
     "ChannelProlongation",
     "ChannelRestriction",
+    "ChannelZeroPadding",
     "GroupedConv2D",
     "MultigridConv2D",
     "__version__",

@@ -28,6 +28,16 @@ DEVICE_TYPES = "TF_ENABLED_DEVICE_TYPES"
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def uses_legacy_keras():
+    """Whether `TF_USE_LEGACY_KERAS` selects Keras 2 (`tf_keras`), as TensorFlow reads it."""
+    return os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true")
+
+
+def keras_module_name():
+    """The module keras_mgconv takes its Keras from: "tf_keras" or "keras"."""
+    return "tf_keras" if uses_legacy_keras() else "keras"
+
+
 def _settable(variable):
     return variable not in os.environ and "tensorflow" not in sys.modules
 

@@ -13,9 +13,9 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 )
 
 from keras_mgconv._keras import keras
-from keras_mgconv.layers import ChannelProlongation, ChannelRestriction, GroupedConv2D
+from keras_mgconv.layers import (
+    ChannelProlongation, ChannelRestriction, ChannelZeroPadding, GroupedConv2D)
 from keras_mgconv.layers.grouped_conv import GroupedConvBase
-from keras_mgconv.models.resnet import ChannelZeroPadding
 
 quantize = tfmot.quantization.keras
 transforms = quantize.graph_transformations.transforms

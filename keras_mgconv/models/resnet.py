@@ -16,35 +16,12 @@ residual units, with no shortcut around it; the stem and the classifier stay
 standard.
 """
 
-import tensorflow as tf
-
 from keras_mgconv._keras import keras
+from keras_mgconv.layers import ChannelZeroPadding
 from keras_mgconv.models import common, multigrid_block
 
 # keras.applications' ResNet normalisation epsilon.
 _BN_EPSILON = 1.001e-5
-
-
-@keras.saving.register_keras_serializable(package="keras_mgconv")
-class ChannelZeroPadding(keras.layers.Layer):
-    """Appends zero channels: the parameter-free shortcut of He et al.'s option A."""
-
-    def __init__(self, channels, **kwargs):
-        super().__init__(**kwargs)
-        self.channels = channels
-
-    def call(self, inputs):
-        return tf.pad(inputs, [[0, 0], [0, 0], [0, 0], [0, self.channels]])
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], input_shape[-1] + self.channels)
-
-    def get_prunable_weights(self):
-        """None: declared so that tensorflow-model-optimization can prune the models it is in."""
-        return []
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
 
 
 def _batch_norm(x, name, momentum):
