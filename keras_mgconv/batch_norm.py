@@ -23,6 +23,8 @@ validation figures, the checkpoints and the final model all use statistics of
 their own weights; `keras_mgconv.training.train` uses it.
 """
 
+import numbers
+
 import numpy as np
 import tensorflow as tf
 
@@ -30,42 +32,37 @@ from keras_mgconv._keras import keras
 
 
 def _batch_norm_layers(model):
-    if not getattr(model, "inputs", None):
+    """The BatchNormalization layers that training updates, those of nested models included."""
+    if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(
-            "`model` must be a functional model with known inputs. "
-            f"Received: model={model!r}.")
-    layers = [layer for layer in model.layers
-              if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in layers:
-        if tuple(layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]) not in (
-                (-1,), (len(layer.input.shape) - 1,)):
-            raise ValueError(
-                f"Layer {layer.name!r} normalises axis {layer.axis}: only channels-last "
-                f"batch normalisation (axis=-1) is supported.")
-    return layers
+            f"`model` must be a built keras.Model. Received: model={model!r}.")
+    # `_flatten_layers` (Keras 3 and tf_keras alike) also finds the layers of
+    # nested models and of layers that hold others.
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
 
 
-class _InputMoments(keras.Model):
-    """The per-batch mean and variance of the input of each of `layers`, in training mode.
+class _BatchMoments(keras.Model):
+    """`model` in training mode, returning the statistics each of `layers` updated.
 
-    One `(1, 2, channels)` array per layer and batch (per replica under a
+    With momentum 0, a BatchNormalization's update sets its moving statistics
+    to those of the batch, computed as training computes them (over the global
+    batch where `synchronized`), wherever the layer sits in `model`. One
+    `(1, 2, channels)` array per layer and batch (per replica under a
     distribution strategy), so that `predict` stacks them along its first axis.
     """
 
     def __init__(self, model, layers):
-        super().__init__(name="batch_norm_input_moments")
-        self.probe = keras.Model(model.inputs, [layer.input for layer in layers])
+        super().__init__(name="batch_norm_moments")
+        self.network = model
+        self.batch_norm_layers = layers
 
     def call(self, inputs):
-        outputs = self.probe(inputs, training=True)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        moments = []
-        for output in outputs:
-            output = tf.cast(output, tf.float32)
-            mean, variance = tf.nn.moments(output, axes=list(range(len(output.shape) - 1)))
-            moments.append(tf.stack([mean, variance])[tf.newaxis])
-        return moments
+        self.network(inputs, training=True)
+        # Read after the update: TensorFlow orders the reads after the writes.
+        return [tf.stack([tf.convert_to_tensor(layer.moving_mean),
+                          tf.convert_to_tensor(layer.moving_variance)])[tf.newaxis]
+                for layer in self.batch_norm_layers]
 
 
 def recompute_batch_norm_statistics(model, data, steps=None):
@@ -73,24 +70,25 @@ def recompute_batch_norm_statistics(model, data, steps=None):
 
     Runs `steps` batches of `data` through `model` in training mode and sets
     each layer's `moving_mean` and `moving_variance` to the average over the
-    batches of the mean and variance of its input (the statistics training
-    normalised with), computed with the weights as they are now. Nothing else
-    changes.
+    batches of the statistics training updates them with (the mean and
+    variance of the layer's input), computed with the weights as they are now.
+    Layers of nested models count as the model's own; frozen layers
+    (`trainable=False`, which training does not update) are left as they are.
+    Nothing else changes, and a failed run changes nothing.
 
     Args:
-        model: a built functional `keras.Model` whose BatchNormalization layers
-            are its own (not inside nested models) and normalise the last axis.
+        model: a built `keras.Model`.
         data: a `tf.data.Dataset` (or anything `Model.predict` takes) of inputs,
             or of `(inputs, targets)` pairs, preferably training data as it is
-            trained on.
-        steps: batches to use; None uses all of `data`.
+            trained on; at least one batch.
+        steps: batches to use, a positive int; None uses all of `data`.
 
     Returns:
         The number of BatchNormalization layers updated.
 
     Raises:
-        ValueError: for a model without known inputs or with a batch
-            normalisation over another axis than the last.
+        ValueError: for a model that is not built, `data` without a batch, or
+            `steps` that is not None or a positive int.
 
     Example:
 
@@ -107,22 +105,57 @@ def recompute_batch_norm_statistics(model, data, steps=None):
     True
     """
     layers = _batch_norm_layers(model)
+    _check_steps(steps)
     if layers:
-        _update(layers, _InputMoments(model, layers), data, steps)
+        _update(_BatchMoments(model, layers), data, steps)
     return len(layers)
 
 
-def _update(layers, input_moments, data, steps):
-    # Training mode moves the averages too: every one of them is set here.
-    moments = input_moments.predict(data, steps=steps, verbose=0)
+def _check_steps(steps):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                              or steps <= 0):
+        raise ValueError(
+            f"`steps` must be None (all of `data`) or a positive int. Received: steps={steps!r}.")
+
+
+def _is_empty(data):
+    if isinstance(data, tf.data.Dataset):
+        return not any(True for _ in data.take(1))
+    arrays = tf.nest.flatten(data)
+    return bool(arrays) and hasattr(arrays[0], "__len__") and len(arrays[0]) == 0
+
+
+def _update(batch_moments, data, steps):
+    layers = batch_moments.batch_norm_layers
+    saved = [(layer.momentum, layer.moving_mean.numpy(), layer.moving_variance.numpy())
+             for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+        # 0 * inf or NaN left by a diverged run would stay NaN.
+        layer.moving_mean.assign(tf.zeros_like(layer.moving_mean))
+        layer.moving_variance.assign(tf.zeros_like(layer.moving_variance))
+    try:
+        moments = batch_moments.predict(data, steps=steps, verbose=0)
+    except BaseException as error:
+        for layer, (_, mean, variance) in zip(layers, saved):
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(variance)
+        # Keras' predict fails obscurely (Keras 3: UnboundLocalError) on data without a batch.
+        if isinstance(error, (UnboundLocalError, ValueError)) and _is_empty(data):
+            raise ValueError(
+                f"`data` must hold at least one batch. Received: data={data!r}.") from None
+        raise
+    finally:
+        for layer, (momentum, _, _) in zip(layers, saved):
+            layer.momentum = momentum
     if not isinstance(moments, (list, tuple)):
         moments = [moments]
     for layer, batches in zip(layers, moments):
+        # tf_keras' variables have TensorFlow dtypes, which NumPy does not read.
+        dtype = tf.as_dtype(layer.moving_mean.dtype).as_numpy_dtype
         batches = np.asarray(batches, np.float64)
-        layer.moving_mean.assign(
-            batches[:, 0].mean(axis=0).astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(
-            batches[:, 1].mean(axis=0).astype(layer.moving_variance.dtype))
+        layer.moving_mean.assign(batches[:, 0].mean(axis=0).astype(dtype))
+        layer.moving_variance.assign(batches[:, 1].mean(axis=0).astype(dtype))
 
 
 class PreciseBatchNormalization(keras.callbacks.Callback):
@@ -154,18 +187,19 @@ class PreciseBatchNormalization(keras.callbacks.Callback):
 
     def __init__(self, data, steps=None, validation_data=None):
         super().__init__()
+        _check_steps(steps)
         self.data = data
         self.steps = steps
         self.validation_data = validation_data
 
     def on_train_begin(self, logs=None):
-        self._layers = _batch_norm_layers(self.model)
+        layers = _batch_norm_layers(self.model)
         # Built once: each new model would be traced again for `predict`.
-        self._input_moments = _InputMoments(self.model, self._layers) if self._layers else None
+        self._batch_moments = _BatchMoments(self.model, layers) if layers else None
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._layers:
-            _update(self._layers, self._input_moments, self.data, self.steps)
+        if self._batch_moments is not None:
+            _update(self._batch_moments, self.data, self.steps)
         if self.validation_data is not None and logs is not None:
             if isinstance(self.validation_data, tuple):
                 inputs, targets, weights = keras.utils.unpack_x_y_sample_weight(

@@ -20,11 +20,17 @@ TF_KERAS = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3
 
 # Under tf_keras: the layers' own tests (config, weights, fit, mixed precision,
 # saving), a factory's build-train-save-load (the other factories' take minutes
-# there; optimization_checks.py saves and reloads a MobileNetV2), and the
-# optimization module's docstring examples.
+# there; optimization_checks.py saves and reloads a MobileNetV2), the batch
+# norm statistics that `train` recomputes every epoch, and the optimization
+# module's docstring examples.
 TF_KERAS_TESTS = [
     "test_grouped_conv.py", "test_channel_transfer.py", "test_multigrid_conv.py",
     "test_models.py::test_factory_builds_trains_and_reloads[ResNet20]",
+    *(f"test_batch_norm.py::{name}" for name in (
+        "test_statistics_are_the_average_batch_statistics_of_the_current_weights",
+        "test_callback_recomputes_before_validation",
+        "test_nested_models_batch_norm_is_recomputed",
+        "test_data_without_a_batch_is_refused_and_changes_nothing")),
     "test_docstrings.py::test_docstring_examples[keras_mgconv.optimization]",
 ]
 
