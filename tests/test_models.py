@@ -122,6 +122,11 @@ def test_include_top_false_with_pooling_and_input_tensor():
     tensor = keras.Input((32, 32, 3))
     model = models.ResNet20(input_tensor=tensor, include_top=False)
     assert model.output_shape == (None, 8, 8, 64)
+    # An `input_shape` that agrees with the tensor, where both are known, is fine.
+    model = models.ResNet20(input_shape=(None, 32, 3), input_tensor=tensor,
+                            include_top=False, width=np.float32(1.0),
+                            batch_norm_momentum=np.float64(0.0))
+    assert model.output_shape == (None, 8, 8, 64)
 
 
 def test_weights_file_is_loaded(tmp_path):
@@ -152,6 +157,25 @@ def test_weights_file_is_loaded(tmp_path):
     (lambda: models.ResNet50(multigrid=None), "multigrid=None"),
     (lambda: models.CIFARResNet(8, multigrid=1), "multigrid=1"),
     (lambda: models.MobileNetV2(multigrid="block"), "only the layer design.*multigrid='block'"),
+    # Accepted before, and NaN predictions after one fit.
+    (lambda: models.ResNet20(batch_norm_momentum=float("nan")), r"batch_norm_momentum=nan\."),
+    (lambda: models.ResNet50(batch_norm_momentum=1.5), r"batch_norm_momentum=1\.5\."),
+    (lambda: models.CIFARResNet(8, batch_norm_momentum=-0.1), "batch_norm_momentum=-0.1"),
+    (lambda: models.ResNet20(multigrid="block", batch_norm_momentum=1.0),
+     r"batch_norm_momentum=1\.0\."),
+    (lambda: models.MobileNetV2(batch_norm_momentum=float("inf")), "batch_norm_momentum=inf"),
+    (lambda: models.ResNet20(batch_norm_momentum="0.9"), "batch_norm_momentum='0.9'"),
+    # `cannot convert float NaN to integer` and OverflowError before.
+    (lambda: models.ResNet20(width=float("nan")), r"`width`.*width=nan\."),
+    (lambda: models.ResNet18(width=float("inf")), r"`width`.*width=inf\."),
+    (lambda: models.MobileNetV2(alpha=float("nan")), r"`alpha`.*alpha=nan\."),
+    (lambda: models.MobileNetV2(alpha=float("inf")), r"`alpha`.*alpha=inf\."),
+    (lambda: models.MobileNetV2(width=float("inf")), r"`width`.*width=inf\."),
+    # Ignored before, as keras.applications does not.
+    (lambda: models.ResNet20(input_shape=(16, 16, 3), input_tensor=keras.Input((32, 32, 3))),
+     r"disagree.*input_shape=\(16, 16, 3\), input_tensor.shape=\(None, 32, 32, 3\)"),
+    (lambda: models.MobileNetV2(input_shape=(64, 64, 1), input_tensor=keras.Input((64, 64, 3))),
+     r"input_shape=\(64, 64, 1\)"),
 ])
 def test_invalid_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):

@@ -171,8 +171,16 @@ def test_factories_build_the_block_design_where_widths_allow():
     (lambda x: models.multigrid_bottleneck_block(x, 48, group_size=16), "filters=48"),
     (lambda x: models.multigrid_basic_block(keras.Input((8, 8, None)), 32),
      r"x.shape=\(None, 8, 8, None\)"),
+    (lambda x: models.multigrid_basic_block(x, 32, batch_norm_momentum=float("nan")),
+     r"batch_norm_momentum=nan\."),
+    (lambda x: models.multigrid_bottleneck_block(x, 32, batch_norm_momentum=1.5),
+     r"batch_norm_momentum=1\.5\."),
+    (lambda x: models.multigrid_basic_block(x, 32, batch_norm_epsilon=0.0),
+     r"batch_norm_epsilon=0\.0\."),
+    (lambda x: models.multigrid_basic_block(x, 32, batch_norm_epsilon=float("inf")),
+     r"batch_norm_epsilon=inf\."),
 ], ids=["indivisible", "one-level", "coarsest", "odd-group", "strides", "bottleneck",
-        "unknown-channels"])
+        "unknown-channels", "momentum-nan", "momentum-above-1", "epsilon-0", "epsilon-inf"])
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call(keras.Input((8, 8, 16)))

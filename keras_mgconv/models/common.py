@@ -6,6 +6,8 @@ network are the same code; the ResNet blocks switch to the block design
 (`models.multigrid_block`) the same way, by the settings.
 """
 
+import math
+import numbers
 import os
 
 from keras_mgconv._keras import keras
@@ -122,15 +124,45 @@ def check_factory_arguments(weights, include_top, pooling, classes, width):
         )
     if include_top:
         _arguments.positive_int("classes", classes)
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+    positive_multiplier("width", width, "the block channels")
+
+
+def positive_multiplier(name, value, what):
+    """Returns `value` as a float if it is a finite number > 0, else raises."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value <= 0):
         raise ValueError(
-            "Invalid value for argument `width`. Expected a positive multiplier "
-            f"of the block channels. Received: width={width!r}."
+            f"Invalid value for argument `{name}`. Expected a finite positive multiplier "
+            f"of {what}. Received: {name}={value!r}."
         )
+    return float(value)
+
+
+def batch_norm_momentum(value):
+    """Returns `value` as a float if it is a momentum in [0, 1), else raises.
+
+    Keras' BatchNormalization takes any number, and NaN or a momentum above 1
+    turns the moving statistics into NaN or an unbounded sum after one step.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(
+            "Invalid value for argument `batch_norm_momentum`. Expected a number in "
+            "[0, 1), the weight of the old moving statistics at each step. "
+            f"Received: batch_norm_momentum={value!r}."
+        )
+    return float(value)
 
 
 def model_inputs(input_shape, input_tensor, default_shape, min_size):
     """The input layer of a factory, from `input_shape` or `input_tensor`."""
+    if input_tensor is not None and input_shape is not None and not _compatible(
+            tuple(input_shape), tuple(input_tensor.shape[1:])):
+        # keras.applications refuses the conflict too.
+        raise ValueError(
+            "`input_shape` and `input_tensor` disagree: pass one of them, or the "
+            f"shape of the tensor without its batch axis. Received: input_shape="
+            f"{tuple(input_shape)}, input_tensor.shape={tuple(input_tensor.shape)}."
+        )
     if input_shape is None:
         input_shape = (default_shape if input_tensor is None
                        else tuple(input_tensor.shape[1:]))
@@ -147,6 +179,12 @@ def model_inputs(input_shape, input_tensor, default_shape, min_size):
     if not keras.backend.is_keras_tensor(input_tensor):
         return keras.Input(tensor=input_tensor, shape=input_shape), input_tensor
     return input_tensor, input_tensor
+
+
+def _compatible(shape, other):
+    """Whether two shapes agree wherever both sizes are known."""
+    return len(shape) == len(other) and all(
+        a is None or b is None or a == b for a, b in zip(shape, other))
 
 
 def finish_model(inputs, input_tensor, x, include_top, pooling, classes,

@@ -110,9 +110,11 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
 
     Raises:
         ValueError: for `multigrid="block"` or another value than True,
-            False or "layer", alpha <= 0 or width <= 0, 'imagenet' weights, a missing
+            False or "layer", an alpha or width that is not a finite number > 0,
+            a `batch_norm_momentum` outside [0, 1), 'imagenet' weights, a missing
             weights file, pooling with include_top, classes < 1, inputs smaller
-            than 32x32, or a `group_size` dividing none of the block widths.
+            than 32x32, an `input_shape` that disagrees with `input_tensor`, or
+            a `group_size` dividing none of the block widths.
 
     Example:
 
@@ -120,11 +122,7 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
     >>> model.output_shape
     (None, 10)
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(
-            "Invalid value for argument `alpha`. Expected a positive width "
-            f"multiplier. Received: alpha={alpha!r}."
-        )
+    common.positive_multiplier("alpha", alpha, "every layer's channels")
     if multigrid == "block":
         raise ValueError(
             "MobileNetV2 has only the layer design (multigrid=True or 'layer'): "
@@ -134,6 +132,7 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
             f"Received: multigrid={multigrid!r}."
         )
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
+    common.batch_norm_momentum(batch_norm_momentum)
     settings = common.ConvSettings(multigrid, group_size, coarsest_channels)
     first_filters = make_divisible(32 * alpha)
     block_filters = [make_divisible(int(filters * alpha * width))

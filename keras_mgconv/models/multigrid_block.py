@@ -38,6 +38,9 @@ Layer names are `{name}_connector_conv`, `{name}_level{l}_restrict`,
 output is the layer `{name}_out`.
 """
 
+import math
+import numbers
+
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import (
     ChannelProlongation,
@@ -47,11 +50,18 @@ from keras_mgconv.layers import (
     level_widths,
 )
 from keras_mgconv.layers.multigrid_conv import connector_groups
+from keras_mgconv.models import common
 
 
 def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
                      batch_norm_momentum, batch_norm_epsilon, expansion, name):
     strides = _arguments.pair("strides", strides)
+    common.batch_norm_momentum(batch_norm_momentum)
+    if (isinstance(batch_norm_epsilon, bool) or not isinstance(batch_norm_epsilon, numbers.Real)
+            or not 0 < batch_norm_epsilon < math.inf):
+        raise ValueError(
+            "Invalid value for argument `batch_norm_epsilon`. Expected a finite number > 0. "
+            f"Received: batch_norm_epsilon={batch_norm_epsilon!r}.")
     levels = level_widths(filters, group_size, coarsest_channels)
     if len(levels) == 1:
         raise ValueError(
@@ -155,7 +165,9 @@ def multigrid_basic_block(x, filters, strides=1, group_size=16, coarsest_channel
         ValueError: for `filters`, `group_size` or `coarsest_channels` that
             give fewer than two levels or levels above the coarsest that are
             not multiples of `group_size` (see `level_widths`), non-positive
-            `strides`, or inputs without known channels.
+            `strides`, a `batch_norm_momentum` outside [0, 1), a
+            `batch_norm_epsilon` that is not a finite number > 0, or inputs
+            without known channels.
 
     Example:
 

@@ -126,11 +126,14 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
     Raises:
         ValueError: for a `multigrid` other than True, False, "layer" or
             "block", 'imagenet' weights, a missing weights file, pooling with
-            include_top, classes < 1, width <= 0, input sizes below the
-            network's minimum, a `group_size` that is not a positive even int,
+            include_top, classes < 1, a width that is not a finite number > 0,
+            a `batch_norm_momentum` outside [0, 1), input sizes below the
+            network's minimum, an `input_shape` that disagrees with
+            `input_tensor`, a `group_size` that is not a positive even int,
             or one that divides none of the block widths.
     """
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
+    common.batch_norm_momentum(batch_norm_momentum)
     settings = common.ConvSettings(multigrid, group_size, coarsest_channels,
                                    use_bias=stem == "imagenet")
     stage_filters = [max(1, round(filters * width)) for filters, _, _ in stages]
