@@ -12,6 +12,7 @@ import os
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
+from keras_mgconv.layers.precise_model import PreciseBatchNormModel
 
 
 DESIGNS = ("layer", "block")
@@ -189,7 +190,12 @@ def _compatible(shape, other):
 
 def finish_model(inputs, input_tensor, x, include_top, pooling, classes,
                  classifier_activation, weights, name):
-    """Adds the classifier or pooling, builds the Model, loads `weights`."""
+    """Adds the classifier or pooling, builds the model, loads `weights`.
+
+    The model is a `PreciseBatchNormModel`: its `fit` leaves BatchNormalization
+    statistics of the final weights, so that `fit` then `evaluate` scores the
+    trained function (Keras' moving averages lag the weights; see its docstring).
+    """
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dense(classes, activation=classifier_activation,
@@ -200,7 +206,7 @@ def finish_model(inputs, input_tensor, x, include_top, pooling, classes,
         x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
-    model = keras.Model(inputs, x, name=name)
+    model = PreciseBatchNormModel(inputs, x, name=name)
     if weights is not None:
         model.load_weights(weights)
     return model
