@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import functools
 import io
+import math
 import numbers
 import os
 import sys
@@ -167,7 +168,8 @@ def _folders(top):
 def _removing_new_empty_folders(tops):
     """Removes the folders under `tops` (and `tops`) that the block made and left empty.
 
-    Each failed TFDS download leaves an empty temporary folder behind.
+    Each failed TFDS download leaves empty folders behind: its temporary
+    one, and the shared `downloads/extracted` where it had to create it.
     """
     before = set().union(*(_folders(top) | {top} for top in tops if os.path.isdir(top)))
     try:
@@ -201,7 +203,7 @@ def _prepare(builder, manual_dir):
     lock = _preparation_lock(root, builder.name) if "://" not in root else contextlib.nullcontext()
     try:
         with lock, _removing_new_empty_folders(
-                [os.path.join(root, builder.name), os.path.join(root, "downloads", builder.name)]):
+                [os.path.join(root, builder.name), os.path.join(root, "downloads")]):
             if _is_prepared(builder):
                 return
             with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES), \
@@ -562,7 +564,9 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
         name: TFDS dataset name.
         split: TFDS split, e.g. "train", "test", "train[:90%]", or a
             `HeldOutSplit` from `validation_splits`.
-        batch_size: examples per batch (the global batch under tf.distribute).
+        batch_size: examples per batch (the global batch under tf.distribute);
+            a larger batch than the split holds is the whole split, unless
+            `drop_remainder`.
         training: shuffle (reshuffled every epoch) and augment.
         image_shape: (height, width, channels) to bring the images to; None
             keeps the dataset's own (fixed-size datasets only). Grayscale and
@@ -588,8 +592,10 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
         0-255, int64 labels) batches.
 
     Raises:
-        ValueError: for an unknown or unavailable dataset, a non-positive batch
-            size, or an `image_shape` the images cannot be brought to.
+        ValueError: for an unknown or unavailable dataset, a split without
+            examples, a non-positive batch size, an `image_shape` the images
+            cannot be brought to, or a batch of images larger than this
+            machine's memory.
 
     Example:
 
@@ -603,8 +609,16 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     info = image_dataset_info(name, data_dir, manual_dir)
     image_shape = _target_shape(info, image_shape)
     augment = training if augment is None else augment
+    count = split_size(name, split, data_dir, manual_dir)
+    if count == 0:
+        raise ValueError(f"Split {split!r} of dataset {name!r} holds no examples. "
+                         f"Received: split={split!r}.")
+    if not drop_remainder:
+        # A batch as large as the split is the whole split: tf.data would
+        # allocate all of `batch_size` for it nonetheless.
+        batch_size = min(batch_size, count)
+    _check_batch_memory(batch_size, image_shape)
     examples = _examples(name, split, data_dir, training, seed)
-    count = int(examples.cardinality())
     if cache is None:
         cache = _is_small(info) and count * int(np.prod(info.image_shape)) <= _CACHE_BYTES
     if cache:
@@ -612,17 +626,15 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31))
     if training and epochs is not None:
-        # Concatenated epochs with seeds of their own, not a reshuffling repeat():
+        # Epochs with seeds of their own, not a reshuffling repeat():
         # tf.data's reshuffling state lives in the dataset, so the order would
         # depend on how many iterators anything has opened on it before.
         if not isinstance(epochs, range) or epochs.step != 1 or epochs.start < 0:
             raise ValueError(f"`epochs` must be a range of epoch numbers, e.g. range(3, 15). "
                              f"Received: epochs={epochs!r}.")
         full_batches = count // batch_size * batch_size
-        examples = functools.reduce(tf.data.Dataset.concatenate, [
-            examples.shuffle(_shuffle_buffer(shuffle_buffer, count), seed=seed + number,
-                             reshuffle_each_iteration=False).take(full_batches)
-            for number in epochs])
+        examples = _epochs(examples, epochs, _shuffle_buffer(shuffle_buffer, count), seed,
+                           full_batches)
         first_index = epochs.start * full_batches
     elif training:
         examples = examples.shuffle(_shuffle_buffer(shuffle_buffer, count), seed=seed,
@@ -642,6 +654,45 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _check_batch_memory(batch_size, image_shape):
+    """Refuses batches of images larger than this machine's memory.
+
+    tf.data allocates a batch whole before it fills it: a batch that does not
+    fit fails only after the allocator has retried for a while, and the
+    model's activations take many times the images' memory anyway.
+    """
+    needed = batch_size * math.prod(image_shape) * np.dtype(np.float32).itemsize
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > memory:
+        raise ValueError(
+            f"A batch of {batch_size} images of {'x'.join(map(str, image_shape))} takes "
+            f"{needed / 2**30:,.1f} GiB as float32, more than this machine's "
+            f"{memory / 2**30:,.1f} GiB of memory: choose a smaller batch size or image "
+            f"size. Received: batch_size={batch_size}, image_shape={tuple(image_shape)}.")
+
+
+def _epochs(examples, epochs, shuffle_buffer, seed, full_batches):
+    """`examples` epoch after epoch, each shuffled as `seed` and its number alone determine.
+
+    One dataset, however many the epochs: the epochs are made as they are
+    reached, each the first `full_batches` examples of a shuffle seeded from
+    (`seed`, its number).
+    """
+    def epoch(number):
+        # Dataset.shuffle pairs its seed with the graph-level one, and compares
+        # the pair with (0, 0) in Python, which a tensor seed cannot take part in
+        # unless the graph seed is not 0. This function's graph seed is set to 1
+        # (in this graph only): the order depends on the epoch's seed alone.
+        tf.random.set_seed(1)
+        epoch_seed = tf.random.stateless_uniform(
+            [], seed=tf.stack([tf.constant(seed, tf.int64), number]), minval=1,
+            maxval=2**31 - 1, dtype=tf.int64)
+        return examples.shuffle(shuffle_buffer, seed=epoch_seed,
+                                reshuffle_each_iteration=False).take(full_batches)
+
+    return tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
 
 
 def _shuffle_buffer(shuffle_buffer, count):
