@@ -6,9 +6,25 @@ step that changes every weight, mixed precision, and saving to `.keras` with
 identical predictions after loading.
 """
 
+import math
+
 import numpy as np
 
 from keras_mgconv._keras import keras
+
+
+def v_cycle_sum_length(layer):
+    """A bound on the terms summed one after another through a MultigridConv2D's cycle, either way.
+
+    Every convolution of the cycle, counted whether or not it lies on the path,
+    with its products per output forwards (k * k * C_in / G) or per input
+    backwards (k * k * C_out / G), and the cycle's additions: per level the
+    difference, the correction and the smoother's identity; and the bias.
+    """
+    return sum(
+        math.prod(sublayer.kernel.shape[:2])
+        * max(sublayer.kernel.shape[2], sublayer.kernel.shape[3] // sublayer.groups)
+        for sublayer in layer.convolutions) + 3 * len(layer.smoothers) + 1
 
 
 def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_shape,

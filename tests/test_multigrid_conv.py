@@ -11,7 +11,7 @@ from keras_mgconv.layers import level_widths
 
 from conftest import block_diagonal_kernel
 from float32_rounding import assert_within_rounding
-from layer_checks import check_layer
+from layer_checks import check_layer, v_cycle_sum_length
 
 
 @pytest.mark.parametrize("kwargs,input_shape,output_shape,num_weights", [
@@ -65,20 +65,6 @@ def reference_v_cycle(layer, inputs):
     return y + layer.bias.numpy()
 
 
-def _sum_lengths(layer):
-    """A bound on the terms summed one after another through the cycle, either way.
-
-    Every convolution of the cycle, counted whether or not it lies on the path,
-    with its products per output forwards (k * k * C_in / G) or per input
-    backwards (k * k * C_out / G), and the cycle's additions: per level the
-    difference, the correction and the smoother's identity; and the bias.
-    """
-    return sum(
-        math.prod(sublayer.kernel.shape[:2])
-        * max(sublayer.kernel.shape[2], sublayer.kernel.shape[3] // sublayer.groups)
-        for sublayer in layer.convolutions) + 3 * len(layer.smoothers) + 1
-
-
 @pytest.mark.parametrize("implementation", ["auto", "grouped", "split"])
 @pytest.mark.parametrize("kwargs,channels", [
     ({"filters": 64, "group_size": 16, "padding": "same"}, 64),
@@ -96,7 +82,7 @@ def test_output_equals_reference_v_cycle(implementation, kwargs, channels):
     for transfer in layer.restrictions + layer.prolongations:
         transfer.kernel.assign(rng.standard_normal(transfer.kernel.shape) * 0.3)
     expected = reference_v_cycle(layer, inputs)
-    assert_within_rounding(layer(inputs), expected, _sum_lengths(layer), np.max(np.abs(expected)))
+    assert_within_rounding(layer(inputs), expected, v_cycle_sum_length(layer), np.max(np.abs(expected)))
 
 
 @pytest.mark.parametrize("kwargs,channels", [
@@ -123,7 +109,7 @@ def test_pointwise_training_computes_the_cycle(kwargs, channels):
     # on the C_in unit vectors (whose batch a weight's gradient sums), then
     # sums C_in products per output; an input's gradient sums its C_out
     # outputs, and a weight's its 2 * H * W positions.
-    length = (2 * _sum_lengths(layer) + 2 * channels + kwargs["filters"]
+    length = (2 * v_cycle_sum_length(layer) + 2 * channels + kwargs["filters"]
               + inputs.shape[0] * math.prod(inputs.shape[1:3]))
     for cycle, dense in zip(*results):
         assert_within_rounding(dense, cycle, length, np.max(np.abs(cycle)))

@@ -1,8 +1,7 @@
 """Zero channels appended to a tensor: the parameter-free ResNet shortcut."""
 
-import tensorflow as tf
-
 from keras_mgconv._keras import keras
+from keras_mgconv.layers._ops import ops
 
 
 @keras.saving.register_keras_serializable(package="keras_mgconv")
@@ -26,7 +25,7 @@ class ChannelZeroPadding(keras.layers.Layer):
         self.channels = channels
 
     def call(self, inputs):
-        return tf.pad(inputs, [[0, 0], [0, 0], [0, 0], [0, self.channels]])
+        return ops.pad_channels(inputs, self.channels)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] + self.channels)

@@ -1,62 +1,26 @@
-"""Grouped 2D convolution that trains fast on CPU, and the layer built on it.
+"""Grouped 2D convolution that trains fast on every backend, and the layer built on it.
 
 Keras 3's `Conv2D(groups>1)` on the TensorFlow backend runs inside an XLA
 function, which on CPU makes a training step 20-45x slower than calling
-`tf.nn.conv2d` with a grouped kernel directly (DESIGN.md, section 3). The direct
-call has a catch: TensorFlow computes its gradients on CPU only through oneDNN,
-and only in float32; with `TF_ENABLE_ONEDNN_OPTS=0`, on CPUs without oneDNN, or
-in float16 it raises "Gradients for grouped convolutions are not supported on
-CPU". `grouped_conv2d` therefore probes once per dtype whether the direct
-gradient works here and otherwise splits the channels into groups, convolves
-each with an ordinary convolution and concatenates: slower, but it trains
-everywhere and computes exactly the same function with the same kernel.
+`tf.nn.conv2d` with a grouped kernel directly (DESIGN.md, section 3): the
+convolutions here come from `_ops`, which on TensorFlow makes that direct call
+and on JAX and PyTorch calls `keras.ops.conv`. The direct call has a catch:
+TensorFlow computes its gradients on CPU only through oneDNN, and only in
+float32. `grouped_conv2d` therefore can also split the channels into groups,
+convolve each with an ordinary convolution and concatenate: slower, but it
+trains everywhere and computes exactly the same function with the same kernel.
 """
 
 import contextlib
 import contextvars
-import functools
-import os
-import warnings
 
 import numpy as np
-import tensorflow as tf
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import _arguments
+from keras_mgconv.layers._ops import ops
 
-@functools.lru_cache(maxsize=None)
-def grouped_gradient_supported(dtype=tf.float32):
-    """Whether this machine can differentiate a grouped `tf.nn.conv2d`.
-
-    Runs a tiny grouped convolution and its gradients once per dtype, eagerly
-    (also when called while a `tf.function` is being traced), and caches the
-    answer for the process.
-
-    Args:
-        dtype: the compute dtype to probe, a `tf.DType` or its name.
-
-    Returns:
-        True when the direct grouped gradient works on the default device.
-    """
-    dtype = tf.as_dtype(dtype)
-    # init_scope runs the probe eagerly even while a tf.function is traced, but
-    # it also pauses gradient tapes: call the two backprop kernels directly.
-    with tf.init_scope():
-        inputs = tf.ones((1, 4, 4, 4), dtype)
-        kernel = tf.ones((3, 3, 2, 4), dtype)
-        strides = [1, 1, 1, 1]
-        try:
-            tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=inputs.shape, filter=kernel, out_backprop=inputs,
-                strides=strides, padding="SAME")
-            tf.raw_ops.Conv2DBackpropFilter(
-                input=inputs, filter_sizes=kernel.shape, out_backprop=inputs,
-                strides=strides, padding="SAME")
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
-                tf.errors.NotFoundError):
-            return False
-    return True
-
+grouped_gradient_supported = ops.grouped_gradient_supported
 
 # Set by `traced_implementation` while a graph is traced for export.
 _TRACED_IMPLEMENTATION = contextvars.ContextVar("traced_implementation", default=None)
@@ -82,49 +46,19 @@ def traced_implementation(implementation):
         _TRACED_IMPLEMENTATION.reset(token)
 
 
-def _why_no_grouped_gradient(dtype):
-    """The cause, and the remedy where there is one, of a missing grouped gradient."""
-    if dtype != tf.float32:
-        return (f"TensorFlow has no grouped-convolution gradient for {dtype.name} on "
-                f"CPU; train in float32 for the fast path")
-    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    if setting is None:
-        state = "oneDNN is off (TensorFlow was imported before keras_mgconv could turn it on)"
-    else:
-        state = f"oneDNN is off or unavailable (TF_ENABLE_ONEDNN_OPTS={setting!r})"
-    return (f"{state}; set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported, or "
-            f"import keras_mgconv first, for the fast path")
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_split_fallback(dtype):
-    # Once per dtype and process: the notice is about the machine, not a layer.
-    warnings.warn(
-        "keras_mgconv: grouped convolutions run as per-group convolutions here, which "
-        "train about 1.5x slower (a 256-channel MultigridConv2D step: 0.82x of Conv2D's "
-        f"time against 0.56x on the fast path): {_why_no_grouped_gradient(dtype)}.",
-        RuntimeWarning, stacklevel=2)
-
-
 def resolve_implementation(implementation, dtype):
     """What `grouped_conv2d` runs for `implementation` on inputs of `dtype`.
 
     "grouped" or "split" as given; "auto" becomes the implementation of an
     enclosing `traced_implementation` context if there is one, else "grouped"
-    where this machine can differentiate a grouped `tf.nn.conv2d` in `dtype`,
-    and "split" otherwise, with a one-time `RuntimeWarning` that says why and
-    what it costs.
+    where the backend can differentiate a grouped convolution in `dtype` here
+    (JAX and PyTorch always; TensorFlow on CPU only through oneDNN, in
+    float32), and "split" otherwise, with a one-time `RuntimeWarning` that says
+    why and what it costs.
     """
     if implementation != "auto":
         return implementation
-    traced = _TRACED_IMPLEMENTATION.get()
-    if traced is not None:
-        return traced
-    dtype = tf.as_dtype(dtype)
-    if grouped_gradient_supported(dtype):
-        return "grouped"
-    _warn_split_fallback(dtype)
-    return "split"
+    return _TRACED_IMPLEMENTATION.get() or ops.auto_implementation(dtype)
 
 
 def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
@@ -142,27 +76,21 @@ def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
         groups: number of groups G; `C_in` and `C_out` must be multiples of it.
         strides: pair of ints.
         padding: `"same"` or `"valid"`.
-        implementation: `"grouped"` (one grouped `tf.nn.conv2d`), `"split"`
-            (per-group convolutions and a concatenation) or `"auto"`: grouped
-            where this machine can differentiate it for the input dtype, split
-            otherwise.
+        implementation: `"grouped"` (one grouped convolution), `"split"`
+            (per-group convolutions and a concatenation) or `"auto"`: see
+            `resolve_implementation`.
 
     Returns:
         Tensor of shape `(batch, out_height, out_width, C_out)`.
     """
     _arguments.implementation_mode(implementation)
-    padding = padding.upper()
-    if groups == 1:
-        return tf.nn.conv2d(inputs, kernel, strides, padding)
-    if resolve_implementation(implementation, inputs.dtype) == "grouped":
-        return tf.nn.conv2d(inputs, kernel, strides, padding)
-    group_outputs = [
-        tf.nn.conv2d(group_inputs, group_kernel, strides, padding)
-        for group_inputs, group_kernel in zip(
-            tf.split(inputs, groups, axis=-1), tf.split(kernel, groups, axis=-1)
-        )
-    ]
-    return tf.concat(group_outputs, axis=-1)
+    if groups == 1 or resolve_implementation(implementation, inputs.dtype) == "grouped":
+        return ops.conv(inputs, kernel, strides, padding)
+    return ops.concatenate([
+        ops.conv(group_inputs, group_kernel, strides, padding)
+        for group_inputs, group_kernel in zip(ops.split(inputs, groups),
+                                              ops.split(kernel, groups))
+    ])
 
 
 def identity_kernel(kernel_shape):
@@ -252,12 +180,12 @@ class GroupedConvBase(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        kernel = tf.cast(self.kernel, self.compute_dtype)
+        kernel = ops.cast(self.kernel, self.compute_dtype)
         if self._identity is not None:
             # inputs + conv(inputs) as one convolution: a pass over the
             # activations fewer, forward and backward. Not `+=`: under tf_keras
             # the cast of a float32 variable to float32 is the variable itself.
-            kernel = kernel + tf.constant(self._identity, self.compute_dtype)
+            kernel = kernel + ops.cast(self._identity, self.compute_dtype)
         outputs = grouped_conv2d(
             inputs,
             kernel,
@@ -267,7 +195,7 @@ class GroupedConvBase(keras.layers.Layer):
             self.implementation,
         )
         if self.bias is not None:
-            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, self.compute_dtype))
+            outputs = ops.bias_add(outputs, ops.cast(self.bias, self.compute_dtype))
         return outputs
 
     def compute_output_shape(self, input_shape):

@@ -1,9 +1,8 @@
 """MultigridConv2D: a convolution whose weights grow linearly with the width."""
 
-import tensorflow as tf
-
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import _arguments
+from keras_mgconv.layers._ops import ops
 from keras_mgconv.layers.channel_transfer import ChannelProlongation, ChannelRestriction
 from keras_mgconv.layers.grouped_conv import GroupedConv2D
 
@@ -77,13 +76,8 @@ def connector_groups(input_channels, filters, group_size):
 
 
 def _build_sublayer(layer, input_shape):
-    """Builds `layer` with its weights named under its own name.
-
-    Keras 3 opens the layer's name scope around `build`; tf_keras does so only
-    in `__call__`, and without it every sublayer's weight is
-    `<parent>/kernel:0`, names that collide in an HDF5 file.
-    """
-    with tf.name_scope(layer.name):
+    """Builds `layer` with its weights named under its own name (see `ops.name_scope`)."""
+    with ops.name_scope(layer.name):
         layer.build(input_shape)
 
 
@@ -309,9 +303,9 @@ class MultigridConv2D(keras.layers.Layer):
         linearly, so the cycle is one matrix: its rows are the cycle applied to
         the unit vectors, here a batch of one-pixel images.
         """
-        unit_vectors = tf.reshape(tf.eye(input_channels, dtype=self.compute_dtype),
-                                  (input_channels, 1, 1, input_channels))
-        return tf.reshape(self._v_cycle(unit_vectors), (1, 1, input_channels, self.filters))
+        unit_vectors = ops.reshape(ops.eye(input_channels, dtype=self.compute_dtype),
+                                   (input_channels, 1, 1, input_channels))
+        return ops.reshape(self._v_cycle(unit_vectors), (1, 1, input_channels, self.filters))
 
     def call(self, inputs, training=None):
         if training and self._dense_pointwise_training:
@@ -320,13 +314,12 @@ class MultigridConv2D(keras.layers.Layer):
             # convolution with the cycle's matrix computes the same outputs
             # faster. Inference keeps the cycle, so that exported models keep
             # the small grouped kernels.
-            outputs = tf.nn.conv2d(
-                inputs, self._pointwise_kernel(inputs.shape[-1]), self.strides,
-                self.padding.upper())
+            outputs = ops.conv(
+                inputs, self._pointwise_kernel(inputs.shape[-1]), self.strides, self.padding)
         else:
             outputs = self._v_cycle(inputs)
         if self.bias is not None:
-            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, self.compute_dtype))
+            outputs = ops.bias_add(outputs, ops.cast(self.bias, self.compute_dtype))
         return self.activation(outputs)
 
     def compute_output_shape(self, input_shape):

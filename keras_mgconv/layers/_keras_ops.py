@@ -1,0 +1,53 @@
+"""The layers' tensor operations through `keras.ops`: Keras 3 on JAX and PyTorch.
+
+The same functions as `_tensorflow_ops`, without TensorFlow: both backends
+differentiate grouped convolutions on every device, and `keras.ops.conv`
+infers the groups from the kernel's shape (JAX's `feature_group_count`,
+PyTorch's `groups`).
+"""
+
+import contextlib
+
+from keras import ops
+
+
+def grouped_gradient_supported(dtype="float32"):
+    """True: JAX and PyTorch differentiate grouped convolutions in every dtype and on every device."""
+    return True
+
+
+def auto_implementation(dtype):
+    """How "auto" computes grouped convolutions: "grouped", in every dtype."""
+    return "grouped"
+
+
+def conv(inputs, kernel, strides, padding):
+    """2D convolution of channels-last `inputs`, grouped where `kernel` has fewer input channels."""
+    return ops.conv(inputs, kernel, strides=tuple(strides), padding=padding,
+                    data_format="channels_last")
+
+
+cast = ops.cast
+bias_add = ops.add
+eye = ops.eye
+reshape = ops.reshape
+
+
+def concatenate(values):
+    """`values` joined along the last axis."""
+    return ops.concatenate(values, axis=-1)
+
+
+def split(values, parts):
+    """`values` cut into `parts` equal slices along the last axis."""
+    return ops.split(values, parts, axis=-1)
+
+
+def pad_channels(values, channels):
+    """`values` with `channels` zero channels appended."""
+    return ops.pad(values, [[0, 0]] * (len(values.shape) - 1) + [[0, channels]])
+
+
+def name_scope(name):
+    """Nothing to open: Keras 3 names a sublayer's weights under its own name scope."""
+    return contextlib.nullcontext()
