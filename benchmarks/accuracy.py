@@ -1,33 +1,52 @@
-"""Accuracy against parameters, the paper's comparison, over several seeds.
+"""Accuracy against parameters: paired comparisons of multigrid designs with the baseline.
 
-For each network (CIFAR ResNet20 at widths 1x, 2x and 4x, ResNet56 at 1x and
-2x) the benchmark trains the baseline, the layer design (every block
-convolution a `MultigridConv2D`) and the authors' block design
-(`multigrid="block"`), the multigrid ones at group sizes 8 and 16, each with
-`--seeds` seeds, through `keras_mgconv.training.train`: the package's recipe
-(SGD with Nesterov momentum, weight decay, cosine schedule), checkpoints
-selected on a stratified validation split held out of the training data, the
-test split used only to report. Every run records the test accuracy of its
-final model in inference mode and with batch statistics (BatchNormalization
-normalising each test batch by its own statistics), of its selected
-checkpoint, its parameters, multiply-adds and training time.
+Two real settings, both from scikit-learn's 1,797 handwritten digits (8x8,
+10 classes, shipped in its wheel, so the benchmark runs offline):
 
-    python benchmarks/accuracy.py            # everything; hours on 2 cores
-    python benchmarks/accuracy.py --quick    # smoke run: 2 seeds, 2 epochs, ResNet20 1x
-    python benchmarks/accuracy.py --only 'ResNet20 1x'
+- `digits`: 5-fold stratified cross-validation over all 1,797 images, repeated
+  with 2 shuffles (10 runs a configuration); each fold trains on its
+  training part less a stratified 10% that validates, and tests on its fold,
+  so the runs of one repeat test every image once.
+- `digits16-500`: harder: the images upscaled to 16x16 (bilinear), 500
+  training images (50 of them validating) and the other 1,297 testing, over
+  5 stratified random splits.
 
-Each run writes its own directory under the runs folder
-(`benchmarks/results/accuracy_runs/` by default); a run with a summary is not
-trained again, and an interrupted one resumes from its last epoch, so the
-benchmark continues where it stopped. After every run the aggregate is
-rewritten: `accuracy.json` (every run and the mean and standard deviation of
-each configuration), `accuracy.md` (the table) and `accuracy.png` (test
-accuracy against parameters, log scale, error bars of one standard deviation,
-one line per design and group size).
+Every design meets the same folds or splits with the same seed (the split's
+number), so each comparison is paired: the table gives, for every
+configuration, the mean over runs of its accuracy minus the baseline's of the
+same network and width (and of the 1x baseline, for the widening claim), with
+the standard error of that mean difference (std / sqrt(runs)).
+
+Networks: CIFAR ResNet20 at widths 1x, 2x and 4x, ResNet56 at 1x; designs:
+the baseline, the layer design (`MultigridConv2D`) at group sizes 8 and 16,
+the block design at group size 8. Training is the plain Keras route a user
+takes: the factory model, `compile` with Adam (learning rate 1e-3, cosine
+decay to 0 over the run, which settles the weights and so the seed-to-seed
+spread), sparse categorical cross-entropy, `fit` with batch 64 and shuffling,
+Keras' default BatchNormalization momentum. Not `keras_mgconv.training.train`:
+it trains on TFDS splits, not on the folds of a cross-validation.
+
+Each run records the test accuracy of plain `evaluate` after `fit` (the
+factories' `PreciseBatchNormModel` recomputes the BatchNormalization
+statistics at the end of `fit`), of the same weights with the moving averages
+Keras' `fit` alone would have left (the inference-mode gap), and with the
+statistics recomputed on the whole training part; the validation and training
+accuracies; parameters, multiply-adds, the training time and the time a step.
+
+    nice -n 19 python benchmarks/accuracy.py                 # everything; resumes
+    python benchmarks/accuracy.py --only 'ResNet20 1x'       # rows matching a regex
+    python benchmarks/accuracy.py --report                   # rewrite results only
+
+Every finished run is appended to `benchmarks/results/accuracy_runs.jsonl`
+(one line, written whole): a run found there is not trained again, so an
+interrupted benchmark continues where it stopped. After each run the results
+are rewritten atomically: `accuracy.json` (runs and aggregates), `accuracy.md`
+(the table) and `accuracy.png` (test accuracy against parameters).
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -37,147 +56,268 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
-
-from keras_mgconv import training  # noqa: E402
-from keras_mgconv._files import atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-NETWORKS = (("ResNet20", 1), ("ResNet20", 2), ("ResNet56", 1), ("ResNet20", 4),
-            ("ResNet56", 2))
-DESIGNS = (("baseline", False, None), ("layer", "layer", 8), ("layer", "layer", 16),
-           ("block", "block", 8), ("block", "block", 16))
+# Cheapest first, so that partial results cover whole networks.
+NETWORKS = (("ResNet20", 1), ("ResNet20", 2), ("ResNet56", 1), ("ResNet20", 4))
+DESIGNS = (("baseline", False, None), ("layer", "layer", 8), ("block", "block", 8),
+           ("layer", "layer", 16))
+SETTINGS = {
+    "digits": {"image_size": 8, "epochs": 15, "repeats": 2, "folds": 5},
+    "digits16-500": {"image_size": 16, "epochs": 30, "splits": 5, "train_size": 500},
+}
+BATCH_SIZE = 64
+LEARNING_RATE = 1e-3
+VALIDATION_FRACTION = 0.1
 
 
-def configurations(networks=NETWORKS):
-    """Every (model, width, design, multigrid, group size), cheapest network first."""
-    return [
-        {"model": model, "width": width, "design": design, "multigrid": multigrid,
-         "group_size": group_size}
-        for model, width in networks for design, multigrid, group_size in DESIGNS
-    ]
-
-
-def label(config):
+def label(model, width, design, group_size):
     """E.g. "ResNet20 2x layer s=8" or "ResNet56 1x baseline"."""
-    group = "" if config["group_size"] is None else f" s={config['group_size']}"
-    return f"{config['model']} {config['width']}x {config['design']}{group}"
+    return f"{model} {width}x {design}" + ("" if group_size is None else f" s={group_size}")
 
 
-def _summary_path(config, seed, runs_dir):
-    return os.path.join(runs_dir, label(config).replace(" ", "_").replace("=", ""),
-                        f"seed{seed}", "summary.json")
+def configurations():
+    return [{"model": model, "width": width, "design": design, "multigrid": multigrid,
+             "group_size": group_size, "label": label(model, width, design, group_size)}
+            for model, width in NETWORKS for design, multigrid, group_size in DESIGNS]
 
 
-def run(config, seed, epochs, dataset, runs_dir):
-    """Trains, or resumes, one configuration with one seed, unless it is finished."""
-    summary_path = _summary_path(config, seed, runs_dir)
-    if not os.path.exists(summary_path):
-        training.train(model=config["model"], dataset=dataset, epochs=epochs,
-                       multigrid=config["multigrid"], group_size=config["group_size"],
-                       width=config["width"], seed=seed,
-                       output_dir=os.path.dirname(summary_path), verbose=0)
+def splits(setting, labels):
+    """(split id, seed, train, validation, test indices) of a setting, all designs alike."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    spec = SETTINGS[setting]
+    everything = np.arange(len(labels))
+    if setting == "digits":
+        for repeat in range(spec["repeats"]):
+            folds = StratifiedKFold(spec["folds"], shuffle=True, random_state=repeat)
+            for fold, (training, test) in enumerate(folds.split(everything, labels)):
+                train, validation = train_test_split(
+                    training, test_size=VALIDATION_FRACTION, stratify=labels[training],
+                    random_state=repeat)
+                yield f"repeat{repeat}-fold{fold}", repeat * spec["folds"] + fold, \
+                    train, validation, test
+    else:
+        for split in range(spec["splits"]):
+            training, test = train_test_split(
+                everything, train_size=spec["train_size"], stratify=labels,
+                random_state=split)
+            train, validation = train_test_split(
+                training, test_size=VALIDATION_FRACTION, stratify=labels[training],
+                random_state=split)
+            yield f"split{split}", split, train, validation, test
 
 
-def finished(configs, seeds, runs_dir):
-    """(config, summaries) of every configuration with two or more of `seeds` finished."""
-    done = []
-    for config in configs:
-        summaries = []
-        for seed in range(seeds):
-            path = _summary_path(config, seed, runs_dir)
-            if os.path.exists(path):
-                with open(path) as file:
-                    summaries.append({"seed": seed, **json.load(file)})
-        if len(summaries) >= 2:
-            done.append((config, summaries))
-    return done
+def load_images(image_size):
+    """The digits as float32 in [0, 1], (1797, size, size, 1), and their labels."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[..., None] / 16).astype("float32")
+    if image_size != 8:
+        images = tf.image.resize(images, (image_size, image_size)).numpy()
+    return images, digits.target
 
 
-def _mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+def train_one(config, setting, seed, train, validation, test, images, labels):
+    """Fits one configuration on one split; returns its record."""
+    import tensorflow as tf
+
+    import keras_mgconv
+    from keras_mgconv import batch_norm
+    from keras_mgconv._keras import keras
+
+    spec = SETTINGS[setting]
+    keras.utils.set_random_seed(seed)
+    factory = getattr(keras_mgconv.models, config["model"])
+    extra = {} if config["group_size"] is None else {"group_size": config["group_size"]}
+    model = factory(input_shape=images.shape[1:], classes=10, classifier_activation=None,
+                    multigrid=config["multigrid"], width=config["width"], **extra)
+    steps = spec["epochs"] * math.ceil(len(train) / BATCH_SIZE)
+    model.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    layers = [layer for layer in model.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    moving = {}
+
+    class KeepMovingAverages(keras.callbacks.Callback):
+        # Runs before the model's own recomputation at the end of fit.
+        def on_train_end(self, logs=None):
+            moving["statistics"] = [(layer.moving_mean.numpy(), layer.moving_variance.numpy())
+                                    for layer in layers]
+
+    start = time.perf_counter()
+    history = model.fit(images[train], labels[train], batch_size=BATCH_SIZE,
+                        epochs=spec["epochs"], verbose=0, callbacks=[KeepMovingAverages()])
+    train_time = time.perf_counter() - start
+
+    def accuracy(indices):
+        return float(model.evaluate(images[indices], labels[indices], batch_size=256,
+                                    verbose=0, return_dict=True)["accuracy"])
+
+    record = {"test_accuracy": accuracy(test), "validation_accuracy": accuracy(validation)}
+    fitted = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+    for layer, (mean, variance) in zip(layers, moving["statistics"]):
+        layer.moving_mean.assign(mean)
+        layer.moving_variance.assign(variance)
+    record["test_accuracy_moving_averages"] = accuracy(test)
+    batch_norm.recompute_batch_norm_statistics(
+        model, tf.data.Dataset.from_tensor_slices(images[train])
+        .shuffle(len(train), seed=seed).batch(BATCH_SIZE))
+    record["test_accuracy_recomputed"] = accuracy(test)
+    for layer, (mean, variance) in zip(layers, fitted):
+        layer.moving_mean.assign(mean)
+        layer.moving_variance.assign(variance)
+    record.update(
+        train_accuracy=float(history.history["accuracy"][-1]),
+        parameters=model.count_params(),
+        multiply_adds=keras_mgconv.count_multiply_adds(model),
+        train_time=train_time, steps=steps, step_time=train_time / steps)
+    return record
 
 
-def aggregate(config, summaries):
-    """Mean and standard deviation over the finished seeds of one configuration."""
-    row = {**config, "label": label(config), "seeds": len(summaries),
-           "parameters": summaries[0]["parameters"],
-           "multiply_adds": summaries[0]["multiply_adds"]}
-    for key in ("final_test_accuracy", "final_test_accuracy_batch_statistics",
-                "selected_test_accuracy", "train_time"):
-        row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
-    gaps = [s["final_test_accuracy_batch_statistics"] - s["final_test_accuracy"]
-            for s in summaries]
-    row["batch_statistics_gap"], row["batch_statistics_gap_std"] = _mean_std(gaps)
-    return row
+def read_runs(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as file:
+        # Every line is written whole with its newline; a run killed while
+        # writing leaves a last line without one, which is dropped (and rerun).
+        lines = file.read().split("\n")[:-1]
+    return [json.loads(line) for line in lines]
+
+
+def _mean_se(values):
+    if len(values) < 2:
+        return statistics.mean(values), float("nan")
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def aggregate(runs):
+    """One row per (setting, configuration) with runs, paired against the baselines."""
+    by_key = {}
+    for run in runs:
+        by_key.setdefault((run["setting"], run["label"]), {})[run["split"]] = run
+    rows = []
+    for config in configurations():
+        for setting in SETTINGS:
+            mine = by_key.get((setting, config["label"]))
+            if not mine:
+                continue
+            row = {**config, "setting": setting, "runs": len(mine)}
+            first = next(iter(mine.values()))
+            row.update(parameters=first["parameters"], multiply_adds=first["multiply_adds"])
+            for key in ("test_accuracy", "test_accuracy_moving_averages",
+                        "test_accuracy_recomputed", "validation_accuracy", "step_time",
+                        "train_time"):
+                values = [run[key] for run in mine.values()]
+                row[key] = statistics.mean(values)
+                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row["inference_gap"], row["inference_gap_se"] = _mean_se(
+                [run["test_accuracy_recomputed"] - run["test_accuracy"] for run in mine.values()])
+            row["moving_average_gap"], row["moving_average_gap_se"] = _mean_se(
+                [run["test_accuracy_recomputed"] - run["test_accuracy_moving_averages"]
+                 for run in mine.values()])
+            for name, width in (("same_width", config["width"]), ("1x", 1)):
+                base = by_key.get((setting, label(config["model"], width, "baseline", None)), {})
+                common = sorted(set(mine) & set(base))
+                if len(common) >= 2:
+                    row[f"difference_{name}"], row[f"difference_{name}_se"] = _mean_se(
+                        [mine[s]["test_accuracy"] - base[s]["test_accuracy"] for s in common])
+                    row[f"difference_{name}_runs"] = len(common)
+            rows.append(row)
+    return rows
+
+
+def _difference(row, name):
+    if f"difference_{name}" not in row:
+        return "-"
+    return (f"{100 * row[f'difference_{name}']:+.2f} ± {100 * row[f'difference_{name}_se']:.2f}"
+            f" ({row[f'difference_{name}_runs']})")
 
 
 def markdown(rows):
-    """The table: one row per configuration, accuracies in percent, mean ± std."""
-    baselines = {(r["model"], r["width"]): r for r in rows if r["design"] == "baseline"}
-    lines = [
-        "| network | design | group size | seeds | params | params ratio | MACs | "
-        "test acc. % (final) | test acc. % (selected on val.) | batch-stat. acc. % | "
-        "batch-stat. gap (points) | train time s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        base = baselines.get((r["model"], 1))
-        ratio = f"{r['parameters'] / base['parameters']:.2f}" if base else "-"
-        lines.append(
-            f"| {r['model']} {r['width']}x | {r['design']} | {r['group_size'] or '-'} | "
-            f"{r['seeds']} | {r['parameters'] / 1e6:.3f}M | {ratio} | "
-            f"{r['multiply_adds'] / 1e6:.1f}M | "
-            f"{100 * r['final_test_accuracy']:.2f} ± {100 * r['final_test_accuracy_std']:.2f} | "
-            f"{100 * r['selected_test_accuracy']:.2f} ± "
-            f"{100 * r['selected_test_accuracy_std']:.2f} | "
-            f"{100 * r['final_test_accuracy_batch_statistics']:.2f} ± "
-            f"{100 * r['final_test_accuracy_batch_statistics_std']:.2f} | "
-            f"{100 * r['batch_statistics_gap']:+.2f} ± {100 * r['batch_statistics_gap_std']:.2f} | "
-            f"{r['train_time']:.0f} |")
+    lines = []
+    for setting in SETTINGS:
+        mine = [r for r in rows if r["setting"] == setting]
+        if not mine:
+            continue
+        lines += [
+            f"### {setting}", "",
+            "| network | design | runs | params | MACs | test acc. % (fit + evaluate) | "
+            "paired diff. vs same-width baseline (runs) | paired diff. vs 1x baseline (runs) | "
+            "moving averages acc. % | gap to recomputed (points) | s/step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in mine:
+            design = r["design"] + ("" if r["group_size"] is None else f" s={r['group_size']}")
+            lines.append(
+                f"| {r['model']} {r['width']}x | {design} | {r['runs']} | "
+                f"{r['parameters'] / 1e6:.3f}M | {r['multiply_adds'] / 1e6:.1f}M | "
+                f"{100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} | "
+                f"{_difference(r, 'same_width')} | {_difference(r, '1x')} | "
+                f"{100 * r['test_accuracy_moving_averages']:.2f} | "
+                f"{100 * r['inference_gap']:+.2f} ± {100 * r['inference_gap_se']:.2f} | "
+                f"{r['step_time']:.3f} |")
+        lines.append("")
+    lines.append(
+        "Accuracies: mean ± std over runs. Paired differences: mean ± standard error over "
+        "the runs both configurations finished, in points. Moving averages: the same weights "
+        "with the BatchNormalization statistics Keras' `fit` alone leaves. Gap: accuracy "
+        "with statistics recomputed on the whole training part minus fit + evaluate.")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows, path):
-    """Test accuracy against parameters, one line per model, design and group size."""
-    figure, axes = plt.subplots(figsize=(8, 5))
-    lines = {}
-    for r in rows:
-        key = (r["model"], r["design"], r["group_size"])
-        lines.setdefault(key, []).append(r)
-    for (model, design, group_size), points in sorted(
-            lines.items(), key=lambda item: tuple(map(str, item[0]))):
-        points.sort(key=lambda r: r["parameters"])
-        axes.errorbar([r["parameters"] for r in points],
-                      [100 * r["final_test_accuracy"] for r in points],
-                      yerr=[100 * r["final_test_accuracy_std"] for r in points],
-                      marker="o" if model == "ResNet20" else "s", capsize=3,
-                      linestyle="-" if design != "baseline" else "--",
-                      label=f"{model} {design}" + (f" s={group_size}" if group_size else ""))
-        for r in points:
-            axes.annotate(f"{r['width']}x", (r["parameters"], 100 * r["final_test_accuracy"]),
-                          textcoords="offset points", xytext=(4, -10), fontsize=7)
-    axes.set_xscale("log")
-    millions = ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g}M")
-    axes.xaxis.set_major_formatter(millions)
-    axes.xaxis.set_minor_formatter(millions)
-    axes.set_xlabel("parameters")
-    axes.set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=7, ncol=2)
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
+    figure, all_axes = plt.subplots(1, max(1, len(settings)), figsize=(7 * max(1, len(settings)), 5),
+                                    squeeze=False)
+    for axes, setting in zip(all_axes[0], settings):
+        lines = {}
+        for r in rows:
+            if r["setting"] == setting:
+                lines.setdefault((r["model"], r["design"], r["group_size"]), []).append(r)
+        for (model, design, group_size), points in sorted(
+                lines.items(), key=lambda item: tuple(map(str, item[0]))):
+            points.sort(key=lambda r: r["parameters"])
+            axes.errorbar([r["parameters"] for r in points],
+                          [100 * r["test_accuracy"] for r in points],
+                          yerr=[100 * r["test_accuracy_std"] / math.sqrt(r["runs"])
+                                for r in points],
+                          marker="o" if model == "ResNet20" else "s", capsize=3,
+                          linestyle="--" if design == "baseline" else "-",
+                          label=f"{model} {design}" + (f" s={group_size}" if group_size else ""))
+            for r in points:
+                axes.annotate(f"{r['width']}x", (r["parameters"], 100 * r["test_accuracy"]),
+                              textcoords="offset points", xytext=(4, -10), fontsize=7)
+        axes.set_xscale("log")
+        millions = ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g}M")
+        axes.xaxis.set_major_formatter(millions)
+        axes.xaxis.set_minor_formatter(millions)
+        axes.set_title(setting)
+        axes.set_xlabel("parameters")
+        axes.set_ylabel("test accuracy (%), mean ± standard error")
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=7)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
-def write_results(rows, runs, arguments, output):
-    """accuracy.json, .md and .png under `output` (a path prefix), each atomically."""
+def write_results(runs, output):
+    from keras_mgconv._files import atomic_write
+
+    rows = aggregate(runs)
     table = markdown(rows)
-    content = {"arguments": arguments, "configurations": rows, "runs": runs}
+    content = {"settings": SETTINGS, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
+               "configurations": rows, "runs": runs}
 
     def write_json(temporary):
         with open(temporary, "w") as file:
-            json.dump(content, file, indent=2)
+            json.dump(content, file, indent=1)
 
     def write_markdown(temporary):
         with open(temporary, "w") as file:
@@ -191,48 +331,46 @@ def write_results(rows, runs, arguments, output):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=15,
-                        help="epochs per run (default 15, `keras-mgconv train`'s)")
-    parser.add_argument("--dataset", default="digits")
     parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
-                        help="configurations whose label matches one of these regexes, "
-                             "e.g. 'ResNet20 1x' or 'block s=8'")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 seeds, 2 epochs, ResNet20 1x, into *_quick files")
-    parser.add_argument("--runs-dir", default=None,
-                        help="where each run trains (default benchmarks/results/accuracy_runs)")
-    parser.add_argument("--output", default=None,
-                        help="path prefix of the .json/.md/.png results "
-                             "(default benchmarks/results/accuracy)")
+                        help="configurations whose label matches one of these regexes")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--report", action="store_true", help="rewrite the results only")
+    parser.add_argument("--output", default=os.path.join(RESULTS, "accuracy"),
+                        help="path prefix of the .json/.md/.png results and the runs file")
     args = parser.parse_args(argv)
-    if args.seeds < 2:
-        parser.error(f"a mean and spread need at least 2 seeds. Received: --seeds {args.seeds}")
-    networks = NETWORKS
-    suffix = ""
-    if args.quick:
-        args.seeds, args.epochs, networks, suffix = 2, 2, (("ResNet20", 1),), "_quick"
-    runs_dir = args.runs_dir or os.path.join(RESULTS, f"accuracy_runs{suffix}")
-    output = args.output or os.path.join(RESULTS, f"accuracy{suffix}")
-    selected = [c for c in configurations(networks)
-                if not args.only or any(re.search(p, label(c)) for p in args.only)]
+    runs_path = args.output + "_runs.jsonl"
+    runs = read_runs(runs_path)
+    if args.report:
+        print(write_results(runs, args.output))
+        return
+    selected = [c for c in configurations()
+                if not args.only or any(re.search(p, c["label"]) for p in args.only)]
     if not selected:
         parser.error(f"no configuration matches --only {args.only}")
-
-    arguments = {"seeds": args.seeds, "epochs": args.epochs, "dataset": args.dataset}
+    os.makedirs(os.path.dirname(os.path.abspath(runs_path)), exist_ok=True)
+    done = {(r["setting"], r["label"], r["split"]) for r in runs}
     start = time.perf_counter()
-    for number, config in enumerate(selected, 1):
-        for seed in range(args.seeds):
-            print(f"[{number}/{len(selected)}] {label(config)}, seed {seed} "
-                  f"({time.perf_counter() - start:.0f} s so far)", flush=True)
-            run(config, seed, args.epochs, args.dataset, runs_dir)
-        # Every finished configuration in the runs folder, also from earlier
-        # invocations with other --only patterns.
-        done = finished(configurations(networks), args.seeds, runs_dir)
-        rows = [aggregate(config, summaries) for config, summaries in done]
-        runs = [{"label": label(config), **summary}
-                for config, summaries in done for summary in summaries]
-        print(write_results(rows, runs, arguments, output), flush=True)
+    for network in NETWORKS:
+        for setting in args.settings:
+            images, labels = load_images(SETTINGS[setting]["image_size"])
+            for split, seed, train, validation, test in splits(setting, labels):
+                for config in selected:
+                    if ((config["model"], config["width"]) != network
+                            or (setting, config["label"], split) in done):
+                        continue
+                    print(f"{setting} {split} {config['label']} "
+                          f"({time.perf_counter() - start:.0f} s so far)", flush=True)
+                    record = {"setting": setting, "label": config["label"], "split": split,
+                              "seed": seed, **train_one(config, setting, seed, train,
+                                                        validation, test, images, labels)}
+                    with open(runs_path, "a") as file:
+                        file.write(json.dumps(record) + "\n")
+                    runs.append(record)
+                    print(f"  test {record['test_accuracy']:.4f}, moving averages "
+                          f"{record['test_accuracy_moving_averages']:.4f}, "
+                          f"{record['step_time']:.3f} s/step", flush=True)
+                    write_results(runs, args.output)
+
 
 if __name__ == "__main__":
     main()
