@@ -5,6 +5,8 @@ process environment: only `keras_mgconv.optimization` imports this module, and
 only once it has checked that the process runs tf_keras.
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
@@ -204,7 +206,8 @@ def calibrate(qat_model, float_model, batches):
         batches: iterable of input batches, or of (inputs, labels, ...) tuples.
 
     Raises:
-        ValueError: where `batches` is empty.
+        ValueError: where `batches` is empty, or one of them gives a tensor a
+            NaN or infinite range.
     """
     quantized = list(_quantized_tensors(qat_model))
     tensors = sorted({(name, pre) for _, name, pre in quantized})
@@ -216,8 +219,17 @@ def calibrate(qat_model, float_model, batches):
     count = 0
     for batch in batches:
         values = probe(batch[0] if isinstance(batch, tuple) else batch, training=False)
-        totals += [(min(float(tf.reduce_min(value)), 0.0), max(float(tf.reduce_max(value)), 0.0))
-                   for value in values]
+        ranges = [(min(float(tf.reduce_min(value)), 0.0), max(float(tf.reduce_max(value)), 0.0))
+                  for value in values]
+        for (name, _), (low, high) in zip(tensors, ranges):
+            # NaN or infinite ranges would quantize every value to NaN.
+            if not math.isfinite(low) or not math.isfinite(high):
+                raise ValueError(
+                    f"`calibration_data` must give finite activations: its batch {count} "
+                    f"gives layer {name!r} the range [{low}, {high}] (NaN or infinite inputs, "
+                    f"or inputs too large for float32). Received: calibration_data="
+                    f"{batches!r:.200}")
+        totals += ranges
         count += 1
     if not count:
         raise ValueError(

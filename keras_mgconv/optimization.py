@@ -271,7 +271,8 @@ def quantize_model(model, calibration_data=None):
         RuntimeError: under Keras 3, without tensorflow-model-optimization, or
             (tfmot's, naming it) for a layer that neither tfmot nor keras_mgconv
             can quantize.
-        ValueError: for a subclassed model, or empty `calibration_data`.
+        ValueError: for a subclassed model, or `calibration_data` that is empty
+            or gives NaN or infinite activations.
 
     Example:
 
@@ -428,7 +429,8 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
 
     Raises:
         RuntimeError: under Keras 3 or without tensorflow-model-optimization.
-        ValueError: for a subclassed model.
+        ValueError: for a subclassed model, or `structured=True` for a model
+            without a layer whose groups it prunes (the block design).
 
     Example:
 
@@ -460,7 +462,17 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
             return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule)
         return layer
 
-    return keras.models.clone_model(_functional(model), clone_function=wrap)
+    model = _functional(model)
+    if structured and not any(pruning.can_prune_groups(layer) for layer in model.layers):
+        # Wrapping nothing would look like pruning and prune nothing.
+        raise ValueError(
+            "Structured pruning prunes the groups of MultigridConv2D layers and residual "
+            "GroupedConv2D layers, whose channels keep a path when a group goes, and "
+            f"model {model.name!r} has none. The block design's grouped convolutions "
+            "feed a BatchNormalization each, whose moving variance would fall to 0 on a "
+            "zeroed group and blow up at inference: prune it with structured=False. "
+            "Received: structured=True.")
+    return keras.models.clone_model(model, clone_function=wrap)
 
 
 def prune_scope():

@@ -79,6 +79,12 @@ def check_layers(output_dir, rng):
         optimization.quantize_model(model, calibration_data=[])
     except ValueError as error:
         report["empty_calibration_error"] = str(error)
+    # A finite batch, then a NaN or infinite one.
+    for name, bad in (("nan", np.nan), ("inf", np.inf)):
+        try:
+            optimization.quantize_model(model, calibration_data=[images, np.full_like(images, bad)])
+        except ValueError as error:
+            report[f"{name}_calibration_error"] = str(error)
     unrolled = optimization.unroll_multigrid(model)
     report["unroll_difference"] = max_difference(model, unrolled, images)
     report["unrolled_layers"] = [type(layer).__name__ for layer in unrolled.layers]
@@ -210,6 +216,18 @@ def check_structured_pruning(rng):
     }
 
 
+def check_structured_pruning_of_the_block_design():
+    """Refused: it used to wrap none of the block design's layers, and say nothing."""
+    model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE,
+                               multigrid="block")
+    try:
+        optimization.prune_low_magnitude(
+            model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0), structured=True)
+    except ValueError as error:
+        return {"block_design_structured_error": str(error)}
+    return {}
+
+
 def check_tfmot_directly():
     """tfmot's own prune_low_magnitude takes a multigrid factory model whole."""
     model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE)
@@ -227,7 +245,7 @@ def main(output_dir, quantization_only=False):
     rng = np.random.default_rng(0)
     report = {} if quantization_only else {
         **check_layers(output_dir, rng), **check_structured_pruning(rng),
-        **check_tfmot_directly()}
+        **check_structured_pruning_of_the_block_design(), **check_tfmot_directly()}
     train = data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0)
     test = data.image_pipeline("digits", "test", 256)
     steps_per_epoch = int(train.cardinality())

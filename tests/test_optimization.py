@@ -89,6 +89,15 @@ def test_empty_calibration_data_is_refused(report):
         "`calibration_data` must hold at least one batch. Received: calibration_data=[].")
 
 
+
+@pytest.mark.parametrize("name", ["nan", "inf"])
+def test_non_finite_calibration_data_is_refused(report, name):
+    # Accepted before: NaN quantizer ranges, and every output NaN.
+    assert re.match(r"`calibration_data` must give finite activations: its batch 1 gives layer "
+                    r"'\w+' the range \[.*(nan|inf).*\].*Received: calibration_data=\[array",
+                    report[f"{name}_calibration_error"]), report.get(f"{name}_calibration_error")
+
+
 @pytest.mark.parametrize("path", ["default", "split"])
 def test_quantization_aware_training_exports_an_int8_model_as_accurate(
         path, request):
@@ -136,6 +145,13 @@ def test_structured_pruning_zeroes_whole_groups(report):
     assert report["structured_silent_channels"] == 0
     assert report["structured_stripped_difference"] == 0.0
     assert report["structured_dense_zeros"] == 0
+
+
+def test_structured_pruning_refuses_the_block_design(report):
+    assert re.match(r"Structured pruning prunes the groups of MultigridConv2D .* model 'resnet8' "
+                    r"has none\..*structured=False\. Received: structured=True\.$",
+                    report["block_design_structured_error"]), report.get(
+                        "block_design_structured_error")
 
 
 @pytest.fixture(scope="module")
