@@ -75,7 +75,8 @@ def test_statistics_after_fit_are_those_of_the_final_weights():
     model.fit(images, targets, batch_size=64, epochs=3, verbose=0)
     mean, variance = moments_of_batch_norm_input(model, images)  # One batch: all 64 images.
     np.testing.assert_allclose(model.layers[2].moving_mean, mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(model.layers[2].moving_variance, variance, rtol=1e-4)
+    # tf_keras updates with the unbiased variance: n / (n - 1) = 1.0004 here.
+    np.testing.assert_allclose(model.layers[2].moving_variance, variance, rtol=1e-3)
 
 
 def test_statistics_come_from_the_training_part_of_a_validation_split():
