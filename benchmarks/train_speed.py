@@ -4,7 +4,7 @@ Each row compares a multigrid model with its baseline (standard convolutions,
 same code otherwise) on the same batch, loss and optimizer: the package's
 training defaults (SGD with Nesterov momentum 0.9 and weight decay 5e-4, sparse
 categorical cross-entropy, `jit_compile=False`), batch 64, on whatever device
-TensorFlow picks (the CPU here). Times are medians of repeated `train_on_batch`
+the backend picks (the CPU here). Times are medians of repeated `train_on_batch`
 calls after warm-up. The models of a group (a baseline and the multigrid models
 compared with it) are timed in turns, one step each, so that background load
 falls on both sides alike; the ratios are the figures to trust, the absolute
@@ -22,25 +22,47 @@ perfectly efficient kernels would give.
     python benchmarks/train_speed.py --quick          # fewer steps, for iterating
     python benchmarks/train_speed.py --only 'Conv2D 256' ResNet20
     python benchmarks/train_speed.py --intra-op-threads 1   # one thread per op
+    python benchmarks/train_speed.py --backend jax    # Keras 3 on JAX (or torch)
+
+`--backend` chooses Keras 3's backend (KERAS_BACKEND) for the whole run, before
+Keras is imported; results then go to train_speed_<backend>.json unless
+`--output` says otherwise. The TensorFlow run is the default.
 
 Writes benchmarks/results/train_speed.json and .md (or `--output`) and prints
 the markdown table.
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import re
 import statistics
+import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 
-import keras_mgconv
-from keras_mgconv import models, training
-from keras_mgconv._keras import keras
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _backend_from_command_line(argv):
+    """The `--backend` value, read before Keras is imported (argparse validates it later)."""
+    for index, argument in enumerate(argv):
+        if argument.startswith("--backend="):
+            return argument.split("=", 1)[1]
+        if argument == "--backend" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+if _backend_from_command_line(sys.argv[1:]) in BACKENDS:
+    os.environ["KERAS_BACKEND"] = _backend_from_command_line(sys.argv[1:])
+
+import keras_mgconv  # noqa: E402 (after the backend is chosen)
+from keras_mgconv import models, training  # noqa: E402
+from keras_mgconv._keras import keras  # noqa: E402
 
 LAYER_WIDTHS = (128, 256, 512)
 LAYER_GROUP_SIZES = (8, 16, 32)
@@ -106,7 +128,7 @@ def _batch(group, batch_size, model):
                                       dtype=np.float32)
     else:
         targets = rng.integers(0, CLASSES, batch_size)
-    return tf.constant(inputs), tf.constant(targets)
+    return inputs, targets
 
 
 def time_group(group, names, batch_size, repeats, warmup):
@@ -167,8 +189,10 @@ def machine_description():
                               if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{model_name}, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, "
-            f"Keras {keras.__version__}")
+    backend = keras.backend.backend()
+    version = importlib.import_module(backend).__version__
+    return (f"{model_name}, {os.cpu_count()} CPU cores, Keras {keras.__version__} on "
+            f"{backend} {version}")
 
 
 def main(argv=None):
@@ -182,16 +206,34 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--intra-op-threads", type=int, default=0,
-                        help="threads inside one operation (0: TensorFlow's choice)")
+                        help="threads inside one operation (0: TensorFlow's choice; "
+                             "TensorFlow only)")
     parser.add_argument("--inter-op-threads", type=int, default=0,
-                        help="operations run at once (0: TensorFlow's choice)")
-    parser.add_argument("--output", default=os.path.join(
-        os.path.dirname(__file__), "results", "train_speed.json"),
-        help="JSON file; the markdown table goes beside it with the suffix .md")
+                        help="operations run at once (0: TensorFlow's choice; "
+                             "TensorFlow only)")
+    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow",
+                        help="Keras 3's backend for the whole run (default: tensorflow)")
+    parser.add_argument("--output", help=(
+        "JSON file, the markdown table beside it with the suffix .md (default: "
+        "results/train_speed.json, or train_speed_<backend>.json for another backend)"))
     args = parser.parse_args(argv)
+    if keras.backend.backend() != args.backend:
+        parser.error(f"--backend {args.backend} must be chosen before Keras is imported, "
+                     f"on the command line of this script; Keras runs on "
+                     f"{keras.backend.backend()}")
+    if args.output is None:
+        suffix = "" if args.backend == "tensorflow" else f"_{args.backend}"
+        args.output = os.path.join(os.path.dirname(__file__), "results",
+                                   f"train_speed{suffix}.json")
     repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
-    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    if args.backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    elif args.intra_op_threads or args.inter_op_threads:
+        parser.error("--intra-op-threads and --inter-op-threads set TensorFlow's thread "
+                     f"pools; Received: --backend {args.backend}.")
 
     rows = []
     for group in benchmark_groups():
@@ -210,7 +252,7 @@ def main(argv=None):
 
     result = {
         "machine": machine_description(),
-        "devices": [device.name for device in tf.config.list_logical_devices()],
+        "backend": args.backend,
         "batch_size": args.batch_size,
         "intra_op_threads": args.intra_op_threads,
         "inter_op_threads": args.inter_op_threads,
@@ -221,7 +263,7 @@ def main(argv=None):
     table = markdown_table(rows)
     threads = ", ".join(f"{name}-op threads {count}" for name, count in
                         (("intra", args.intra_op_threads), ("inter", args.inter_op_threads))
-                        if count) or "TensorFlow's default threads"
+                        if count) or "the backend's default threads"
     header = (f"{result['machine']}; {threads}; batch {args.batch_size}, median of "
               f"{repeats} training steps; ratios are multigrid / baseline from the same run.")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -1,0 +1,278 @@
+"""The layers' core checks under the Keras backend chosen by KERAS_BACKEND; one JSON report.
+
+Run by test_backends.py in a subprocess per backend, since Keras reads
+KERAS_BACKEND once, when it is imported:
+
+    KERAS_BACKEND=jax python tests/backend_checks.py OUTPUT_DIR [SAVED.keras ...]
+
+Checks, on tiny shapes: grouped convolution and the V-cycle against a NumPy
+reference (a full convolution with the block-diagonal kernel, in float64);
+gradients against the backend's own full convolution with that kernel; the
+layer checks of layer_checks.py (config, fit, mixed precision, save and load)
+for every layer; every model factory built and fitted one step, after the
+report of whether the layers imported TensorFlow. It saves a
+small model to OUTPUT_DIR/<backend>.keras with its inputs and predictions, and
+loads each SAVED.keras given (saved under other backends) to compare its
+predictions with the saving backend's.
+"""
+
+import json
+import math
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+import keras_mgconv
+from keras_mgconv._keras import keras
+from keras_mgconv.layers.grouped_conv import GroupedConvBase
+
+from float32_rounding import assert_within_rounding
+from layer_checks import check_layer, v_cycle_sum_length
+
+BACKEND = keras.backend.backend()
+RNG = np.random.default_rng(0)
+
+
+def block_diagonal_kernel(kernel, groups):
+    """The full kernel whose convolution is the grouped one (as conftest's, without pytest)."""
+    kh, kw, group_in, channels_out = kernel.shape
+    group_out = channels_out // groups
+    full = np.zeros((kh, kw, group_in * groups, channels_out), kernel.dtype)
+    for g in range(groups):
+        full[:, :, g * group_in:(g + 1) * group_in, g * group_out:(g + 1) * group_out] = (
+            kernel[..., g * group_out:(g + 1) * group_out])
+    return full
+
+
+def numpy_conv(images, kernel, strides=(1, 1), padding="same"):
+    """A full 2D convolution in NumPy, as TensorFlow pads: the reference."""
+    kh, kw = kernel.shape[:2]
+    paddings = [(0, 0)]
+    for length, size, stride in zip(images.shape[1:3], (kh, kw), strides):
+        if padding == "same":
+            total = max((math.ceil(length / stride) - 1) * stride + size - length, 0)
+            paddings.append((total // 2, total - total // 2))
+        else:
+            paddings.append((0, 0))
+    padded = np.pad(images, [*paddings, (0, 0)])
+    out_h = (padded.shape[1] - kh) // strides[0] + 1
+    out_w = (padded.shape[2] - kw) // strides[1] + 1
+    outputs = 0
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, i:i + strides[0] * out_h:strides[0],
+                            j:j + strides[1] * out_w:strides[1]]
+            outputs = outputs + window @ kernel[i, j]
+    return outputs
+
+
+def grouped_reference(images, layer):
+    """A sublayer's grouped convolution as a NumPy full convolution."""
+    kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
+    if getattr(layer, "residual", False):
+        kernel = kernel + keras_mgconv.layers.grouped_conv.identity_kernel(kernel.shape)
+    return numpy_conv(images, block_diagonal_kernel(kernel, layer.groups), layer.strides,
+                      layer.padding)
+
+
+def check_grouped_conv_output():
+    inputs = RNG.standard_normal((2, 9, 9, 16)).astype("float32")
+    for strides, padding, groups, kernel_size in [(1, "same", 4, 3), (2, "valid", 2, 3),
+                                                  (2, "same", 8, 1)]:
+        layer = keras_mgconv.GroupedConv2D(24, kernel_size, groups=groups, strides=strides,
+                                           padding=padding, bias_initializer="random_normal")
+        outputs = keras.ops.convert_to_numpy(layer(inputs))
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        full = block_diagonal_kernel(kernel, groups).astype(np.float64)
+        expected = numpy_conv(inputs.astype(np.float64), full, (strides, strides), padding)
+        magnitudes = numpy_conv(np.abs(inputs.astype(np.float64)), np.abs(full),
+                                (strides, strides), padding)
+        bias = keras.ops.convert_to_numpy(layer.bias)
+        # One sum of k * k * C_in / G products, then the bias.
+        assert_within_rounding(outputs, expected + bias, math.prod(kernel.shape[:3]) + 1,
+                               magnitudes + np.abs(bias))
+
+
+def check_v_cycle_output():
+    inputs = RNG.standard_normal((2, 9, 9, 32)).astype("float32")
+    layer = keras_mgconv.MultigridConv2D(64, 3, strides=2, padding="same", group_size=8,
+                                         bias_initializer="random_normal")
+    layer.build(inputs.shape)
+    for transfer in layer.restrictions + layer.prolongations:
+        transfer.kernel.assign(RNG.standard_normal(transfer.kernel.shape) * 0.3)
+    x = [grouped_reference(inputs.astype(np.float64), layer.connector)]
+    for restriction in layer.restrictions:
+        x.append(grouped_reference(x[-1], restriction))
+    y = grouped_reference(x[-1], layer.coarsest)
+    for level in reversed(range(len(layer.smoothers))):
+        z = x[level] + grouped_reference(y - x[level + 1], layer.prolongations[level])
+        y = grouped_reference(z, layer.smoothers[level])
+    expected = y + keras.ops.convert_to_numpy(layer.bias)
+    # A deep chain: the largest result stands in for the magnitudes (float32_rounding.py).
+    assert_within_rounding(keras.ops.convert_to_numpy(layer(inputs)), expected,
+                           v_cycle_sum_length(layer), np.max(np.abs(expected)))
+
+
+def gradients(function, *arguments):
+    """The gradients of the scalar `function(*arguments)` with this backend's autodiff."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.grad(function, argnums=tuple(range(len(arguments))))(*arguments)
+    if BACKEND == "torch":
+        import torch
+
+        arguments = [torch.tensor(argument, requires_grad=True) for argument in arguments]
+        function(*arguments).backward()
+        return [argument.grad for argument in arguments]
+    import tensorflow as tf
+
+    arguments = [tf.constant(argument) for argument in arguments]
+    with tf.GradientTape() as tape:
+        tape.watch(arguments)
+        value = function(*arguments)
+    return tape.gradient(value, arguments)
+
+
+def check_grouped_conv_gradients():
+    groups = 4
+    inputs = RNG.standard_normal((2, 7, 7, 16)).astype("float32")
+    kernel = RNG.standard_normal((3, 3, 16 // groups, 16)).astype("float32")
+    weights = RNG.standard_normal((2, 4, 4, 16)).astype("float32")
+
+    def grouped(x, k):
+        outputs = keras_mgconv.layers.grouped_conv2d(x, k, groups, (2, 2), "same")
+        return keras.ops.sum(outputs * weights)
+
+    def full(weights):
+        return lambda x, k: keras.ops.sum(keras.ops.conv(x, k, strides=2, padding="same")
+                                          * weights)
+
+    def numpy_gradients(function, x, k):
+        input_gradient, kernel_gradient = gradients(function, x, k)
+        return (keras.ops.convert_to_numpy(input_gradient),
+                _blocks(keras.ops.convert_to_numpy(kernel_gradient), groups))
+
+    ours = [keras.ops.convert_to_numpy(g) for g in gradients(grouped, inputs, kernel)]
+    reference = numpy_gradients(full(weights), inputs, block_diagonal_kernel(kernel, groups))
+    # The same gradients at the absolute values are the magnitudes of their
+    # terms. The loss is linear: an input's gradient sums 3 * 3 * 16 / 4
+    # products, a weight's one per output position, 2 * 4 * 4.
+    magnitudes = numpy_gradients(full(np.abs(weights)), np.abs(inputs),
+                                 block_diagonal_kernel(np.abs(kernel), groups))
+    for mine, theirs, length, magnitude in zip(ours, reference, (36, 32), magnitudes):
+        assert_within_rounding(mine, theirs, length, magnitude)
+
+
+def _blocks(full_kernel, groups):
+    """The grouped kernel held in the diagonal blocks of a full one."""
+    kh, kw, channels_in, channels_out = full_kernel.shape
+    group_in, group_out = channels_in // groups, channels_out // groups
+    return np.concatenate([
+        full_kernel[:, :, g * group_in:(g + 1) * group_in, g * group_out:(g + 1) * group_out]
+        for g in range(groups)], axis=-1)
+
+
+def check_layers(output_dir):
+    layer_dir = pathlib.Path(output_dir) / f"{BACKEND}_layers"
+    for layer_cls, kwargs, input_shape, output_shape, weights in [
+        (keras_mgconv.GroupedConv2D, {"filters": 16, "kernel_size": 3, "groups": 4,
+                                      "strides": 2, "padding": "same"},
+         (None, 7, 7, 8), (None, 4, 4, 16), 2),
+        (keras_mgconv.MultigridConv2D, {"filters": 32, "kernel_size": 3, "strides": 2,
+                                        "padding": "same", "group_size": 8},
+         (None, 7, 7, 16), (None, 4, 4, 32), 9),
+        (keras_mgconv.MultigridConv2D, {"filters": 16, "kernel_size": 1, "group_size": 4},
+         (None, 3, 3, 16), (None, 3, 3, 16), 8),
+        (keras_mgconv.ChannelRestriction, {"group_size": 8}, (None, 3, 3, 16),
+         (None, 3, 3, 8), 1),
+        (keras_mgconv.ChannelProlongation, {"group_size": 8}, (None, 3, 3, 8),
+         (None, 3, 3, 16), 1),
+    ]:
+        directory = layer_dir / f"{layer_cls.__name__}_{kwargs.get('kernel_size')}"
+        directory.mkdir(parents=True)
+        check_layer(directory, layer_cls, kwargs, input_shape, output_shape, weights)
+    padded = keras_mgconv.ChannelZeroPadding(3)(np.ones((1, 2, 2, 2), "float32"))
+    assert keras.ops.convert_to_numpy(padded).tolist() == [[[[1, 1, 0, 0, 0]] * 2] * 2]
+
+
+def check_factories():
+    # The factories' module last: the layers are checked without it.
+    from keras_mgconv import models
+
+    images = RNG.standard_normal((4, 32, 32, 3)).astype("float32")
+    labels = np.arange(4) % 10
+    for name, build in [
+        ("ResNet20 layer", lambda: models.ResNet20(input_shape=(32, 32, 3), classes=10,
+                                                   group_size=8)),
+        ("ResNet20 block", lambda: models.ResNet20(input_shape=(32, 32, 3), classes=10,
+                                                   group_size=8, multigrid="block")),
+        ("MobileNetV2", lambda: models.MobileNetV2(input_shape=(32, 32, 3), classes=10,
+                                                   alpha=0.35, group_size=8)),
+    ]:
+        model = build()
+        model.compile(optimizer=keras.optimizers.SGD(0.01),
+                      loss="sparse_categorical_crossentropy")
+        history = model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0]), name
+
+
+def saved_model():
+    return keras.Sequential([
+        keras.Input((6, 6, 8)),
+        keras_mgconv.MultigridConv2D(16, 3, strides=2, padding="same", group_size=4,
+                                     bias_initializer="random_normal"),
+        keras_mgconv.GroupedConv2D(16, 3, groups=4, padding="same", activation="relu"),
+        keras_mgconv.ChannelZeroPadding(4),
+    ])
+
+
+def save_for_other_backends(output_dir):
+    model = saved_model()
+    inputs = RNG.standard_normal((2, 6, 6, 8)).astype("float32")
+    model.save(os.path.join(output_dir, f"{BACKEND}.keras"))
+    np.savez(os.path.join(output_dir, f"{BACKEND}.npz"), inputs=inputs,
+             predictions=model.predict(inputs, verbose=0))
+
+
+def check_loads(saved):
+    """Loads a model saved under another backend: the same predictions, to rounding."""
+    model = keras.models.load_model(saved)
+    arrays = np.load(os.path.splitext(saved)[0] + ".npz")
+    multigrid, grouped = model.layers[:2]
+    # The V-cycle's chain, then the second convolution's sum and bias; the
+    # largest prediction stands in for the magnitudes, as in a V-cycle's test.
+    length = v_cycle_sum_length(multigrid) + math.prod(grouped.kernel.shape[:3]) + 1
+    assert_within_rounding(model.predict(arrays["inputs"], verbose=0), arrays["predictions"],
+                           length, np.max(np.abs(arrays["predictions"])))
+
+
+def main():
+    output_dir, *saved = sys.argv[1:]
+    checks = {
+        "grouped_conv_output": check_grouped_conv_output,
+        "v_cycle_output": check_v_cycle_output,
+        "grouped_conv_gradients": check_grouped_conv_gradients,
+        "layers": lambda: check_layers(output_dir),
+        "save": lambda: save_for_other_backends(output_dir),
+        **{f"load {os.path.basename(path)}": (lambda path=path: check_loads(path))
+           for path in saved},
+    }
+    for check in checks.values():
+        check()
+    # What the layers alone imported: not TensorFlow, on JAX and PyTorch.
+    tensorflow_imported = "tensorflow" in sys.modules
+    try:
+        check_factories()
+        factories_error = None
+    except Exception as error:  # Reported, so that the layers' report still comes back.
+        factories_error = f"{type(error).__name__}: {str(error)[:500]}"
+    print(json.dumps({"backend": BACKEND, "checks": list(checks),
+                      "tensorflow_imported_by_layers": tensorflow_imported,
+                      "factories_error": factories_error}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The layers and model factories on every Keras 3 backend: TensorFlow, JAX and PyTorch.
+
+Keras reads KERAS_BACKEND once, when it is imported, so each backend runs
+backend_checks.py in a subprocess of its own, one after another: each loads the
+models the backends before it saved, so a file saved under TensorFlow loads
+under JAX and PyTorch, and one saved under JAX loads under PyTorch, with the
+saving backend's predictions to float32 rounding.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ["tensorflow", "jax", "torch"]
+MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def run_backend(backend, output_dir, saved):
+    environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    environment.pop("TF_USE_LEGACY_KERAS", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "backend_checks.py"), str(output_dir), *saved],
+        env=environment, cwd=TESTS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """The report of every installed backend, in BACKENDS' order."""
+    output_dir = tmp_path_factory.mktemp("backends")
+    reports, saved = {}, []
+    for backend in BACKENDS:
+        if importlib.util.find_spec(MODULES[backend]) is None:
+            continue
+        reports[backend] = run_backend(backend, output_dir, saved)
+        saved.append(str(output_dir / f"{backend}.keras"))
+    return reports
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layers_and_factories_on_backend(reports, backend):
+    if backend not in reports:
+        pytest.skip(f"{backend} is not installed: pip install -e \".[{backend}]\"")
+    report = reports[backend]
+    assert report["backend"] == backend
+    earlier = [name for name in BACKENDS[:BACKENDS.index(backend)] if name in reports]
+    assert report["checks"] == [
+        "grouped_conv_output", "v_cycle_output", "grouped_conv_gradients", "layers",
+        "save", *(f"load {name}.keras" for name in earlier)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_factories_build_and_fit_on_backend(reports, backend):
+    if backend not in reports:
+        pytest.skip(f"{backend} is not installed")
+    assert reports[backend]["factories_error"] is None
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_layers_do_not_import_tensorflow(reports, backend):
+    if backend not in reports:
+        pytest.skip(f"{backend} is not installed")
+    assert reports[backend]["tensorflow_imported_by_layers"] is False
