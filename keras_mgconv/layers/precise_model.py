@@ -19,24 +19,35 @@ recomputes the statistics (`keras_mgconv.batch_norm`) inside `fit`, so that
 import collections.abc
 import inspect
 import math
+import sys
 import warnings
 
 import numpy as np
-import tensorflow as tf
 
 from keras_mgconv._keras import keras
-from keras_mgconv.batch_norm import PreciseBatchNormalization
 
 
-class _RecomputeInFit(PreciseBatchNormalization):
-    """Recomputes before every validation of `fit` and once at its end, not every epoch."""
+class _RecomputeInFit(keras.callbacks.Callback):
+    """Recomputes before every validation of `fit` and once at its end.
+
+    `keras_mgconv.batch_norm.PreciseBatchNormalization` recomputes; it is
+    imported here, not with this module, because it imports TensorFlow, which
+    the layers leave unloaded on the JAX and PyTorch backends.
+    """
+
+    def __init__(self, data, steps):
+        super().__init__()
+        from keras_mgconv.batch_norm import PreciseBatchNormalization
+
+        self._precise = PreciseBatchNormalization(data, steps)
+
+    def set_model(self, model):
+        super().set_model(model)
+        self._precise.set_model(model)
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
+        self._precise.on_train_begin(logs)
         self._recomputed_at = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        pass
 
     def on_test_begin(self, logs=None):
         self._recompute()
@@ -47,11 +58,43 @@ class _RecomputeInFit(PreciseBatchNormalization):
             self._recompute()
 
     def _recompute(self):
-        super().on_epoch_end(None)
+        # Without validation data, the callback's epoch end only recomputes.
+        self._precise.on_epoch_end(None)
         self._recomputed_at = self._iterations()
 
     def _iterations(self):
         return int(self.model.optimizer.iterations.numpy())
+
+
+class _Batches(keras.utils.Sequence):  # PyDataset in Keras 3.
+    """`inputs` (arrays, or lists or dicts of them) in batches of `batch_size`."""
+
+    def __init__(self, inputs, batch_size):
+        super().__init__()
+        self.inputs = inputs
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return math.ceil(_length(self.inputs) / self.batch_size)
+
+    def __getitem__(self, index):
+        return _take(self.inputs, slice(index * self.batch_size, (index + 1) * self.batch_size))
+
+
+def _length(inputs):
+    if isinstance(inputs, dict):
+        return _length(next(iter(inputs.values())))
+    if isinstance(inputs, (list, tuple)):
+        return _length(inputs[0])
+    return len(inputs)
+
+
+def _take(inputs, indices):
+    if isinstance(inputs, dict):
+        return {key: _take(value, indices) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_take(value, indices) for value in inputs)
+    return np.asarray(inputs)[indices]
 
 
 @keras.saving.register_keras_serializable(package="keras_mgconv")
@@ -83,7 +126,8 @@ class PreciseBatchNormModel(keras.Model):
       with training data before evaluating.
 
     Each recomputation costs a forward pass over those batches (about a third
-    of a training step each). Set `model.batch_norm_statistics_batches = 0` to
+    of a training step each). It needs the TensorFlow backend (or tf_keras);
+    on JAX and PyTorch `fit` warns and keeps Keras' moving averages. Set `model.batch_norm_statistics_batches = 0` to
     keep Keras' moving averages instead. A `fit` given a
     `keras_mgconv.batch_norm.PreciseBatchNormalization` callback leaves the
     statistics to it.
@@ -107,47 +151,55 @@ class PreciseBatchNormModel(keras.Model):
 
     def fit(self, *args, **kwargs):
         arguments = inspect.signature(super().fit).bind(*args, **kwargs).arguments
-        callbacks = list(arguments.get("callbacks") or [])
         batches = self.batch_norm_statistics_batches
-        if (isinstance(batches, bool) or not isinstance(batches, int) or batches < 0):
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
             raise ValueError(
                 "`batch_norm_statistics_batches` must be an int >= 0 (0: keep the "
                 f"moving averages). Received: batch_norm_statistics_batches={batches!r}.")
-        if batches and not any(isinstance(c, PreciseBatchNormalization) for c in callbacks):
-            data = _statistics_data(arguments, batches)
-            if data is None:
-                warnings.warn(
-                    "PreciseBatchNormModel.fit cannot recompute the BatchNormalization "
-                    "statistics from a generator or iterator, which fit consumes: the "
-                    "moving averages stay, and evaluation may score far below training. "
-                    "Pass a tf.data.Dataset, a PyDataset or arrays, or call "
-                    "keras_mgconv.batch_norm.recompute_batch_norm_statistics(model, "
-                    "training_data) before evaluating.", stacklevel=2)
-            else:
-                arguments["callbacks"] = callbacks + [_RecomputeInFit(*data)]
+        callbacks = list(arguments.get("callbacks") or [])
+        # Loaded only where TensorFlow is: no such callback can exist elsewhere.
+        batch_norm = sys.modules.get("keras_mgconv.batch_norm")
+        if not batches or (batch_norm is not None and any(
+                isinstance(c, batch_norm.PreciseBatchNormalization) for c in callbacks)):
+            return super().fit(**arguments)
+        data = _statistics_data(arguments, batches)
+        if keras.backend.backend() != "tensorflow":
+            warnings.warn(
+                "PreciseBatchNormModel.fit recomputes the BatchNormalization statistics "
+                "only on the TensorFlow backend: on the "
+                f"{keras.backend.backend()} backend the moving averages stay, and "
+                "evaluation may score below training.", stacklevel=2)
+        elif data is None:
+            warnings.warn(
+                "PreciseBatchNormModel.fit cannot recompute the BatchNormalization "
+                "statistics from a generator or iterator, which fit consumes: the "
+                "moving averages stay, and evaluation may score far below training. "
+                "Pass a tf.data.Dataset, a PyDataset or arrays, or call "
+                "keras_mgconv.batch_norm.recompute_batch_norm_statistics(model, "
+                "training_data) before evaluating.", stacklevel=2)
+        else:
+            arguments["callbacks"] = callbacks + [_RecomputeInFit(*data)]
         return super().fit(**arguments)
 
 
 def _statistics_data(arguments, batches):
     """(data, steps) for the recomputation, or None when `x` cannot be read again."""
     x = arguments.get("x")
-    if isinstance(x, tf.data.Dataset):
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(x, tf.data.Dataset):
         steps = arguments.get("steps_per_epoch")
         cardinality = int(x.cardinality())
         if cardinality > 0:
             steps = cardinality if steps is None else min(steps, cardinality)
         return x, batches if steps is None else min(steps, batches)
-    if isinstance(x, keras.utils.Sequence):  # PyDataset in Keras 3.
+    if isinstance(x, keras.utils.Sequence):
         return x, min(len(x), batches)
     if isinstance(x, collections.abc.Iterator):
         return None
     batch_size = arguments.get("batch_size") or 32
-    length = len(tf.nest.flatten(x)[0])
     # Keras' validation_split takes the last samples.
-    training = math.floor(length * (1 - (arguments.get("validation_split") or 0.0)))
+    training = math.floor(_length(x) * (1 - (arguments.get("validation_split") or 0.0)))
     # A fixed random sample: the data may be ordered (by class, say), and fit
     # shuffles by default, so that each batch mixes the whole training set.
     sample = np.random.default_rng(0).permutation(training)[:batches * batch_size]
-    inputs = tf.nest.map_structure(lambda array: np.asarray(array)[sample], x)
-    dataset = tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size)
-    return dataset, None
+    return _Batches(_take(x, sample), batch_size), None
