@@ -16,10 +16,12 @@ def atomic_write(path, write):
     The temporary file is in `path`'s directory (so the rename is atomic) and
     has its extension (Keras saves only to names that end in ".keras"). It is
     removed if `write` raises: `path` is either the old file or the new one. A
-    killed process leaves it behind; `remove_stale_temporaries` removes it.
+    killed process leaves it behind: the next `atomic_write` of `path`, or
+    `remove_stale_temporaries`, removes it.
     """
     directory, name = os.path.split(path)
     stem, extension = os.path.splitext(name)
+    remove_stale_temporaries(directory or ".", name)
     temporary = os.path.join(directory, f".{stem}.{os.getpid()}.tmp{extension}")
     try:
         write(temporary)
@@ -39,18 +41,23 @@ def _is_running(pid):
     return True
 
 
-def remove_stale_temporaries(directory):
+def remove_stale_temporaries(directory, name=None):
     """Removes the temporary files of `atomic_write`s whose process has died.
+
+    Args:
+        directory: where to look.
+        name: only those of the file `name`; None: all.
 
     Returns:
         The names removed.
     """
     removed = []
-    for name in sorted(os.listdir(directory)):
-        match = _TEMPORARY.fullmatch(name)
-        if match and not _is_running(int(match["pid"])):
-            os.remove(os.path.join(directory, name))
-            removed.append(name)
+    for candidate in sorted(os.listdir(directory)):
+        match = _TEMPORARY.fullmatch(candidate)
+        if (match and name in (None, match["stem"] + (match["extension"] or ""))
+                and not _is_running(int(match["pid"]))):
+            os.remove(os.path.join(directory, candidate))
+            removed.append(candidate)
     return removed
 
 
@@ -113,7 +120,9 @@ def directory_lock(directory, name=".lock"):
         try:
             yield
         finally:
-            with contextlib.suppress(FileNotFoundError):  # The directory was removed meanwhile.
+            # The directory may have been removed, or made unwritable, meanwhile;
+            # a lock file left behind blocks nobody once its descriptor is closed.
+            with contextlib.suppress(OSError):
                 os.remove(path)
             os.close(fd)
     finally:

@@ -246,15 +246,31 @@ def _parser():
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    resume = (" Run the same command again to resume from the last completed epoch."
+              if args.command == "train" else "")
     try:
         args.run(args)
     except ValueError as error:
-        message = " ".join(line.strip() for line in str(error).splitlines())
-        parser.exit(2, f"keras-mgconv {args.command}: error: {message}\n")
+        parser.exit(2, f"keras-mgconv {args.command}: error: {_one_line(error)}\n")
+    except ModuleNotFoundError as error:
+        # Keras imports the package of the backend KERAS_BACKEND names, e.g. jax.
+        backend = os.environ.get("KERAS_BACKEND")
+        cause = (f" KERAS_BACKEND={backend!r} selects Keras' backend of that name: install "
+                 f"it, or unset KERAS_BACKEND to use TensorFlow."
+                 if error.name and error.name.split(".")[0] == backend else "")
+        parser.exit(1, f"keras-mgconv {args.command}: error: the Python package "
+                       f"{error.name!r} is not installed.{cause}\n")
+    except OSError as error:
+        # A file or folder that cannot be written or read midway, e.g. a full disk
+        # or an output directory made read-only.
+        parser.exit(1, f"keras-mgconv {args.command}: error: {_one_line(error)}.{resume}\n")
     except KeyboardInterrupt:
-        parser.exit(130, f"keras-mgconv {args.command}: interrupted; run the same command "
-                         f"again to resume from the last completed epoch.\n")
+        parser.exit(130, f"keras-mgconv {args.command}: interrupted.{resume}\n")
     return 0
+
+
+def _one_line(error):
+    return " ".join(line.strip() for line in str(error).splitlines())
 
 
 if __name__ == "__main__":

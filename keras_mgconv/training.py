@@ -82,6 +82,9 @@ _CHECKPOINT_NAMES = ("last.keras", "best.keras", "history.csv", "config.json", "
 # Held in `output_dir` while a run writes there.
 _LOCK_NAME = ".train.lock"
 
+# The TensorBoard logs' folder in `output_dir`.
+_LOGS_NAME = "logs"
+
 # Training batches whose statistics replace the BatchNormalization moving
 # averages after every epoch: 50 batches of 64 estimate a channel's mean to
 # about 2% of its standard deviation, and cost a third of a 150-step epoch.
@@ -203,17 +206,42 @@ def _copy(source, target):
     atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
+def _damaged(output_dir, damage):
+    return ValueError(
+        f"The unfinished run in `output_dir` cannot be resumed: {damage}. Pass "
+        f"overwrite=True (`--overwrite`) to start it again, or choose another directory. "
+        f"Received: output_dir={output_dir!r}.")
+
+
 def _read_history(path, epochs_done):
-    """The CSV history's rows for the completed epochs.
+    """The CSV history's rows for the completed epochs, one for each.
 
     A killed run may have logged one epoch more than its checkpoint holds, or
     part of a row.
+
+    Raises:
+        ValueError: the history is missing, unreadable or lacks an epoch.
     """
-    if not os.path.exists(path):
+    if epochs_done == 0:
         return []
-    with open(path, newline="") as file:
-        return [row for row in csv.DictReader(file)
-                if None not in row.values() and int(row["epoch"]) < epochs_done]
+    output_dir = os.path.dirname(path)
+    if not os.path.exists(path):
+        raise _damaged(output_dir, f"{path}, the history of its {epochs_done} completed "
+                                   f"epochs, is missing")
+    try:
+        with open(path, newline="") as file:
+            rows = [row for row in csv.DictReader(file)
+                    if None not in row.values() and int(row["epoch"]) < epochs_done]
+        for row in rows:
+            float(row["val_accuracy"]), float(row["epoch_time"])
+    except (KeyError, ValueError, csv.Error) as error:
+        raise _damaged(output_dir, f"{path} cannot be read ({type(error).__name__}: "
+                                   f"{str(error)[:200]})") from None
+    epochs = [int(row["epoch"]) for row in rows]
+    if epochs != list(range(epochs_done)):
+        raise _damaged(output_dir, f"{path} should hold one row for each of the "
+                                   f"{epochs_done} completed epochs; it holds epochs {epochs}")
+    return rows
 
 
 def _rewrite_history(path, rows):
@@ -247,6 +275,9 @@ def _restore_best(output_dir, run_dir, history):
         return
     latest = _selected_epoch(history) == len(history) - 1
     source = os.path.join(output_dir, "last.keras" if latest else "best.keras")
+    if not zipfile.is_zipfile(source):
+        raise _damaged(output_dir, f"{source}, the model of epoch "
+                                   f"{_selected_epoch(history) + 1}, is missing or truncated")
     target = os.path.join(run_dir, "best.keras")
     if source != target:
         _copy(source, target)
@@ -258,8 +289,12 @@ def _writable_output_dir(output_dir):
         raise ValueError(f"`output_dir` must be a path. Received: output_dir={output_dir!r}.")
     output_dir = os.path.abspath(output_dir)
     existing = output_dir
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.exists(existing):
+        raise ValueError(
+            f"`output_dir` cannot be created: {existing} is a symbolic link to "
+            f"{os.readlink(existing)}, which does not exist. Received: output_dir={output_dir!r}.")
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
             f"`output_dir` cannot be written: {existing} is not a writable directory. "
@@ -304,10 +339,7 @@ def _resumable(output_dir, config, overwrite):
         if not isinstance(saved, dict):
             raise ValueError(f"a {type(saved).__name__}, not an object")
     except ValueError as error:
-        raise ValueError(
-            f"{config_path} cannot be read ({error}), so the unfinished run in `output_dir` "
-            f"cannot be resumed. Pass overwrite=True (`--overwrite`) to start it again, or "
-            f"choose another directory. Received: output_dir={output_dir!r}.") from None
+        raise _damaged(output_dir, f"{config_path} cannot be read ({error})") from None
     changed = sorted(key for key in config.keys() | saved.keys()
                      if config.get(key) != saved.get(key))
     if changed:
@@ -325,6 +357,8 @@ def _clear_run(output_dir):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):
             os.remove(path)
+    # TensorBoard would show the old run's curves beside the new one's.
+    shutil.rmtree(os.path.join(output_dir, _LOGS_NAME), ignore_errors=True)
 
 
 def _image_shape(info, image_size):
@@ -568,6 +602,11 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             raise ValueError(
                 f"`batch_size` is larger than the {fit_examples} examples of {dataset!r} "
                 f"to fit on. Received: batch_size={batch_size}.")
+        if epochs * steps_per_epoch >= 2**63:
+            raise ValueError(
+                f"`epochs` of {steps_per_epoch} steps each must number fewer steps than the "
+                f"optimizer's 64-bit step counter holds: at most "
+                f"{(2**63 - 1) // steps_per_epoch:,} epochs. Received: epochs={epochs}.")
         if batch_norm_momentum is None:
             batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
 
@@ -577,7 +616,11 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             dataset, image_shape, data_dir, manual_dir, split=fit_split)
         with strategy.scope():
             if resume:
-                network = keras.models.load_model(os.path.join(output_dir, "last.keras"))
+                last = os.path.join(output_dir, "last.keras")
+                try:
+                    network = _load(last)
+                except _UnreadableModel as error:
+                    raise _damaged(output_dir, f"{last} {error}") from None
             else:
                 network = _build_model(model, info, image_shape, normalization, multigrid,
                                        group_size, width, batch_norm_momentum)
@@ -623,7 +666,7 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             _Checkpoints(run_dir, best_accuracy),
         ]
         if writes:
-            callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")))
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, _LOGS_NAME)))
         if initial_epoch < epochs:
             # The remaining epochs, each fixed by the seed: a resumed run sees the
             # batches an uninterrupted one would have. `fit` splits every global
@@ -687,6 +730,19 @@ def load_model(path, argument="model_path"):
     if not os.path.isfile(str(path)) or not str(path).endswith(".keras"):
         raise ValueError(f"`{argument}` must be an existing .keras file. "
                          f"Received: {argument}={str(path)!r}.")
+    try:
+        return _load(path)
+    except _UnreadableModel as error:
+        raise ValueError(f"{path} {error}; save or train it again. "
+                         f"Received: {argument}={str(path)!r}.") from None
+
+
+class _UnreadableModel(Exception):
+    pass
+
+
+def _load(path):
+    """`keras.models.load_model(path)`; raises `_UnreadableModel` saying what is wrong with the file."""
     # Keras reports a file that is not a zip archive as "File not found".
     problem = None if zipfile.is_zipfile(path) else "not a zip archive"
     if problem is None:
@@ -694,9 +750,9 @@ def load_model(path, argument="model_path"):
             return keras.models.load_model(path)
         except Exception as error:  # A damaged archive fails in many ways, each its own type.
             problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-    raise ValueError(
-        f"{path} is not a readable Keras model ({problem}): it is truncated, damaged or "
-        f"was not saved by Keras; save or train it again. Received: {argument}={str(path)!r}.")
+    raise _UnreadableModel(
+        f"is not a readable Keras model ({problem}): it is truncated, damaged or was not "
+        f"saved by Keras")
 
 
 def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=256,

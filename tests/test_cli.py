@@ -163,3 +163,33 @@ def test_export_and_benchmark_errors_exit_2(capsys, small_model_path, arguments,
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"keras-mgconv {arguments[0]}: error:")
     assert message in error[0]
+
+
+def test_interrupted_export_says_nothing_of_epochs(capsys, small_model_path, monkeypatch):
+    from keras_mgconv import export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_tflite", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(small_model_path)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "keras-mgconv export: interrupted.\n"
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_keras_backend_that_is_not_installed_is_one_line(tmp_path, backend):
+    # A module of the backend's name that cannot be imported: as if not installed.
+    (tmp_path / f"{backend}.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{backend}'\", name='{backend}')\n")
+    environment = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(tmp_path),
+                       TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-m", "keras_mgconv.cli", "summary"],
+                            env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"keras-mgconv summary: error: the Python package '{backend}' is not installed. "
+        f"KERAS_BACKEND='{backend}' selects Keras' backend of that name: install it, or "
+        f"unset KERAS_BACKEND to use TensorFlow.")

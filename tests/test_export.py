@@ -1,5 +1,7 @@
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -229,6 +231,18 @@ def test_bad_arguments_raise_before_writing(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):
         export_tflite(_small_model(), **arguments)
     assert os.listdir(tmp_path) == []
+
+
+def test_export_removes_the_temporary_file_of_a_killed_export(tmp_path):
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    # A SIGKILLed export of model.tflite, and one of another file.
+    stale = tmp_path / f".model.{dead_pid}.tmp.tflite"
+    other = tmp_path / f".other.{dead_pid}.tmp.tflite"
+    for path in (stale, other):
+        path.write_bytes(b"half an export")
+    export_tflite(_small_model(), tmp_path / "model.tflite")
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.tflite", other.name])
 
 
 def test_float32_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):

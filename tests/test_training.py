@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_mgconv import cli, data, training
+from keras_mgconv import cli, data, models, training
 from keras_mgconv._keras import keras
 from keras_mgconv.export import float32_tolerance
 
@@ -427,6 +427,10 @@ def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
     (["--validation-fraction", "1"], "Received: validation_fraction=1.0"),
     (["--no-multigrid", "--design", "block"], "Received: design='block'"),
     (["--model", "MobileNetV2", "--design", "block"], "multigrid='block'"),
+    # Refused before an epoch's dataset was made for each of them.
+    (["--epochs", "99999999999999999999"], "Received: epochs=99999999999999999999"),
+    # Refused before the images are made, not out of memory after a minute.
+    (["--image-size", "100000"], "image_shape=(100000, 100000, 1)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
     output_dir = tmp_path / "run"
@@ -454,6 +458,121 @@ def test_unwritable_output_dir_is_refused(tmp_path, capsys):
         cli.main(["train", "--output-dir", str(blocker / "run")])
     assert exit_info.value.code == 2
     assert "is not a writable directory" in capsys.readouterr().err
+
+
+def test_dangling_symlink_output_dir_is_refused(tmp_path, capsys):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", str(link)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"{link} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in error
+    assert os.listdir(tmp_path) == ["run"]
+
+
+def test_output_dir_unwritable_midway_is_one_line(tmp_path, tiny, monkeypatch, capsys):
+    output_dir = str(tmp_path / "run")
+    remove = os.remove
+
+    def unwritable(self, epoch, logs=None):
+        raise PermissionError(13, "Permission denied", os.path.join(output_dir, "last.keras"))
+
+    def remove_unless_in_output_dir(path):
+        if os.path.dirname(path) == output_dir:
+            raise PermissionError(13, "Permission denied", path)
+        remove(path)
+
+    # The lock's release removes its file; in a directory made unwritable, that
+    # failed too, in a second traceback.
+    monkeypatch.setattr(training._Checkpoints, "on_epoch_end", unwritable)
+    monkeypatch.setattr(os, "remove", remove_unless_in_output_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--model", "Tiny", "--epochs", "1", "--output-dir", output_dir])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"keras-mgconv train: error: [Errno 13] Permission denied: "
+                     f"'{output_dir}/last.keras'. Run the same command again to resume from "
+                     f"the last completed epoch.")
+
+
+def test_overwrite_removes_the_old_runs_logs(tmp_path):
+    events = tmp_path / "logs" / "train" / "events.out.tfevents.1.host"
+    events.parent.mkdir(parents=True)
+    events.write_text("")
+    (tmp_path / "last.keras").write_text("")
+    training._clear_run(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def _unfinished_run(output_dir, tiny, monkeypatch):
+    """An output_dir left by a `tiny` run of 2 epochs stopped after the first."""
+    original = training._EpochTimer.on_epoch_begin
+
+    def stop_at_epoch_2(self, epoch, logs=None):
+        if epoch == 1:
+            raise _Interrupt
+        original(self, epoch, logs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training._EpochTimer, "on_epoch_begin", stop_at_epoch_2)
+        with pytest.raises(_Interrupt):
+            training.train(output_dir=output_dir, **{**tiny, "epochs": 2})
+
+
+def _delete(path):
+    os.remove(path)
+
+
+def _garble(path):
+    with open(path, "w") as file:
+        file.write("epoch,accuracy\nfirst,0.5\n")
+
+
+def _truncate(path):
+    with open(path, "rb") as file:
+        content = file.read()
+    with open(path, "wb") as file:
+        file.write(content[:len(content) // 2])
+
+
+@pytest.mark.parametrize("name, damage, problem", [
+    ("history.csv", _delete, "the history of its 1 completed epochs, is missing"),
+    ("history.csv", _garble, "cannot be read (ValueError: invalid literal for int()"),
+    ("last.keras", _truncate, "is not a readable Keras model (not a zip archive)"),
+])
+def test_damaged_run_state_is_named_with_the_way_out(tmp_path, tiny, monkeypatch,
+                                                     name, damage, problem):
+    output_dir = str(tmp_path / "run")
+    _unfinished_run(output_dir, tiny, monkeypatch)
+    path = os.path.join(output_dir, name)
+    damage(path)
+    with pytest.raises(ValueError) as error:
+        training.train(output_dir=output_dir, **{**tiny, "epochs": 2})
+    message = str(error.value)
+    assert message.startswith("The unfinished run in `output_dir` cannot be resumed: ")
+    assert path in message and problem in message, message
+    assert "`--overwrite`" in message
+
+
+def test_missing_best_model_of_an_earlier_epoch_is_named(tmp_path):
+    history = [{"epoch": "0", "val_accuracy": "0.9"}, {"epoch": "1", "val_accuracy": "0.8"}]
+    (tmp_path / "last.keras").write_text("")
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'best.keras'}, the model of epoch 1, is missing or truncated")):
+        training._restore_best(str(tmp_path), str(tmp_path), history)
+
+
+@pytest.mark.parametrize("name", ["notes.weights.h5", "notes.keras", "notes.txt"])
+def test_weights_file_that_is_not_weights_is_named(tmp_path, name):
+    # Here, not in test_models: the factories' `weights` load what `train` saves.
+    path = str(tmp_path / name)
+    with open(path, "w") as file:
+        file.write("not weights")
+    with pytest.raises(ValueError, match=re.escape(f"Received: weights={path!r}.")) as error:
+        models.ResNet20(input_shape=(8, 8, 1), weights=path)
+    assert str(error.value).startswith("The `weights` file cannot be loaded into resnet20 (")
 
 
 def test_train_command_exits_2_from_the_shell(tmp_path):

@@ -208,5 +208,13 @@ def finish_model(inputs, input_tensor, x, include_top, pooling, classes,
         inputs = keras.utils.get_source_inputs(input_tensor)
     model = PreciseBatchNormModel(inputs, x, name=name)
     if weights is not None:
-        model.load_weights(weights)
+        try:
+            model.load_weights(weights)
+        except Exception as error:  # h5py and Keras fail in their own ways, types included.
+            raise ValueError(
+                f"The `weights` file cannot be loaded into {model.name} "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}): it must be "
+                f"weights saved from this model, e.g. with `model.save_weights` (a "
+                f".weights.h5 file) or `model.save` (.keras). Received: weights={weights!r}."
+            ) from None
     return model
