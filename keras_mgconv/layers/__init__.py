@@ -9,6 +9,7 @@ from keras_mgconv.layers.channel_padding import ChannelZeroPadding
 from keras_mgconv.layers.channel_transfer import ChannelProlongation, ChannelRestriction
 from keras_mgconv.layers.grouped_conv import GroupedConv2D, grouped_conv2d
 from keras_mgconv.layers.multigrid_conv import MultigridConv2D, level_widths
+from keras_mgconv.layers.precise_model import PreciseBatchNormModel
 
 __all__ = [
     "ChannelProlongation",
@@ -16,6 +17,7 @@ __all__ = [
     "ChannelZeroPadding",
     "GroupedConv2D",
     "MultigridConv2D",
+    "PreciseBatchNormModel",
     "grouped_conv2d",
     "level_widths",
 ]
