@@ -245,6 +245,27 @@ def test_export_removes_the_temporary_file_of_a_killed_export(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["model.tflite", other.name])
 
 
+def _normalized_model():
+    """`_small_model` behind the input normalisation `train` gives its models: pixels 0-255."""
+    inputs = keras.Input((8, 8, 16))
+    normalized = keras.layers.Normalization(mean=100.0, variance=50.0**2)(inputs)
+    return keras.Model(inputs, _small_model()(normalized))
+
+
+@pytest.mark.parametrize("scale, offset", [(1e30, 0.0), (0.0, 0.0), (0.01, 0.0), (10.0, 0.0),
+                                           (1.0, 200.0)])
+def test_int8_calibration_unlike_the_training_inputs_is_refused(tmp_path, scale, offset):
+    # A trained model calibrated on 1e30 * ones agreed 100% with Keras on them,
+    # and 11.5% (chance) on its test images; see export._check_representative.
+    typical = np.random.default_rng(0).normal(100.0, 50.0, (16, 8, 8, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"`representative_data` does not look like the "
+                                         r"inputs the model was trained on"):
+        export_tflite(_normalized_model(), tmp_path / "model.tflite", "int8",
+                      representative_data=typical * scale + offset)
+    assert os.listdir(tmp_path) == []
+    export._check_representative(_normalized_model(), typical)
+
+
 def test_float32_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     def broken_verify(*args):
         return export.Verification(examples=8, data="random", max_abs_diff=0.5,
