@@ -9,8 +9,9 @@ Checks, on tiny shapes: grouped convolution and the V-cycle against a NumPy
 reference (a full convolution with the block-diagonal kernel, in float64);
 gradients against the backend's own full convolution with that kernel; the
 layer checks of layer_checks.py (config, fit, mixed precision, save and load)
-for every layer; every model factory built and fitted one step, after the
-report of whether the layers imported TensorFlow. It saves a
+for every layer; every model factory built and fitted one step. Before Keras'
+serialization runs, it records whether building, calling and differentiating
+the layers imported TensorFlow. It saves a
 small model to OUTPUT_DIR/<backend>.keras with its inputs and predictions, and
 loads each SAVED.keras given (saved under other backends) to compare its
 predictions with the saving backend's.
@@ -144,11 +145,11 @@ def check_grouped_conv_gradients():
 
     def grouped(x, k):
         outputs = keras_mgconv.layers.grouped_conv2d(x, k, groups, (2, 2), "same")
-        return keras.ops.sum(outputs * weights)
+        return keras.ops.sum(keras.ops.multiply(outputs, weights))
 
     def full(weights):
-        return lambda x, k: keras.ops.sum(keras.ops.conv(x, k, strides=2, padding="same")
-                                          * weights)
+        return lambda x, k: keras.ops.sum(keras.ops.multiply(
+            keras.ops.conv(x, k, strides=2, padding="same"), weights))
 
     def numpy_gradients(function, x, k):
         input_gradient, kernel_gradient = gradients(function, x, k)
@@ -251,10 +252,15 @@ def check_loads(saved):
 
 def main():
     output_dir, *saved = sys.argv[1:]
+    reports = {}
     checks = {
         "grouped_conv_output": check_grouped_conv_output,
         "v_cycle_output": check_v_cycle_output,
         "grouped_conv_gradients": check_grouped_conv_gradients,
+        # Keras' own serialization (config round-trips, saving) imports
+        # TensorFlow wherever it is installed; the layers' computation must not.
+        "no_tensorflow": lambda: reports.update(
+            tensorflow_imported_by_layers="tensorflow" in sys.modules),
         "layers": lambda: check_layers(output_dir),
         "save": lambda: save_for_other_backends(output_dir),
         **{f"load {os.path.basename(path)}": (lambda path=path: check_loads(path))
@@ -262,15 +268,13 @@ def main():
     }
     for check in checks.values():
         check()
-    # What the layers alone imported: not TensorFlow, on JAX and PyTorch.
-    tensorflow_imported = "tensorflow" in sys.modules
     try:
         check_factories()
         factories_error = None
     except Exception as error:  # Reported, so that the layers' report still comes back.
         factories_error = f"{type(error).__name__}: {str(error)[:500]}"
     print(json.dumps({"backend": BACKEND, "checks": list(checks),
-                      "tensorflow_imported_by_layers": tensorflow_imported,
+                      **reports,
                       "factories_error": factories_error}))
 
 

@@ -51,7 +51,8 @@ def test_layers_and_factories_on_backend(reports, backend):
     assert report["backend"] == backend
     earlier = [name for name in BACKENDS[:BACKENDS.index(backend)] if name in reports]
     assert report["checks"] == [
-        "grouped_conv_output", "v_cycle_output", "grouped_conv_gradients", "layers",
+        "grouped_conv_output", "v_cycle_output", "grouped_conv_gradients", "no_tensorflow",
+        "layers",
         "save", *(f"load {name}.keras" for name in earlier)]
 
 

@@ -75,6 +75,16 @@ def connector_groups(input_channels, filters, group_size):
     return groups
 
 
+def _copy(keras_object):
+    """A new initializer, regularizer or constraint with `keras_object`'s config, or None.
+
+    From the config rather than through Keras' serialization, which imports
+    TensorFlow on every backend where it is installed.
+    """
+    return None if keras_object is None else type(keras_object).from_config(
+        keras_object.get_config())
+
+
 def _build_sublayer(layer, input_shape):
     """Builds `layer` with its weights named under its own name (see `ops.name_scope`)."""
     with ops.name_scope(layer.name):
@@ -205,7 +215,6 @@ class MultigridConv2D(keras.layers.Layer):
 
     def _conv(self, name, filters, groups, strides=(1, 1), padding="same",
               residual=False):
-        serialize = keras.saving.serialize_keras_object
         return GroupedConv2D(
             filters,
             self.kernel_size,
@@ -213,9 +222,9 @@ class MultigridConv2D(keras.layers.Layer):
             strides=strides,
             padding=padding,
             use_bias=False,
-            kernel_initializer=serialize(self.kernel_initializer),
-            kernel_regularizer=serialize(self.kernel_regularizer),
-            kernel_constraint=serialize(self.kernel_constraint),
+            kernel_initializer=_copy(self.kernel_initializer),
+            kernel_regularizer=_copy(self.kernel_regularizer),
+            kernel_constraint=_copy(self.kernel_constraint),
             implementation=self.implementation,
             residual=residual,
             dtype=self.dtype_policy,
