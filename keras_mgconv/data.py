@@ -692,7 +692,8 @@ def _epochs(examples, epochs, shuffle_buffer, seed, full_batches):
         return examples.shuffle(shuffle_buffer, seed=epoch_seed,
                                 reshuffle_each_iteration=False).take(full_batches)
 
-    return tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
+    return tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch).apply(
+        tf.data.experimental.assert_cardinality(len(epochs) * full_batches))
 
 
 def _shuffle_buffer(shuffle_buffer, count):
