@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -180,3 +182,19 @@ def test_weights_file_is_loaded(tmp_path):
 def test_invalid_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("multigrid", ["layer", "block"])
+def test_numpy_integer_arguments_build_a_model_whose_config_is_json(multigrid):
+    """`np.int64(8)`, as read from an array, is an integer: accepted, and saved as one."""
+    model = models.CIFARResNet(8, input_shape=(8, 8, 1), classes=3, weights=None,
+                               multigrid=multigrid, group_size=np.int64(8),
+                               coarsest_channels=np.int64(8))
+    config = json.loads(json.dumps(model.get_config()))
+    assert model.count_params() == models.CIFARResNet(
+        8, input_shape=(8, 8, 1), classes=3, weights=None, multigrid=multigrid,
+        group_size=8, coarsest_channels=8).count_params()
+    layer = keras_mgconv.MultigridConv2D(np.int64(16), 3, group_size=np.int64(8),
+                                         coarsest_channels=np.int64(8))
+    assert json.loads(json.dumps(layer.get_config()))["group_size"] == 8
+    assert config["name"] == model.name

@@ -4,17 +4,23 @@ Errors follow Keras' convention: they name the argument and end with
 `Received: name=value.`
 """
 
+import numbers
+
 from keras_mgconv._keras import keras
 
 
 def positive_int(name, value):
-    """Returns `value` if it is a strictly positive int, else raises."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """Returns `value` as an int if it is a strictly positive integer, else raises.
+
+    NumPy integers count (`np.int64(8)`, as from a NumPy array); they come back
+    as Python ints, which configs serialise to JSON.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(
             f"Invalid value for argument `{name}`. Expected a strictly positive "
             f"integer. Received: {name}={value!r}."
         )
-    return value
+    return int(value)
 
 
 def choice(name, value, choices):
@@ -28,8 +34,8 @@ def choice(name, value, choices):
 
 
 def group_size(value):
-    """Returns `value` if it is a positive even int: groups halve between levels."""
-    positive_int("group_size", value)
+    """Returns `value` as an int if it is a positive even integer: groups halve between levels."""
+    value = positive_int("group_size", value)
     if value % 2:
         raise ValueError(
             "Invalid value for argument `group_size`. Expected an even number, "

@@ -190,9 +190,11 @@ class MultigridConv2D(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.group_size = group_size
-        self.coarsest_channels = coarsest_channels
-        self._levels = level_widths(filters, group_size, coarsest_channels)
+        self.group_size = _arguments.group_size(group_size)
+        self.coarsest_channels = (
+            None if coarsest_channels is None
+            else _arguments.positive_int("coarsest_channels", coarsest_channels))
+        self._levels = level_widths(self.filters, self.group_size, self.coarsest_channels)
         self.implementation = _arguments.implementation_mode(implementation)
         self.input_spec = keras.layers.InputSpec(ndim=4)
 

@@ -54,7 +54,7 @@ class ConvSettings:
         self.multigrid = self.design is not None
         self.group_size = _arguments.group_size(group_size)
         self.coarsest_channels = (
-            group_size if coarsest_channels is None
+            self.group_size if coarsest_channels is None
             else _arguments.positive_int("coarsest_channels", coarsest_channels))
         self.use_bias = use_bias
 
