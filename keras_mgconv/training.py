@@ -35,6 +35,7 @@ second run into an `output_dir` that a live run is using is refused.
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import numbers
@@ -89,6 +90,10 @@ _LOGS_NAME = "logs"
 # averages after every epoch: 50 batches of 64 estimate a channel's mean to
 # about 2% of its standard deviation, and cost a third of a 150-step epoch.
 _BATCH_NORM_STATISTICS_STEPS = 50
+
+# The most training steps in one call of `fit`'s compiled function (see
+# `_steps_per_execution`).
+_MAX_STEPS_PER_EXECUTION = 20
 
 
 def _number(name, value, expected, accept):
@@ -479,6 +484,211 @@ def _test_accuracies(network, selected_path, selected_is_final, test_data, strat
     }
 
 
+def _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimizer, momentum,
+            weight_decay, multigrid, group_size, width, image_size, batch_norm_momentum,
+            validation_fraction, seed):
+    """`train`'s arguments, checked, as `config.json` records them."""
+    _arguments.choice("model", model, MODELS)
+    multigrid = multigrid_design(multigrid) or False  # False, "layer" or "block"
+    epochs = _arguments.positive_int("epochs", epochs)
+    batch_size = _arguments.positive_int("batch_size", batch_size)
+    _number("learning_rate", learning_rate, "a positive finite number", lambda v: v > 0)
+    _arguments.choice("schedule", schedule, SCHEDULES)
+    _arguments.choice("optimizer", optimizer, OPTIMIZERS)
+    _number("momentum", momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    _number("weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
+    _number("width", width, "a positive finite multiplier of the block channels",
+            lambda v: v > 0)
+    if batch_norm_momentum is not None:
+        _number("batch_norm_momentum", batch_norm_momentum,
+                "a number in [0, 1), or None to choose one from the steps per epoch",
+                lambda v: 0 <= v < 1)
+    _number("validation_fraction", validation_fraction, "a number strictly between 0 and 1",
+            lambda v: 0 < v < 1)
+    return {
+        "model": model, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
+        "learning_rate": learning_rate, "schedule": schedule, "optimizer": optimizer,
+        "momentum": momentum, "weight_decay": weight_decay, "multigrid": multigrid,
+        "group_size": group_size, "width": width, "image_size": image_size,
+        "batch_norm_momentum": batch_norm_momentum,
+        "validation_fraction": validation_fraction, "seed": seed,
+    }
+
+
+def _steps_per_execution(steps_per_epoch):
+    """Training steps that `fit` runs in one call of its compiled function.
+
+    Each call costs a fixed overhead, which dominates small networks on small
+    images (ResNet20 on the 8x8 digits). The number divides `steps_per_epoch`:
+    Keras runs whole executions, and one that crossed an epoch's end would move
+    the epochs' boundaries, and with them the checkpoints and resuming.
+    """
+    return max(steps for steps in range(1, min(steps_per_epoch, _MAX_STEPS_PER_EXECUTION) + 1)
+               if steps_per_epoch % steps == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run trains on and for how long, settled before anything is written."""
+
+    config: dict
+    data_dir: str
+    manual_dir: str
+    info: object  # data.image_dataset_info's
+    image_shape: tuple
+    fit_split: str
+    validation_split: str
+    selected_by: str
+    steps_per_epoch: int
+    batch_norm_momentum: float
+
+    def pipeline(self, split, **kwargs):
+        """`data.image_pipeline` of `split` at the run's batch size, image shape and seed."""
+        return data.image_pipeline(
+            self.config["dataset"], split, self.config["batch_size"],
+            image_shape=self.image_shape, data_dir=self.data_dir, manual_dir=self.manual_dir,
+            seed=self.config["seed"], **kwargs)
+
+
+def _plan(config, replicas, data_dir, manual_dir):
+    """The run's `_Plan`: the dataset's splits and shape, steps per epoch, BatchNorm momentum.
+
+    Raises:
+        ValueError: the dataset is unavailable, or its images or size do not
+            fit `config` and `replicas`.
+    """
+    dataset, batch_size, epochs = config["dataset"], config["batch_size"], config["epochs"]
+    info = data.image_dataset_info(dataset, data_dir, manual_dir)
+    image_shape = _image_shape(info, config["image_size"])
+    if image_shape is None:
+        raise ValueError(
+            f"Dataset {dataset!r} has images of varying size: pass `image_size` "
+            f"(`--image-size`), e.g. 224. Received: image_size=None.")
+    if batch_size % replicas:
+        raise ValueError(
+            f"`batch_size` is the global batch and must divide evenly between the "
+            f"{replicas} replicas. Received: batch_size={batch_size}.")
+    fit_split, validation_split, selected_by = data.validation_splits(
+        dataset, data_dir, manual_dir, config["validation_fraction"])
+    fit_examples = data.split_size(dataset, fit_split, data_dir, manual_dir)
+    # Full training batches only: every global batch then has the same size
+    # and splits evenly between replicas.
+    steps_per_epoch = fit_examples // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"`batch_size` is larger than the {fit_examples} examples of {dataset!r} "
+            f"to fit on. Received: batch_size={batch_size}.")
+    if epochs * steps_per_epoch >= 2**63:
+        raise ValueError(
+            f"`epochs` of {steps_per_epoch} steps each must number fewer steps than the "
+            f"optimizer's 64-bit step counter holds: at most "
+            f"{(2**63 - 1) // steps_per_epoch:,} epochs. Received: epochs={epochs}.")
+    batch_norm_momentum = config["batch_norm_momentum"]
+    if batch_norm_momentum is None:
+        batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
+    return _Plan(config, data_dir, manual_dir, info, image_shape, fit_split, validation_split,
+                 selected_by, steps_per_epoch, batch_norm_momentum)
+
+
+def _model(plan, output_dir, resume, strategy):
+    """The network to train: `output_dir/last.keras` to resume, else a new compiled one."""
+    config = plan.config
+    keras.utils.set_random_seed(config["seed"])
+    # Adapted outside the strategy's scope, which would distribute its statistics.
+    normalization = None if resume else data.normalization_layer(
+        config["dataset"], plan.image_shape, plan.data_dir, plan.manual_dir,
+        split=plan.fit_split)
+    with strategy.scope():
+        if resume:
+            last = os.path.join(output_dir, "last.keras")
+            try:
+                network = _load(last)
+            except _UnreadableModel as error:
+                raise _damaged(output_dir, f"{last} {error}") from None
+        else:
+            network = _build_model(config["model"], plan.info, plan.image_shape, normalization,
+                                   config["multigrid"], config["group_size"], config["width"],
+                                   plan.batch_norm_momentum)
+            learning_rate = _learning_rate(config["schedule"], config["learning_rate"],
+                                           config["epochs"], plan.steps_per_epoch)
+            network.compile(
+                optimizer=_optimizer(config["optimizer"], learning_rate, config["momentum"],
+                                     config["weight_decay"]),
+                loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=["accuracy"], jit_compile=False,
+                steps_per_execution=_steps_per_execution(plan.steps_per_epoch))
+    _distribute(network, strategy)
+    return network
+
+
+def _prepare_output_dir(output_dir, run_dir, config, completed_epochs, overwrite, writes):
+    """Readies `run_dir` to continue after `completed_epochs`; returns their history rows."""
+    history = _read_history(os.path.join(output_dir, "history.csv"), completed_epochs)
+    if writes:
+        if overwrite:
+            _clear_run(output_dir)
+        remove_stale_temporaries(output_dir)
+        _write_json(os.path.join(output_dir, "config.json"), config)
+    _rewrite_history(os.path.join(run_dir, "history.csv"), history)
+    _restore_best(output_dir, run_dir, history)
+    return history
+
+
+def _fit(network, plan, output_dir, run_dir, history, strategy, verbose):
+    """Trains the epochs that `history` lacks, checkpointing each into `run_dir`."""
+    epochs, completed_epochs = plan.config["epochs"], len(history)
+    if completed_epochs == epochs:
+        return
+    best_accuracy = max((float(row["val_accuracy"]) for row in history), default=-1.0)
+    # Validation after the moving statistics are recomputed for the epoch's
+    # weights (see keras_mgconv.batch_norm), so that it judges, and the
+    # checkpoints hold, the model that inference mode will run.
+    # The same batches every epoch (those of the first), so that a resumed
+    # run computes what an uninterrupted one does.
+    batch_norm_data = plan.pipeline(plan.fit_split, training=True, drop_remainder=True,
+                                    epochs=range(1))
+    callbacks = [
+        _EpochTimer(),
+        PreciseBatchNormalization(
+            batch_norm_data, min(plan.steps_per_epoch, _BATCH_NORM_STATISTICS_STEPS),
+            validation_data=plan.pipeline(plan.validation_split)),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        _Checkpoints(run_dir, best_accuracy),
+    ]
+    if strategy.extended.should_checkpoint:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, _LOGS_NAME)))
+    # The remaining epochs, each fixed by the seed: a resumed run sees the
+    # batches an uninterrupted one would have. `fit` splits every global
+    # batch between the replicas (and the workers: the pipeline asks for
+    # sharding by example); the pipeline has no random state that its
+    # rewriting could reset.
+    train_data = plan.pipeline(plan.fit_split, training=True, drop_remainder=True,
+                               epochs=range(completed_epochs, epochs))
+    with strategy.scope():
+        network.fit(train_data, epochs=epochs, steps_per_epoch=plan.steps_per_epoch,
+                    initial_epoch=completed_epochs, callbacks=callbacks, verbose=verbose,
+                    shuffle=False)  # The pipeline shuffles.
+
+
+def _report(network, plan, run_dir, strategy):
+    """The summary of a finished run: its settings, the network's size, test accuracies, epochs."""
+    epochs = plan.config["epochs"]
+    history = _read_history(os.path.join(run_dir, "history.csv"), epochs)
+    return {
+        **plan.config,
+        "batch_norm_momentum": plan.batch_norm_momentum,
+        "parameters": network.count_params(),
+        "multiply_adds": count_multiply_adds(network),
+        "image_shape": list(plan.image_shape),
+        "num_classes": plan.info.num_classes,
+        "replicas": strategy.num_replicas_in_sync,
+        **_test_accuracies(network, os.path.join(run_dir, "best.keras"),
+                           _selected_epoch(history) == epochs - 1,
+                           plan.pipeline(plan.info.test_split), strategy),
+        **_epochs_summary(history, plan.selected_by),
+    }
+
+
 def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,
           learning_rate=0.1, schedule="cosine", optimizer="sgd", momentum=0.9,
           weight_decay=5e-4, multigrid=True, group_size=None, width=1.0, image_size=None,
@@ -491,6 +701,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
     5e-4, cosine learning-rate decay from 0.1. The defaults train a multigrid
     CIFAR ResNet20 on the embedded `digits` dataset in a few minutes on a
     laptop CPU. `jit_compile` stays off: XLA is slower for these networks on CPU.
+    `fit` runs up to 20 steps in each call of its compiled function
+    (`steps_per_execution`, a divisor of the steps per epoch), which the
+    saved models keep in their compile config.
 
     The model is fitted on the training data less a validation split, whose
     accuracy after each epoch selects `best.keras`. The test split is
@@ -542,32 +755,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
     >>> summary["epochs"], summary["replicas"], summary["image_shape"], summary["selected_by"]
     (1, 1, [8, 8, 1], "10% of 'train', stratified")
     """
-    _arguments.choice("model", model, MODELS)
-    # False, "layer" or "block", as config.json records it.
-    multigrid = multigrid_design(multigrid) or False
-    epochs = _arguments.positive_int("epochs", epochs)
-    batch_size = _arguments.positive_int("batch_size", batch_size)
-    _number("learning_rate", learning_rate, "a positive finite number", lambda v: v > 0)
-    _arguments.choice("schedule", schedule, SCHEDULES)
-    _arguments.choice("optimizer", optimizer, OPTIMIZERS)
-    _number("momentum", momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
-    _number("weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
-    _number("width", width, "a positive finite multiplier of the block channels",
-            lambda v: v > 0)
-    if batch_norm_momentum is not None:
-        _number("batch_norm_momentum", batch_norm_momentum,
-                "a number in [0, 1), or None to choose one from the steps per epoch",
-                lambda v: 0 <= v < 1)
-    _number("validation_fraction", validation_fraction, "a number strictly between 0 and 1",
-            lambda v: 0 < v < 1)
-    config = {
-        "model": model, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
-        "learning_rate": learning_rate, "schedule": schedule, "optimizer": optimizer,
-        "momentum": momentum, "weight_decay": weight_decay, "multigrid": multigrid,
-        "group_size": group_size, "width": width, "image_size": image_size,
-        "batch_norm_momentum": batch_norm_momentum,
-        "validation_fraction": validation_fraction, "seed": seed,
-    }
+    config = _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimizer,
+                     momentum, weight_decay, multigrid, group_size, width, image_size,
+                     batch_norm_momentum, validation_fraction, seed)
     output_dir = _writable_output_dir(output_dir)
     if not isinstance(strategy, tf.distribute.Strategy):
         strategy = make_strategy(strategy)
@@ -582,119 +772,13 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             # workers must do together.
             run_dir = stack.enter_context(tempfile.TemporaryDirectory())
         resume = _resumable(output_dir, config, overwrite)
-        info = data.image_dataset_info(dataset, data_dir, manual_dir)
-        image_shape = _image_shape(info, image_size)
-        if image_shape is None:
-            raise ValueError(
-                f"Dataset {dataset!r} has images of varying size: pass `image_size` "
-                f"(`--image-size`), e.g. 224. Received: image_size=None.")
-        if batch_size % strategy.num_replicas_in_sync:
-            raise ValueError(
-                f"`batch_size` is the global batch and must divide evenly between the "
-                f"{strategy.num_replicas_in_sync} replicas. Received: batch_size={batch_size}.")
-        fit_split, validation_split, selected_by = data.validation_splits(
-            dataset, data_dir, manual_dir, validation_fraction)
-        fit_examples = data.split_size(dataset, fit_split, data_dir, manual_dir)
-        # Full training batches only: every global batch then has the same size
-        # and splits evenly between replicas.
-        steps_per_epoch = fit_examples // batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"`batch_size` is larger than the {fit_examples} examples of {dataset!r} "
-                f"to fit on. Received: batch_size={batch_size}.")
-        if epochs * steps_per_epoch >= 2**63:
-            raise ValueError(
-                f"`epochs` of {steps_per_epoch} steps each must number fewer steps than the "
-                f"optimizer's 64-bit step counter holds: at most "
-                f"{(2**63 - 1) // steps_per_epoch:,} epochs. Received: epochs={epochs}.")
-        if batch_norm_momentum is None:
-            batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
-
-        keras.utils.set_random_seed(seed)
-        # Adapted outside the strategy's scope, which would distribute its statistics.
-        normalization = None if resume else data.normalization_layer(
-            dataset, image_shape, data_dir, manual_dir, split=fit_split)
-        with strategy.scope():
-            if resume:
-                last = os.path.join(output_dir, "last.keras")
-                try:
-                    network = _load(last)
-                except _UnreadableModel as error:
-                    raise _damaged(output_dir, f"{last} {error}") from None
-            else:
-                network = _build_model(model, info, image_shape, normalization, multigrid,
-                                       group_size, width, batch_norm_momentum)
-                network.compile(
-                    optimizer=_optimizer(
-                        optimizer,
-                        _learning_rate(schedule, learning_rate, epochs, steps_per_epoch),
-                        momentum, weight_decay),
-                    loss=keras.losses.SparseCategoricalCrossentropy(),
-                    metrics=["accuracy"], jit_compile=False)
-        _distribute(network, strategy)
-        initial_epoch = int(network.optimizer.iterations.numpy()) // steps_per_epoch
-        pipeline_args = dict(image_shape=image_shape, data_dir=data_dir, manual_dir=manual_dir,
-                             seed=seed)
-        validation_data = data.image_pipeline(dataset, validation_split, batch_size,
-                                              **pipeline_args)
-        test_data = data.image_pipeline(dataset, info.test_split, batch_size, **pipeline_args)
-
-        history = _read_history(os.path.join(output_dir, "history.csv"), initial_epoch)
-        if writes:
-            if overwrite:
-                _clear_run(output_dir)
-            remove_stale_temporaries(output_dir)
-            _write_json(os.path.join(output_dir, "config.json"), config)
-        history_path = os.path.join(run_dir, "history.csv")
-        _rewrite_history(history_path, history)
-        _restore_best(output_dir, run_dir, history)
-        best_accuracy = max((float(row["val_accuracy"]) for row in history), default=-1.0)
-        # Validation after the moving statistics are recomputed for the epoch's
-        # weights (see keras_mgconv.batch_norm), so that it judges, and the
-        # checkpoints hold, the model that inference mode will run.
-        # The same batches every epoch (those of the first), so that a resumed
-        # run computes what an uninterrupted one does.
-        batch_norm_data = data.image_pipeline(
-            dataset, fit_split, batch_size, training=True, drop_remainder=True,
-            epochs=range(1), **pipeline_args)
-        callbacks = [
-            _EpochTimer(),
-            PreciseBatchNormalization(
-                batch_norm_data, min(steps_per_epoch, _BATCH_NORM_STATISTICS_STEPS),
-                validation_data=validation_data),
-            keras.callbacks.CSVLogger(history_path, append=True),
-            _Checkpoints(run_dir, best_accuracy),
-        ]
-        if writes:
-            callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, _LOGS_NAME)))
-        if initial_epoch < epochs:
-            # The remaining epochs, each fixed by the seed: a resumed run sees the
-            # batches an uninterrupted one would have. `fit` splits every global
-            # batch between the replicas (and the workers: the pipeline asks for
-            # sharding by example); the pipeline has no random state that its
-            # rewriting could reset.
-            train_data = data.image_pipeline(
-                dataset, fit_split, batch_size, training=True, drop_remainder=True,
-                epochs=range(initial_epoch, epochs), **pipeline_args)
-            with strategy.scope():
-                network.fit(train_data, epochs=epochs,
-                            steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
-                            callbacks=callbacks, verbose=verbose,
-                            shuffle=False)  # The pipeline shuffles.
-
-        history = _read_history(history_path, epochs)
-        summary = {
-            **config,
-            "batch_norm_momentum": batch_norm_momentum,
-            "parameters": network.count_params(),
-            "multiply_adds": count_multiply_adds(network),
-            "image_shape": list(image_shape),
-            "num_classes": info.num_classes,
-            "replicas": strategy.num_replicas_in_sync,
-            **_test_accuracies(network, os.path.join(run_dir, "best.keras"),
-                               _selected_epoch(history) == epochs - 1, test_data, strategy),
-            **_epochs_summary(history, selected_by),
-        }
+        plan = _plan(config, strategy.num_replicas_in_sync, data_dir, manual_dir)
+        network = _model(plan, output_dir, resume, strategy)
+        completed_epochs = int(network.optimizer.iterations.numpy()) // plan.steps_per_epoch
+        history = _prepare_output_dir(output_dir, run_dir, config, completed_epochs, overwrite,
+                                      writes)
+        _fit(network, plan, output_dir, run_dir, history, strategy, verbose)
+        summary = _report(network, plan, run_dir, strategy)
         if writes:
             _write_json(os.path.join(output_dir, "summary.json"), summary)
     return summary

@@ -161,6 +161,31 @@ def test_batch_statistics_accuracy_uses_each_batch_and_restores_the_moving_stati
         np.testing.assert_array_equal(weight.numpy(), value)
 
 
+def test_steps_per_execution_is_the_largest_divisor_of_the_epoch_up_to_the_cap():
+    cap = training._MAX_STEPS_PER_EXECUTION
+    assert training._steps_per_execution(cap) == cap
+    assert training._steps_per_execution(2 * cap) == cap
+    assert training._steps_per_execution(7) == 7
+    assert training._steps_per_execution(3 * 19 * 37) == 19  # 2,109 steps: 19 divides, 20 not
+    assert training._steps_per_execution(23) == 1  # a prime past the cap
+
+
+def test_plan_settles_data_and_steps_before_anything_is_built():
+    config = training._config(
+        "ResNet20", "digits", epochs=2, batch_size=64, learning_rate=0.1, schedule="cosine",
+        optimizer="sgd", momentum=0.9, weight_decay=0.0, multigrid=True, group_size=None,
+        width=1.0, image_size=None, batch_norm_momentum=None, validation_fraction=0.1, seed=0)
+    assert config["multigrid"] == "layer"
+    plan = training._plan(config, replicas=1, data_dir=None, manual_dir=None)
+    assert plan.steps_per_epoch == _fit_steps()
+    assert plan.batch_norm_momentum == training.auto_batch_norm_momentum(_fit_steps())
+    assert plan.image_shape == (8, 8, 1)
+    (images, labels), = plan.pipeline(plan.validation_split).take(1).as_numpy_iterator()
+    assert images.shape == (64, 8, 8, 1) and labels.shape == (64,)
+    with pytest.raises(ValueError, match="divide evenly between the 3 replicas"):
+        training._plan(config, replicas=3, data_dir=None, manual_dir=None)
+
+
 class _Interrupt(Exception):
     pass
 
@@ -185,6 +210,8 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     after_epoch_1 = keras.models.load_model(os.path.join(output_dir, "last.keras"))
     steps = int(after_epoch_1.optimizer.iterations.numpy())
     assert steps == _fit_steps()
+    # Several steps per call of fit's compiled function, ending at the epoch's end.
+    assert after_epoch_1.steps_per_execution == training._steps_per_execution(steps) > 1
     assert any(np.abs(v.numpy()).sum() > 0 for v in after_epoch_1.optimizer.variables
                if "momentum" in v.path)
 
