@@ -616,7 +616,10 @@ def _model(plan, output_dir, resume, strategy):
                                      config["weight_decay"]),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
                 metrics=["accuracy"], jit_compile=False,
-                steps_per_execution=_steps_per_execution(plan.steps_per_epoch))
+                # Keras 3.15's multi-step loop fails under MirroredStrategy ("You must
+                # feed a value for placeholder tensor ... multi_step_on_iterator").
+                steps_per_execution=(_steps_per_execution(plan.steps_per_epoch)
+                                     if strategy.num_replicas_in_sync == 1 else 1))
     _distribute(network, strategy)
     return network
 

@@ -349,8 +349,6 @@ _MIRRORED = textwrap.dedent("""
             if stop_after_first_step:
                 raise FirstStepTaken
 
-    # One step per call of fit's compiled function, so that the callbacks see the first.
-    training._MAX_STEPS_PER_EXECUTION = 1
     training._EpochTimer.on_train_begin = (
         lambda timer, logs=None: setattr(timer, "initial_weights", weights(timer)))
     training._EpochTimer.on_train_batch_end = save_first_step
