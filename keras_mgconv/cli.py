@@ -59,7 +59,22 @@ def _multigrid(args):
     return False
 
 
+def _require_tensorflow_backend(command):
+    """`train`, `evaluate` and `export` read TFDS datasets through tf.data, recompute
+    BatchNormalization statistics with TensorFlow ops and write TFLite: TensorFlow's."""
+    from keras_mgconv._keras import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"`{command}` runs on Keras' TensorFlow backend (its TFDS pipelines, batch-norm "
+            f"statistics and TFLite export are TensorFlow's): unset KERAS_BACKEND, or fit the "
+            f"models of keras_mgconv.models in your own script on {backend} (README: "
+            f"Backends). Received: KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}.")
+
+
 def _train(args):
+    _require_tensorflow_backend("train")
     from keras_mgconv import training
 
     multigrid = _multigrid(args)
@@ -87,6 +102,7 @@ def _train(args):
 
 
 def _evaluate(args):
+    _require_tensorflow_backend("evaluate")
     from keras_mgconv import training
 
     result = training.evaluate(args.model_path, dataset=args.dataset, split=args.split,
@@ -106,6 +122,7 @@ def _add_data_arguments(parser, dataset_default="digits",
 
 
 def _export(args):
+    _require_tensorflow_backend("export")
     from keras_mgconv import data, training
     from keras_mgconv.export import export_tflite
     from keras_mgconv.layers import _arguments

@@ -193,3 +193,19 @@ def test_keras_backend_that_is_not_installed_is_one_line(tmp_path, backend):
         f"keras-mgconv summary: error: the Python package '{backend}' is not installed. "
         f"KERAS_BACKEND='{backend}' selects Keras' backend of that name: install it, or "
         f"unset KERAS_BACKEND to use TensorFlow.")
+
+
+def test_train_on_another_backend_says_it_needs_tensorflow(tmp_path):
+    """`train` reads TFDS through tf.data and exports TFLite: one line, nothing written."""
+    pytest.importorskip("torch")
+    output_dir = tmp_path / "run"
+    environment = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_mgconv.cli", "train", "--output-dir", str(output_dir)],
+        env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "keras-mgconv train: error: `train` runs on Keras' TensorFlow backend")
+    assert result.stderr.strip().endswith("Received: KERAS_BACKEND='torch'.")
+    assert not output_dir.exists()
