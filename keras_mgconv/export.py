@@ -339,9 +339,15 @@ def _verify(model_path, model, images, data):
     outputs = np.stack(outputs)
     # Called eagerly, not through `predict`: tracing a predict function for
     # every model exported takes longer than running a few batches. The batch is
-    # packed as the model's input (a list of one where the model was built so).
+    # packed as the model's input (a list of one where the model was built so);
+    # a Sequential model loaded from a file has no input until it is called.
+    try:
+        structure = model.input
+    except AttributeError:
+        structure = None
     expected = np.concatenate([
-        np.asarray(model(keras.tree.pack_sequence_as(model.input, [images[start:start + 64]]),
+        np.asarray(model(images[start:start + 64] if structure is None else
+                         keras.tree.pack_sequence_as(structure, [images[start:start + 64]]),
                          training=False))
         for start in range(0, len(images), 64)])
     max_abs_diff = float(np.max(np.abs(outputs - expected)))

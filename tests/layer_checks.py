@@ -12,6 +12,8 @@ import numpy as np
 
 from keras_mgconv._keras import keras
 
+from float32_rounding import assert_within_rounding
+
 
 def to_numpy(tensor):
     """A tensor of any backend as a NumPy array (tf_keras has no `keras.ops`)."""
@@ -32,6 +34,18 @@ def v_cycle_sum_length(layer):
         math.prod(sublayer.kernel.shape[:2])
         * max(sublayer.kernel.shape[2], sublayer.kernel.shape[3] // sublayer.groups)
         for sublayer in layer.convolutions) + 3 * len(layer.smoothers) + 1
+
+
+def assert_same_predictions(model, arrays):
+    """`model` (backend_checks.saved_model, loaded) predicts `arrays["predictions"]` to rounding.
+
+    The V-cycle's chain, then the second convolution's sum and bias; the largest
+    prediction stands in for the magnitudes, as in a V-cycle's test.
+    """
+    multigrid, grouped = model.layers[:2]
+    length = v_cycle_sum_length(multigrid) + math.prod(grouped.kernel.shape[:3]) + 1
+    assert_within_rounding(model.predict(arrays["inputs"], verbose=0), arrays["predictions"],
+                           length, np.max(np.abs(arrays["predictions"])))
 
 
 def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_shape,

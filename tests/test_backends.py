@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -31,9 +32,14 @@ def run_backend(backend, output_dir, saved):
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def output_dir(tmp_path_factory):
+    """Where each backend saves its model (BACKEND.keras) with inputs and predictions (BACKEND.npz)."""
+    return tmp_path_factory.mktemp("backends")
+
+
+@pytest.fixture(scope="module")
+def reports(output_dir):
     """The report of every installed backend, in BACKENDS' order."""
-    output_dir = tmp_path_factory.mktemp("backends")
     reports, saved = {}, []
     for backend in BACKENDS:
         if importlib.util.find_spec(MODULES[backend]) is None:
@@ -68,3 +74,28 @@ def test_layers_do_not_import_tensorflow(reports, backend):
     if backend not in reports:
         pytest.skip(f"{backend} is not installed")
     assert reports[backend]["tensorflow_imported_by_layers"] is False
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_model_trained_on_backend_exports_to_litert_under_tensorflow(reports, output_dir,
+                                                                     backend):
+    """The README's path: train under JAX or PyTorch, export to LiteRT under TensorFlow."""
+    if backend not in reports:
+        pytest.skip(f"{backend} is not installed")
+    from keras_mgconv._keras import USE_LEGACY_KERAS
+    if USE_LEGACY_KERAS:
+        pytest.skip("a Keras 3 file: tf_keras cannot read it")
+    from keras_mgconv._keras import keras
+    from keras_mgconv.export import export_tflite
+
+    model = keras.models.load_model(output_dir / f"{backend}.keras")
+    arrays = np.load(output_dir / f"{backend}.npz")
+    report = export_tflite(model, output_dir / f"{backend}.tflite",
+                           verification_data=arrays["inputs"])
+    assert report.builtin_only, report.op_counts
+    # Export verifies the file against the loaded model to float32 rounding
+    # (or writes nothing); the loaded model must be the trained one.
+    assert report.verification.examples == len(arrays["inputs"])
+    from layer_checks import assert_same_predictions
+
+    assert_same_predictions(model, arrays)
