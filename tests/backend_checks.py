@@ -29,21 +29,11 @@ import keras_mgconv
 from keras_mgconv._keras import keras
 
 from float32_rounding import assert_within_rounding
+from grouped_reference import block_diagonal_kernel
 from layer_checks import assert_same_predictions, check_layer, v_cycle_sum_length
 
 BACKEND = keras.backend.backend()
 RNG = np.random.default_rng(0)
-
-
-def block_diagonal_kernel(kernel, groups):
-    """The full kernel whose convolution is the grouped one (as conftest's, without pytest)."""
-    kh, kw, group_in, channels_out = kernel.shape
-    group_out = channels_out // groups
-    full = np.zeros((kh, kw, group_in * groups, channels_out), kernel.dtype)
-    for g in range(groups):
-        full[:, :, g * group_in:(g + 1) * group_in, g * group_out:(g + 1) * group_out] = (
-            kernel[..., g * group_out:(g + 1) * group_out])
-    return full
 
 
 def numpy_conv(images, kernel, strides=(1, 1), padding="same"):

@@ -37,22 +37,6 @@ def _seed_and_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def block_diagonal_kernel(kernel, groups):
-    """Expands a grouped kernel (kh, kw, C_in/G, C_out) to the full (kh, kw, C_in, C_out) one.
-
-    The full convolution with this kernel is the grouped convolution: an
-    independent reference that involves no grouped op at all.
-    """
-    kernel = np.asarray(kernel)
-    kh, kw, group_in, channels_out = kernel.shape
-    group_out = channels_out // groups
-    full = np.zeros((kh, kw, group_in * groups, channels_out), kernel.dtype)
-    for g in range(groups):
-        full[:, :, g * group_in:(g + 1) * group_in, g * group_out:(g + 1) * group_out] = (
-            kernel[..., g * group_out:(g + 1) * group_out])
-    return full
-
-
 def bottleneck_resnet(**kwargs):
     """ResNet50's blocks, 2 a stage instead of 3, 4, 6, 3."""
     stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]

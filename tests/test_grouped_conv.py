@@ -9,7 +9,7 @@ from keras_mgconv import _keras
 from keras_mgconv._keras import keras
 from keras_mgconv.layers.grouped_conv import grouped_conv2d, grouped_gradient_supported
 
-from conftest import block_diagonal_kernel
+from grouped_reference import block_diagonal_kernel
 from float32_rounding import assert_within_rounding
 from layer_checks import check_layer
 
