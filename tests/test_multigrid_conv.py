@@ -289,3 +289,16 @@ def test_input_smaller_than_a_valid_kernel_is_refused_like_conv2d(kwargs):
         fits = np.zeros((1, size, size, 16), "float32")
         assert keras_mgconv.MultigridConv2D(**kwargs, padding=padding)(fits).shape == (
             keras.layers.Conv2D(**conv_kwargs, padding=padding)(fits).shape)
+
+
+@pytest.mark.parametrize("layer,channels,output_shape", [
+    (lambda: keras_mgconv.ChannelRestriction(8), 32, (0, 8, 8, 16)),
+    (lambda: keras_mgconv.GroupedConv2D(16, 3, groups=4, strides=2, padding="same"), 16,
+     (0, 4, 4, 16)),
+    (lambda: keras_mgconv.MultigridConv2D(32, 3, padding="same", group_size=8), 16,
+     (0, 8, 8, 32)),
+])
+def test_empty_batch_gives_an_empty_output_of_the_right_shape(layer, channels, output_shape):
+    """oneDNN's convolution returns its input for an empty batch; the layers must not."""
+    outputs = layer()(np.zeros((0, 8, 8, channels), "float32"))
+    assert tuple(outputs.shape) == output_shape
