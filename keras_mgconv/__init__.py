@@ -3,7 +3,8 @@
 The public names load on first use (PEP 562), so that `import keras_mgconv`
 and the `keras-mgconv` command answer without importing TensorFlow until they
 need it; before that import, `_environment` turns oneDNN on where TensorFlow
-would leave it off, and quiets its CUDA error where there is no GPU.
+would leave it off, has TensorFlow pool its CPU memory, and quiets its CUDA
+error where there is no GPU.
 
 Saved models must load after nothing but `import keras_mgconv`, in either
 import order: the package's layers register with Keras as soon as Keras is
@@ -18,6 +19,7 @@ import wrapt
 from keras_mgconv import _environment
 
 _environment.enable_onednn()
+_environment.pool_cpu_memory()
 _environment.cpu_only_without_cuda()
 
 

@@ -35,7 +35,8 @@ from tensorflow.lite.python.convert_phase import ConverterError
 from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
-from keras_mgconv.layers.grouped_conv import GroupedConvBase, resolve_implementation
+from keras_mgconv.layers.grouped_conv import (
+    GroupedConvBase, resolve_implementation, traced_implementation)
 
 QUANTIZATIONS = (None, "float16", "dynamic_range", "int8")
 LOWERINGS = ("grouped", "split")
@@ -432,10 +433,11 @@ def float32_tolerance(model):
     return 2 * _summed_terms(model) * _UNIT_ROUNDOFF
 
 
-def _convert(model, path, settings, name):
+def _convert(model, path, settings, name, lowering):
     """Writes `model` converted with `settings` to `path`, or says which ops TFLite lacks."""
     try:
-        model.export(path, format="litert", verbose=False, **settings)
+        with traced_implementation(lowering):
+            model.export(path, format="litert", verbose=False, **settings)
     except ConverterError as error:
         flex_ops = re.search(r"TF Select ops: (.*)", str(error))
         if flex_ops is None:
@@ -547,7 +549,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
 
     def write(temporary):
         nonlocal report
-        _convert(exported, temporary, settings, model.name)
+        _convert(exported, temporary, settings, model.name, lowering)
         with open(temporary, "rb") as file:
             contents = _inspect(file.read())
         # ai_edge_litert has no Flex delegate: such a model cannot be run here.

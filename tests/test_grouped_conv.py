@@ -7,9 +7,10 @@ import tensorflow as tf
 import keras_mgconv
 from keras_mgconv import _keras
 from keras_mgconv._keras import keras
+from keras_mgconv.layers import _tensorflow_ops
 from keras_mgconv.layers.grouped_conv import grouped_conv2d, grouped_gradient_supported
 
-from grouped_reference import block_diagonal_kernel
+from grouped_reference import block_diagonal_kernel, diagonal_blocks
 from float32_rounding import assert_within_rounding
 from layer_checks import check_layer
 
@@ -60,18 +61,83 @@ def test_grouped_conv2d_gradients_match_between_implementations():
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float16])
 def test_gradient_probe_answers_per_dtype_what_a_tape_finds(dtype):
-    """Which dtypes oneDNN differentiates depends on the CPU (float16 too with AMX/AVX512-FP16)."""
+    """Which dtypes train as one grouped convolution depends on the CPU (float16 with AMX/AVX512-FP16)."""
     inputs = tf.ones((1, 6, 6, 8), dtype)
     kernel = tf.Variable(tf.ones((3, 3, 2, 8), dtype))
     try:
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.nn.conv2d(inputs, kernel, 1, "SAME"))
-        tape.gradient(loss, kernel)
-        differentiable = True
+            loss = tf.reduce_sum(
+                _tensorflow_ops.trainable_conv(inputs, kernel, (1, 1), "same", training=True))
+        differentiable = tape.gradient(loss, kernel) is not None
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
             tf.errors.NotFoundError):
         differentiable = False
     assert grouped_gradient_supported(dtype) is differentiable
+
+
+@pytest.mark.skipif(not _tensorflow_ops.onednn_kernels_work(tf.float32),
+                    reason="a TensorFlow build without oneDNN kernels (x86 builds have them)")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("strides,padding", [(1, "same"), (2, "valid")])
+def test_onednn_kernels_called_directly_compute_the_grouped_convolution_and_its_gradients(
+        training, strides, padding):
+    """The path that trains grouped convolutions where TensorFlow's oneDNN is off.
+
+    Called directly here, so that it is checked whether TensorFlow turned
+    oneDNN on or not; against TensorFlow's ungrouped convolution with the
+    block-diagonal kernel and its gradients.
+    """
+    groups = 4
+    rng = np.random.default_rng(3)
+    inputs = tf.constant(rng.standard_normal((2, 9, 9, 16)).astype("float32"))
+    kernel = tf.constant(rng.standard_normal((3, 3, 4, 24)).astype("float32"))
+
+    def grouped(inputs, kernel):
+        return _tensorflow_ops._conv_with_onednn_gradient(
+            inputs, kernel, (strides, strides), padding.upper(), training)
+
+    def full(inputs, kernel):
+        return tf.nn.conv2d(inputs, kernel, strides, padding.upper())
+
+    weights = tf.constant(rng.standard_normal(
+        full(inputs, block_diagonal_kernel(kernel, groups)).shape).astype("float32"))
+
+    def outputs_and_gradients(convolve, inputs, kernel, weights):
+        with tf.GradientTape() as tape:
+            tape.watch([inputs, kernel])
+            loss = tf.reduce_sum(convolve(inputs, kernel) * weights)
+        return [convolve(inputs, kernel), *tape.gradient(loss, [inputs, kernel])]
+
+    # The full kernel's gradient has the grouped kernel's in its diagonal blocks;
+    # the same computation on absolute values gives the terms' magnitudes.
+    expected, magnitudes = (
+        outputs_and_gradients(full, x, tf.constant(block_diagonal_kernel(k, groups)), w)
+        for x, k, w in ((inputs, kernel, weights),
+                        (tf.abs(inputs), tf.abs(kernel), tf.abs(weights))))
+    expected[2], magnitudes[2] = (diagonal_blocks(values[2], groups)
+                                  for values in (expected, magnitudes))
+    # An output sums 3 * 3 * C_in / G products, an input's gradient
+    # 3 * 3 * C_out / G, a kernel weight's one per output position.
+    lengths = [3 * 3 * 4, 3 * 3 * 24 // groups, math.prod(weights.shape[:3])]
+    for actual, wanted, length, magnitude in zip(
+            outputs_and_gradients(grouped, inputs, kernel, weights), expected, lengths,
+            magnitudes):
+        assert_within_rounding(actual, wanted, length, magnitude)
+
+
+def test_split_fallback_says_why_and_what_it_costs(monkeypatch):
+    """Where no grouped gradient exists (float16 on most CPUs), "auto" splits, and says so once."""
+    for cached in (_tensorflow_ops.grouped_gradient_supported, _tensorflow_ops._warn_split_fallback):
+        cached.cache_clear()
+    monkeypatch.setattr(_tensorflow_ops, "_gradient_source", lambda dtype: None)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"per-group convolutions.*slower.*float16.*"
+                                                r"train in float32"):
+            assert _tensorflow_ops.auto_implementation(tf.float16) == "split"
+    finally:
+        for cached in (_tensorflow_ops.grouped_gradient_supported,
+                       _tensorflow_ops._warn_split_fallback):
+            cached.cache_clear()
 
 
 def test_grouped_conv2d_rejects_unknown_implementation():

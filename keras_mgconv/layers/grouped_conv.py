@@ -13,6 +13,7 @@ trains everywhere and computes exactly the same function with the same kernel.
 
 import contextlib
 import contextvars
+import functools
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def resolve_implementation(implementation, dtype):
 
 
 def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
-                   implementation="auto"):
+                   implementation="auto", training=None):
     """Grouped 2D convolution of channels-last `inputs`.
 
     Input channel group `g` (channels `g*C_in/G .. (g+1)*C_in/G - 1`) is
@@ -79,15 +80,22 @@ def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
         implementation: `"grouped"` (one grouped convolution), `"split"`
             (per-group convolutions and a concatenation) or `"auto"`: see
             `resolve_implementation`.
+        training: whether the call trains (a layer's `training` argument);
+            TensorFlow without oneDNN may then compute differently, the same
+            function faster (`_tensorflow_ops.trainable_conv`).
 
     Returns:
         Tensor of shape `(batch, out_height, out_width, C_out)`.
     """
     _arguments.implementation_mode(implementation)
+    if _TRACED_IMPLEMENTATION.get():
+        convolve = ops.conv  # Traced for a converter: not trained here.
+    else:
+        convolve = functools.partial(ops.trainable_conv, training=training)
     if groups == 1 or resolve_implementation(implementation, inputs.dtype) == "grouped":
-        return ops.conv(inputs, kernel, strides, padding)
+        return convolve(inputs, kernel, strides, padding)
     return ops.concatenate([
-        ops.conv(group_inputs, group_kernel, strides, padding)
+        convolve(group_inputs, group_kernel, strides, padding)
         for group_inputs, group_kernel in zip(ops.split(inputs, groups),
                                               ops.split(kernel, groups))
     ])
@@ -179,7 +187,7 @@ class GroupedConvBase(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         kernel = ops.cast(self.kernel, self.compute_dtype)
         if self._identity is not None:
             # inputs + conv(inputs) as one convolution: a pass over the
@@ -193,6 +201,7 @@ class GroupedConvBase(keras.layers.Layer):
             self.strides,
             self.padding,
             self.implementation,
+            training,
         )
         if self.bias is not None:
             outputs = ops.bias_add(outputs, ops.cast(self.bias, self.compute_dtype))
@@ -307,8 +316,8 @@ class GroupedConv2D(GroupedConvBase):
             )
         return self.groups
 
-    def call(self, inputs):
-        return self.activation(super().call(inputs))
+    def call(self, inputs, training=None):
+        return self.activation(super().call(inputs, training))
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
