@@ -23,10 +23,14 @@ perfectly efficient kernels would give.
     python benchmarks/train_speed.py --only 'Conv2D 256' ResNet20
     python benchmarks/train_speed.py --intra-op-threads 1   # one thread per op
     python benchmarks/train_speed.py --backend jax    # Keras 3 on JAX (or torch)
+    python benchmarks/train_speed.py --keras-first    # `import keras` before keras_mgconv
 
 `--backend` chooses Keras 3's backend (KERAS_BACKEND) for the whole run, before
 Keras is imported; results then go to train_speed_<backend>.json unless
-`--output` says otherwise. The TensorFlow run is the default.
+`--output` says otherwise. The TensorFlow run is the default. `--keras-first`
+imports Keras, and with it TensorFlow, before keras_mgconv, as most scripts do:
+then TensorFlow has chosen oneDNN before the package could turn it on (on a CPU
+where it would stay off: `TF_ENABLE_ONEDNN_OPTS=0` shows that case anywhere).
 
 Writes benchmarks/results/train_speed.json and .md (or `--output`) and prints
 the markdown table.
@@ -59,6 +63,8 @@ def _backend_from_command_line(argv):
 
 if _backend_from_command_line(sys.argv[1:]) in BACKENDS:
     os.environ["KERAS_BACKEND"] = _backend_from_command_line(sys.argv[1:])
+if "--keras-first" in sys.argv[1:]:
+    import keras  # noqa: F401 (the order most scripts use: TensorFlow loads first)
 
 import keras_mgconv  # noqa: E402 (after the backend is chosen)
 from keras_mgconv import models, training  # noqa: E402
@@ -213,6 +219,8 @@ def main(argv=None):
                              "TensorFlow only)")
     parser.add_argument("--backend", choices=BACKENDS, default="tensorflow",
                         help="Keras 3's backend for the whole run (default: tensorflow)")
+    parser.add_argument("--keras-first", action="store_true",
+                        help="import Keras before keras_mgconv (read before any import)")
     parser.add_argument("--output", help=(
         "JSON file, the markdown table beside it with the suffix .md (default: "
         "results/train_speed.json, or train_speed_<backend>.json for another backend)"))
@@ -258,13 +266,20 @@ def main(argv=None):
         "inter_op_threads": args.inter_op_threads,
         "repeats": repeats,
         "warmup": warmup,
+        "keras_first": args.keras_first,
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "rows": rows,
     }
     table = markdown_table(rows)
     threads = ", ".join(f"{name}-op threads {count}" for name, count in
                         (("intra", args.intra_op_threads), ("inter", args.inter_op_threads))
                         if count) or "the backend's default threads"
-    header = (f"{result['machine']}; {threads}; batch {args.batch_size}, median of "
+    settings = [threads]
+    if args.backend == "tensorflow" and result["TF_ENABLE_ONEDNN_OPTS"] is not None:
+        settings.append(f"TF_ENABLE_ONEDNN_OPTS={result['TF_ENABLE_ONEDNN_OPTS']}")
+    if args.keras_first:
+        settings.append("Keras imported before keras_mgconv")
+    header = (f"{result['machine']}; {'; '.join(settings)}; batch {args.batch_size}, median of "
               f"{repeats} training steps; ratios are multigrid / baseline from the same run.")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

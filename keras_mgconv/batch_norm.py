@@ -24,11 +24,13 @@ their own weights; `keras_mgconv.training.train` uses it.
 """
 
 import numbers
+import sys
 
 import numpy as np
-import tensorflow as tf
 
 from keras_mgconv._keras import keras
+from keras_mgconv.layers import precise_model
+from keras_mgconv.layers._ops import ops
 
 
 def _batch_norm_layers(model):
@@ -59,9 +61,10 @@ class _BatchMoments(keras.Model):
 
     def call(self, inputs):
         self.network(inputs, training=True)
-        # Read after the update: TensorFlow orders the reads after the writes.
-        return [tf.stack([tf.convert_to_tensor(layer.moving_mean),
-                          tf.convert_to_tensor(layer.moving_variance)])[tf.newaxis]
+        # Read after the update: TensorFlow orders the reads after the writes,
+        # JAX's stateless call reads the updated state, PyTorch runs in order.
+        return [ops.reshape(ops.stack([layer.moving_mean, layer.moving_variance]),
+                            (1, 2, -1))
                 for layer in self.batch_norm_layers]
 
 
@@ -119,21 +122,24 @@ def _check_steps(steps):
 
 
 def _is_empty(data):
-    if isinstance(data, tf.data.Dataset):
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(data, tf.data.Dataset):
         return not any(True for _ in data.take(1))
-    arrays = tf.nest.flatten(data)
-    return bool(arrays) and hasattr(arrays[0], "__len__") and len(arrays[0]) == 0
+    try:
+        return precise_model._length(data) == 0
+    except (TypeError, IndexError, StopIteration):  # Not arrays, nor lists or dicts of them.
+        return False
 
 
 def _update(batch_moments, data, steps):
     layers = batch_moments.batch_norm_layers
     saved = [(layer.momentum, layer.moving_mean.numpy(), layer.moving_variance.numpy())
              for layer in layers]
-    for layer in layers:
+    for layer, (_, mean, variance) in zip(layers, saved):
         layer.momentum = 0.0
         # 0 * inf or NaN left by a diverged run would stay NaN.
-        layer.moving_mean.assign(tf.zeros_like(layer.moving_mean))
-        layer.moving_variance.assign(tf.zeros_like(layer.moving_variance))
+        layer.moving_mean.assign(np.zeros_like(mean))
+        layer.moving_variance.assign(np.zeros_like(variance))
     try:
         moments = batch_moments.predict(data, steps=steps, verbose=0)
     except BaseException as error:
@@ -150,12 +156,10 @@ def _update(batch_moments, data, steps):
             layer.momentum = momentum
     if not isinstance(moments, (list, tuple)):
         moments = [moments]
-    for layer, batches in zip(layers, moments):
-        # tf_keras' variables have TensorFlow dtypes, which NumPy does not read.
-        dtype = tf.as_dtype(layer.moving_mean.dtype).as_numpy_dtype
+    for layer, (_, mean, _), batches in zip(layers, saved, moments):
         batches = np.asarray(batches, np.float64)
-        layer.moving_mean.assign(batches[:, 0].mean(axis=0).astype(dtype))
-        layer.moving_variance.assign(batches[:, 1].mean(axis=0).astype(dtype))
+        layer.moving_mean.assign(batches[:, 0].mean(axis=0).astype(mean.dtype))
+        layer.moving_variance.assign(batches[:, 1].mean(axis=0).astype(mean.dtype))
 
 
 class PreciseBatchNormalization(keras.callbacks.Callback):

@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import sys
+import warnings
 
 import numpy as np
 
@@ -29,7 +30,7 @@ import keras_mgconv
 from keras_mgconv._keras import keras
 
 from float32_rounding import assert_within_rounding
-from grouped_reference import block_diagonal_kernel
+from grouped_reference import block_diagonal_kernel, diagonal_blocks
 from layer_checks import assert_same_predictions, check_layer, v_cycle_sum_length
 
 BACKEND = keras.backend.backend()
@@ -143,7 +144,7 @@ def check_grouped_conv_gradients():
     def numpy_gradients(function, x, k):
         input_gradient, kernel_gradient = gradients(function, x, k)
         return (keras.ops.convert_to_numpy(input_gradient),
-                _blocks(keras.ops.convert_to_numpy(kernel_gradient), groups))
+                diagonal_blocks(keras.ops.convert_to_numpy(kernel_gradient), groups))
 
     ours = [keras.ops.convert_to_numpy(g) for g in gradients(grouped, inputs, kernel)]
     reference = numpy_gradients(full(weights), inputs, block_diagonal_kernel(kernel, groups))
@@ -154,15 +155,6 @@ def check_grouped_conv_gradients():
                                  block_diagonal_kernel(np.abs(kernel), groups))
     for mine, theirs, length, magnitude in zip(ours, reference, (36, 32), magnitudes):
         assert_within_rounding(mine, theirs, length, magnitude)
-
-
-def _blocks(full_kernel, groups):
-    """The grouped kernel held in the diagonal blocks of a full one."""
-    kh, kw, channels_in, channels_out = full_kernel.shape
-    group_in, group_out = channels_in // groups, channels_out // groups
-    return np.concatenate([
-        full_kernel[:, :, g * group_in:(g + 1) * group_in, g * group_out:(g + 1) * group_out]
-        for g in range(groups)], axis=-1)
 
 
 def check_layers(output_dir):
@@ -212,6 +204,29 @@ def check_factories():
         assert np.isfinite(history.history["loss"][0]), name
 
 
+def check_precise_batch_norm():
+    """`fit` leaves the statistics of the final weights, and says nothing, on this backend."""
+    from keras_mgconv.layers.precise_model import PreciseBatchNormModel
+
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(4)
+    model = PreciseBatchNormModel(
+        inputs, keras.layers.Dense(1)(keras.layers.BatchNormalization()(dense(inputs))))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = RNG.normal(3.0, 2.0, (64, 4)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="PreciseBatchNormModel")
+        model.fit(x, x[:, :1], batch_size=64, epochs=1, verbose=0)
+    # One batch of all 64 inputs: the statistics of the Dense outputs, exactly
+    # (Keras' moving averages after one step would be 0.99 * 0 + 0.01 * mean).
+    outputs = keras.ops.convert_to_numpy(dense(x))
+    batch_norm = model.layers[2]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(batch_norm.moving_mean),
+                               outputs.mean(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(batch_norm.moving_variance),
+                               outputs.var(axis=0), rtol=1e-3, atol=1e-4)
+
+
 def saved_model():
     return keras.Sequential([
         keras.Input((6, 6, 8)),
@@ -248,6 +263,7 @@ def main():
         "no_tensorflow": lambda: reports.update(
             tensorflow_imported_by_layers="tensorflow" in sys.modules),
         "layers": lambda: check_layers(output_dir),
+        "precise_batch_norm": check_precise_batch_norm,
         "save": lambda: save_for_other_backends(output_dir),
         **{f"load {os.path.basename(path)}": (lambda path=path: check_loads(path))
            for path in saved},

@@ -58,7 +58,7 @@ def test_layers_and_factories_on_backend(reports, backend):
     earlier = [name for name in BACKENDS[:BACKENDS.index(backend)] if name in reports]
     assert report["checks"] == [
         "grouped_conv_output", "v_cycle_output", "grouped_conv_gradients", "no_tensorflow",
-        "layers",
+        "layers", "precise_batch_norm",
         "save", *(f"load {name}.keras" for name in earlier)]
 
 

@@ -43,6 +43,11 @@ def concatenate(values):
     return ops.concatenate(values, axis=-1)
 
 
+def stack(values):
+    """`values` (tensors or variables) stacked along a new first axis."""
+    return ops.stack([ops.convert_to_tensor(value) for value in values])
+
+
 def split(values, parts):
     """`values` cut into `parts` equal slices along the last axis."""
     return ops.split(values, parts, axis=-1)

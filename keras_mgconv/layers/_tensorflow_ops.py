@@ -271,6 +271,11 @@ def concatenate(values):
     return tf.concat(values, axis=-1)
 
 
+def stack(values):
+    """`values` (tensors or variables) stacked along a new first axis."""
+    return tf.stack([tf.convert_to_tensor(value) for value in values])
+
+
 def split(values, parts):
     """`values` cut into `parts` equal slices along the last axis."""
     return tf.split(values, parts, axis=-1)

@@ -31,8 +31,8 @@ class _RecomputeInFit(keras.callbacks.Callback):
     """Recomputes before every validation of `fit` and once at its end.
 
     `keras_mgconv.batch_norm.PreciseBatchNormalization` recomputes; it is
-    imported here, not with this module, because it imports TensorFlow, which
-    the layers leave unloaded on the JAX and PyTorch backends.
+    imported here, not with this module, because `batch_norm` imports the
+    layers, this module among them.
     """
 
     def __init__(self, data, steps):
@@ -126,9 +126,9 @@ class PreciseBatchNormModel(keras.Model):
       with training data before evaluating.
 
     Each recomputation costs a forward pass over those batches (about a third
-    of a training step each). It needs the TensorFlow backend (or tf_keras);
-    on JAX and PyTorch `fit` warns and keeps Keras' moving averages. Set `model.batch_norm_statistics_batches = 0` to
-    keep Keras' moving averages instead. A `fit` given a
+    of a training step each), on every Keras backend. Set
+    `model.batch_norm_statistics_batches = 0` to keep Keras' moving averages
+    instead. A `fit` given a
     `keras_mgconv.batch_norm.PreciseBatchNormalization` callback leaves the
     statistics to it.
 
@@ -157,19 +157,13 @@ class PreciseBatchNormModel(keras.Model):
                 "`batch_norm_statistics_batches` must be an int >= 0 (0: keep the "
                 f"moving averages). Received: batch_norm_statistics_batches={batches!r}.")
         callbacks = list(arguments.get("callbacks") or [])
-        # Loaded only where TensorFlow is: no such callback can exist elsewhere.
+        # Not imported yet: no such callback can exist.
         batch_norm = sys.modules.get("keras_mgconv.batch_norm")
         if not batches or (batch_norm is not None and any(
                 isinstance(c, batch_norm.PreciseBatchNormalization) for c in callbacks)):
             return super().fit(**arguments)
         data = _statistics_data(arguments, batches)
-        if keras.backend.backend() != "tensorflow":
-            warnings.warn(
-                "PreciseBatchNormModel.fit recomputes the BatchNormalization statistics "
-                "only on the TensorFlow backend: on the "
-                f"{keras.backend.backend()} backend the moving averages stay, and "
-                "evaluation may score below training.", stacklevel=2)
-        elif data is None:
+        if data is None:
             warnings.warn(
                 "PreciseBatchNormModel.fit cannot recompute the BatchNormalization "
                 "statistics from a generator or iterator, which fit consumes: the "
