@@ -8,9 +8,8 @@ also in the order most scripts use, `import keras` first.
 - oneDNN. TensorFlow turns it on by itself only on x86 CPUs with AVX-512
   VNNI/BF16 or AMX. Elsewhere (AVX2-only CPUs: AMD Zen 1-3, most laptops, many
   cloud VMs) it stays off, and then TensorFlow cannot differentiate a grouped
-  convolution on CPU: every grouped convolution of a multigrid layer would
-  train through the slower per-group fallback (`grouped_conv2d`'s "split"),
-  and full convolutions lose oneDNN's speed too.
+  convolution on CPU (the layers then call its oneDNN kernels themselves,
+  `layers/_tensorflow_ops.py`), and full convolutions lose oneDNN's speed.
 - The CPU allocator. With oneDNN off TensorFlow takes every tensor's memory
   from malloc, which maps and faults in fresh pages for each large one: an
   elementwise op on 64 MB of activations takes 33 ms instead of 11. With

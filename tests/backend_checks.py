@@ -70,10 +70,13 @@ def grouped_reference(images, layer):
 
 def check_grouped_conv_output():
     inputs = RNG.standard_normal((2, 9, 9, 16)).astype("float32")
-    for strides, padding, groups, kernel_size in [(1, "same", 4, 3), (2, "valid", 2, 3),
-                                                  (2, "same", 8, 1)]:
+    # Both implementations: "auto" picks "split" under JAX on CPU, "grouped" elsewhere.
+    for strides, padding, groups, kernel_size, implementation in [
+            (1, "same", 4, 3, "grouped"), (2, "valid", 2, 3, "grouped"),
+            (2, "same", 8, 1, "grouped"), (1, "same", 4, 3, "split")]:
         layer = keras_mgconv.GroupedConv2D(24, kernel_size, groups=groups, strides=strides,
-                                           padding=padding, bias_initializer="random_normal")
+                                           padding=padding, bias_initializer="random_normal",
+                                           implementation=implementation)
         outputs = keras.ops.convert_to_numpy(layer(inputs))
         kernel = keras.ops.convert_to_numpy(layer.kernel)
         full = block_diagonal_kernel(kernel, groups).astype(np.float64)
@@ -133,9 +136,13 @@ def check_grouped_conv_gradients():
     kernel = RNG.standard_normal((3, 3, 16 // groups, 16)).astype("float32")
     weights = RNG.standard_normal((2, 4, 4, 16)).astype("float32")
 
-    def grouped(x, k):
-        outputs = keras_mgconv.layers.grouped_conv2d(x, k, groups, (2, 2), "same")
-        return keras.ops.sum(keras.ops.multiply(outputs, weights))
+    def grouped(implementation):
+        def loss(x, k):
+            outputs = keras_mgconv.layers.grouped_conv2d(x, k, groups, (2, 2), "same",
+                                                         implementation)
+            return keras.ops.sum(keras.ops.multiply(outputs, weights))
+
+        return loss
 
     def full(weights):
         return lambda x, k: keras.ops.sum(keras.ops.multiply(
@@ -146,15 +153,17 @@ def check_grouped_conv_gradients():
         return (keras.ops.convert_to_numpy(input_gradient),
                 diagonal_blocks(keras.ops.convert_to_numpy(kernel_gradient), groups))
 
-    ours = [keras.ops.convert_to_numpy(g) for g in gradients(grouped, inputs, kernel)]
     reference = numpy_gradients(full(weights), inputs, block_diagonal_kernel(kernel, groups))
     # The same gradients at the absolute values are the magnitudes of their
     # terms. The loss is linear: an input's gradient sums 3 * 3 * 16 / 4
     # products, a weight's one per output position, 2 * 4 * 4.
     magnitudes = numpy_gradients(full(np.abs(weights)), np.abs(inputs),
                                  block_diagonal_kernel(np.abs(kernel), groups))
-    for mine, theirs, length, magnitude in zip(ours, reference, (36, 32), magnitudes):
-        assert_within_rounding(mine, theirs, length, magnitude)
+    for implementation in ("grouped", "split"):
+        ours = [keras.ops.convert_to_numpy(g)
+                for g in gradients(grouped(implementation), inputs, kernel)]
+        for mine, theirs, length, magnitude in zip(ours, reference, (36, 32), magnitudes):
+            assert_within_rounding(mine, theirs, length, magnitude)
 
 
 def check_layers(output_dir):
@@ -276,6 +285,8 @@ def main():
     except Exception as error:  # Reported, so that the layers' report still comes back.
         factories_error = f"{type(error).__name__}: {str(error)[:500]}"
     print(json.dumps({"backend": BACKEND, "checks": list(checks),
+                      "auto": keras_mgconv.layers.grouped_conv.resolve_implementation(
+                          "auto", "float32"),
                       **reports,
                       "factories_error": factories_error}))
 

@@ -25,6 +25,7 @@ import keras_mgconv
 from keras_mgconv import data, models, optimization, training
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D
+from keras_mgconv.layers import _tensorflow_ops
 from keras_mgconv.layers.grouped_conv import GroupedConvBase, grouped_gradient_supported
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -260,6 +261,7 @@ def main(output_dir, quantization_only=False):
         report.update(check_pruning(keras.models.load_model(float_path), output_dir,
                                     train, test, steps_per_epoch))
     report["grouped_gradient"] = grouped_gradient_supported(tf.float32)
+    report["gradient_source"] = _tensorflow_ops._gradient_source(tf.float32)
     print(json.dumps(report))
 
 

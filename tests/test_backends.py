@@ -62,6 +62,15 @@ def test_layers_and_factories_on_backend(reports, backend):
         "save", *(f"load {name}.keras" for name in earlier)]
 
 
+@pytest.mark.parametrize("backend,fastest", [("tensorflow", "grouped"), ("jax", "split"),
+                                              ("torch", "grouped")])
+def test_auto_picks_the_backends_fastest_grouped_convolution_on_cpu(reports, backend, fastest):
+    # XLA on CPU trains a 256-channel, group-16 MultigridConv2D 40x slower grouped than split.
+    if backend not in reports:
+        pytest.skip(f"{backend} is not installed")
+    assert reports[backend]["auto"] == fastest
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_factories_build_and_fit_on_backend(reports, backend):
     if backend not in reports:

@@ -7,6 +7,7 @@ process keeps Keras 3. Here, the helpers must refuse Keras 3 with a message.
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -51,10 +52,11 @@ def report(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report_without_onednn(tmp_path_factory):
-    """QAT where TensorFlow cannot differentiate grouped convolutions (AVX2-only CPUs
-    with oneDNN off): the layers train split, and must still export grouped."""
+    """QAT where TensorFlow itself cannot differentiate grouped convolutions (AVX2-only
+    CPUs, oneDNN off): the layers train through its oneDNN kernels called directly,
+    and must still export grouped."""
     output = run_under_tf_keras("optimization_checks.py",
-                                str(tmp_path_factory.mktemp("optimization_split")),
+                                str(tmp_path_factory.mktemp("optimization_without_onednn")),
                                 "--quantization-only", TF_ENABLE_ONEDNN_OPTS="0")
     return json.loads(output.strip().splitlines()[-1])
 
@@ -98,15 +100,17 @@ def test_non_finite_calibration_data_is_refused(report, name):
                     report[f"{name}_calibration_error"]), report.get(f"{name}_calibration_error")
 
 
-@pytest.mark.parametrize("path", ["default", "split"])
+@pytest.mark.parametrize("onednn", ["default", "off"])
 def test_quantization_aware_training_exports_an_int8_model_as_accurate(
-        path, request):
+        onednn, request):
     # Converted from the QAT model, the TFLite model computes in int8 and loses
     # at most 1 point of the float model's test accuracy, whether the layers
-    # trained through grouped or per-group convolutions.
-    report = request.getfixturevalue("report" if path == "default" else "report_without_onednn")
-    if path == "split":
-        assert report["grouped_gradient"] is False
+    # trained through TensorFlow's grouped gradient or oneDNN's kernels called
+    # directly.
+    report = request.getfixturevalue("report" if onednn == "default" else "report_without_onednn")
+    assert report["grouped_gradient"] is True
+    if onednn == "off" and platform.machine().lower() in ("x86_64", "amd64"):
+        assert report["gradient_source"] == "onednn"
     assert report["test_examples"] == data.image_dataset_info("digits").num_examples["test"]
     assert report["float_accuracy"] > 0.95
     assert report["tflite_accuracy"] >= report["float_accuracy"] - 0.01

@@ -8,6 +8,7 @@ PyTorch's `groups`).
 
 import contextlib
 
+import keras
 from keras import ops
 
 
@@ -17,7 +18,18 @@ def grouped_gradient_supported(dtype="float32"):
 
 
 def auto_implementation(dtype):
-    """How "auto" computes grouped convolutions: "grouped", in every dtype."""
+    """How "auto" computes grouped convolutions: "grouped", but "split" under JAX on CPU.
+
+    XLA's CPU grouped convolution trains about 40x slower than the same groups
+    as ordinary convolutions (a 256-channel, group-16 MultigridConv2D step on 2
+    cores: 66.7 s against 1.6 s; `Conv2D`'s 2.7 s); on GPUs XLA hands grouped
+    convolutions to cuDNN. PyTorch trains both alike on CPU (1.28 and 1.36 s).
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            return "split"
     return "grouped"
 
 

@@ -198,8 +198,8 @@ def _warn_split_fallback(dtype):
     # Once per dtype and process: the notice is about the machine, not a layer.
     warnings.warn(
         "keras_mgconv: grouped convolutions run as per-group convolutions here, which "
-        "train about 2.5x slower (a 256-channel MultigridConv2D step: 1.34x of Conv2D's "
-        f"time against 0.54x on the fast path): {_why_no_grouped_gradient(dtype)}.",
+        "train about 2x slower (a 256-channel MultigridConv2D step: 1.07x of Conv2D's "
+        f"time against 0.47x on the fast path): {_why_no_grouped_gradient(dtype)}.",
         RuntimeWarning, stacklevel=3)
 
 

@@ -5,10 +5,12 @@ function, which on CPU makes a training step 20-45x slower than calling
 `tf.nn.conv2d` with a grouped kernel directly (DESIGN.md, section 3): the
 convolutions here come from `_ops`, which on TensorFlow makes that direct call
 and on JAX and PyTorch calls `keras.ops.conv`. The direct call has a catch:
-TensorFlow computes its gradients on CPU only through oneDNN, and only in
-float32. `grouped_conv2d` therefore can also split the channels into groups,
-convolve each with an ordinary convolution and concatenate: slower, but it
-trains everywhere and computes exactly the same function with the same kernel.
+TensorFlow computes its gradients on CPU only through oneDNN, which
+`_tensorflow_ops` reaches also where TensorFlow left it off, but not in every
+dtype or build. `grouped_conv2d` therefore can also split the channels into
+groups, convolve each with an ordinary convolution and concatenate: slower,
+but it trains everywhere and computes exactly the same function with the same
+kernel.
 """
 
 import contextlib
@@ -51,11 +53,12 @@ def resolve_implementation(implementation, dtype):
     """What `grouped_conv2d` runs for `implementation` on inputs of `dtype`.
 
     "grouped" or "split" as given; "auto" becomes the implementation of an
-    enclosing `traced_implementation` context if there is one, else "grouped"
-    where the backend can differentiate a grouped convolution in `dtype` here
-    (JAX and PyTorch always; TensorFlow on CPU only through oneDNN, in
-    float32), and "split" otherwise, with a one-time `RuntimeWarning` that says
-    why and what it costs.
+    enclosing `traced_implementation` context if there is one, else the
+    backend's fastest that trains in `dtype` here: "split" under JAX on CPU,
+    whose XLA trains grouped convolutions slowly there; "grouped" under
+    PyTorch, JAX elsewhere, and TensorFlow where it can differentiate one
+    (through oneDNN on CPU, in float32 and where the CPU has it float16); else
+    "split", with a one-time `RuntimeWarning` that says why and what it costs.
     """
     if implementation != "auto":
         return implementation
