@@ -9,7 +9,10 @@ are as small as keeps the accuracy figures steady: the whole script takes
 one to two minutes on a 2-core CPU.
 
     TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR
-    TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR --quantization-only
+    TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR FLOAT_MODEL
+
+The second form runs only QAT, from the float model a first run saved
+(OUTPUT_DIR/float.keras): test_optimization.py repeats it with oneDNN off.
 """
 
 import json
@@ -239,12 +242,13 @@ def check_tfmot_directly():
         if isinstance(getattr(layer, "layer", None), MultigridConv2D))}
 
 
-def main(output_dir, quantization_only=False):
+def main(output_dir, float_model=None):
+    """Every check, or with `float_model` (the path of one a full run saved) only QAT from it."""
     # The same figures on every run on this machine, not thread-order noise.
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    report = {} if quantization_only else {
+    report = {} if float_model else {
         **check_layers(output_dir, rng), **check_structured_pruning(rng),
         **check_structured_pruning_of_the_block_design(), **check_tfmot_directly()}
     train = data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0)
@@ -252,18 +256,21 @@ def main(output_dir, quantization_only=False):
     steps_per_epoch = int(train.cardinality())
     # The float model does not depend on what the checks above drew.
     keras.utils.set_random_seed(0)
-    model, report["float_accuracy"] = train_float_model(train, test, steps_per_epoch)
-    float_path = f"{output_dir}/float.keras"
-    model.save(float_path)
+    if float_model:
+        model = keras.models.load_model(float_model)
+        report["float_accuracy"] = accuracy(model, test)
+    else:
+        model, report["float_accuracy"] = train_float_model(train, test, steps_per_epoch)
+        model.save(f"{output_dir}/float.keras")
     report.update(check_quantization(model, output_dir, train, test, steps_per_epoch))
-    if not quantization_only:
+    if not float_model:
         # Pruning changes the weights of the model it wraps: prune a fresh copy.
-        report.update(check_pruning(keras.models.load_model(float_path), output_dir,
-                                    train, test, steps_per_epoch))
+        report.update(check_pruning(keras.models.load_model(f"{output_dir}/float.keras"),
+                                    output_dir, train, test, steps_per_epoch))
     report["grouped_gradient"] = grouped_gradient_supported(tf.float32)
     report["gradient_source"] = _tensorflow_ops._gradient_source(tf.float32)
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], quantization_only="--quantization-only" in sys.argv[2:])
+    main(*sys.argv[1:3])

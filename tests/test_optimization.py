@@ -44,20 +44,24 @@ def run_under_tf_keras(*args, **environment):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    output = run_under_tf_keras("optimization_checks.py",
-                                str(tmp_path_factory.mktemp("optimization")))
+def optimization_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("optimization")
+
+
+@pytest.fixture(scope="module")
+def report(optimization_dir):
+    output = run_under_tf_keras("optimization_checks.py", str(optimization_dir))
     return json.loads(output.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def report_without_onednn(tmp_path_factory):
+def report_without_onednn(optimization_dir, report, tmp_path_factory):
     """QAT where TensorFlow itself cannot differentiate grouped convolutions (AVX2-only
     CPUs, oneDNN off): the layers train through its oneDNN kernels called directly,
-    and must still export grouped."""
+    and must still export grouped. From the float model that `report` trained."""
     output = run_under_tf_keras("optimization_checks.py",
                                 str(tmp_path_factory.mktemp("optimization_without_onednn")),
-                                "--quantization-only", TF_ENABLE_ONEDNN_OPTS="0")
+                                str(optimization_dir / "float.keras"), TF_ENABLE_ONEDNN_OPTS="0")
     return json.loads(output.strip().splitlines()[-1])
 
 
