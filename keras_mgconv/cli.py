@@ -60,15 +60,15 @@ def _multigrid(args):
 
 
 def _require_tensorflow_backend(command):
-    """`train`, `evaluate` and `export` read TFDS datasets through tf.data, recompute
-    BatchNormalization statistics with TensorFlow ops and write TFLite: TensorFlow's."""
+    """`train`, `evaluate` and `export` read TFDS datasets through tf.data, distribute
+    through tf.distribute and write TFLite: TensorFlow's."""
     from keras_mgconv._keras import keras
 
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise ValueError(
-            f"`{command}` runs on Keras' TensorFlow backend (its TFDS pipelines, batch-norm "
-            f"statistics and TFLite export are TensorFlow's): unset KERAS_BACKEND, or fit the "
+            f"`{command}` runs on Keras' TensorFlow backend (its TFDS pipelines, tf.distribute "
+            f"strategies and TFLite export are TensorFlow's): unset KERAS_BACKEND, or fit the "
             f"models of keras_mgconv.models in your own script on {backend} (README: "
             f"Backends). Received: KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}.")
 
