@@ -5,6 +5,7 @@ import os
 # Before TensorFlow is imported anywhere: keep test output readable.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import filelock
 import numpy as np
 import pytest
 
@@ -14,18 +15,26 @@ from keras_mgconv.models import resnet
 
 
 @pytest.fixture(scope="session")
-def digits_run(tmp_path_factory):
+def digits_run(tmp_path_factory, worker_id):
     """`keras-mgconv train --epochs 6`, run once: (its output_dir, what it printed).
 
     A multigrid ResNet20 at about 95% test accuracy on the embedded digits, for
-    the tests that need a trained model.
+    the tests that need a trained model. Once for all pytest-xdist workers
+    (their common temporary root, under a file lock): each would train it again.
     """
     from keras_mgconv import cli
 
-    output_dir = str(tmp_path_factory.mktemp("digits") / "run")
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert cli.main(["train", "--epochs", "6", "--output-dir", output_dir]) == 0
-    return output_dir, printed.getvalue()
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent
+    output_dir = str(shared / "digits_run")
+    printed_path = shared / "digits_run.txt"
+    with filelock.FileLock(str(shared / "digits_run.lock")):
+        if not printed_path.exists():
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                assert cli.main(["train", "--epochs", "6", "--output-dir", output_dir]) == 0
+            printed_path.write_text(printed.getvalue())
+    return output_dir, printed_path.read_text()
 
 
 @pytest.fixture(autouse=True)
