@@ -1,6 +1,5 @@
 import csv
 import json
-import math
 import os
 import re
 import socket
@@ -14,7 +13,6 @@ import tensorflow as tf
 
 from keras_mgconv import cli, data, models, training
 from keras_mgconv._keras import keras
-from keras_mgconv.export import float32_tolerance
 
 from float32_rounding import UNIT_ROUNDOFF
 
@@ -191,7 +189,7 @@ class _Interrupt(Exception):
 
 
 def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
-    args = dict(epochs=3, width=0.5, verbose=0)
+    args = dict(epochs=2, width=0.5, verbose=0)
     uninterrupted = training.train(output_dir=str(tmp_path / "whole"), **args)
 
     output_dir = str(tmp_path / "resumed")
@@ -216,9 +214,9 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
                if "momentum" in v.path)
 
     resumed = training.train(output_dir=output_dir, **args)
-    assert [int(row["epoch"]) for row in _history(output_dir)] == [0, 1, 2]
+    assert [int(row["epoch"]) for row in _history(output_dir)] == [0, 1]
     last = keras.models.load_model(os.path.join(output_dir, "last.keras"))
-    assert int(last.optimizer.iterations.numpy()) == 3 * steps
+    assert int(last.optimizer.iterations.numpy()) == 2 * steps
     # Same batches, same optimizer state: the resumed run is the uninterrupted
     # one, the same operations on the same values in the same order, so the
     # same roundings and the same bits. No tolerance: a lost or repeated step
@@ -330,12 +328,16 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 _MIRRORED = textwrap.dedent("""
+    import json
+    import math
     import sys
     import numpy as np
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from keras_mgconv import training
+    from keras_mgconv._keras import keras
+    from keras_mgconv.export import float32_tolerance
 
     class FirstStepTaken(Exception):
         pass
@@ -346,36 +348,44 @@ _MIRRORED = textwrap.dedent("""
     def save_first_step(timer, batch, logs=None):
         if batch == 0:
             np.savez(output_dir + ".npz", *timer.initial_weights, *weights(timer))
-            if stop_after_first_step:
-                raise FirstStepTaken
+            model = timer.model
+            print(json.dumps({
+                "replicas": model.distribute_strategy.num_replicas_in_sync,
+                "tolerance": float32_tolerance(model),
+                "pixels": arguments["batch_size"] * math.prod(model.input_shape[1:3]),
+                "batch_norms": sum(isinstance(layer, keras.layers.BatchNormalization)
+                                   for layer in model.layers)}), flush=True)
+            raise FirstStepTaken
 
     training._EpochTimer.on_train_begin = (
         lambda timer, logs=None: setattr(timer, "initial_weights", weights(timer)))
     training._EpochTimer.on_train_batch_end = save_first_step
-    arguments = dict(epochs=1, learning_rate=0.002, schedule="constant", width=0.5, verbose=0)
-    output_dir, stop_after_first_step = sys.argv[1] + "/one", True
+    arguments = dict(epochs=1, batch_size=64, learning_rate=0.002, schedule="constant",
+                     width=0.5, verbose=0)
     # Callbacks see a step only at the end of its execution: the one-device
     # reference takes one step per execution to show its first; two replicas
     # take one per execution anyway (train's rule).
     steps_per_execution, training._MAX_STEPS_PER_EXECUTION = (
         training._MAX_STEPS_PER_EXECUTION, 1)
-    try:
-        training.train(output_dir=output_dir, **arguments)
-    except FirstStepTaken:
-        pass
-    training._MAX_STEPS_PER_EXECUTION = steps_per_execution
-    output_dir, stop_after_first_step = sys.argv[1] + "/two", False
-    summary = training.train(output_dir=output_dir, **arguments,
-                             strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-    print(summary["replicas"])
+    for output_dir, strategy in [
+            (sys.argv[1] + "/one", "default"),
+            (sys.argv[1] + "/two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
+        try:
+            training.train(output_dir=output_dir, strategy=strategy, **arguments)
+        except FirstStepTaken:
+            pass
+        training._MAX_STEPS_PER_EXECUTION = steps_per_execution
 """)
 
 
 def test_mirrored_two_devices_take_the_one_device_step(tmp_path):
+    # Both runs stop after their first step: a whole epoch on two replicas is
+    # test_multi_worker_run_on_loopback_completes_an_epoch's.
     result = subprocess.run([sys.executable, "-c", _MIRRORED, str(tmp_path)], env=_QUIET,
                             capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "2"
+    first, second = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert (first["replicas"], second["replicas"]) == (1, 2)
     one, two = ([run[name] for name in run.files]
                 for run in (np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")))
     count = len(one) // 2
@@ -390,12 +400,8 @@ def test_mirrored_two_devices_take_the_one_device_step(tmp_path):
     # Storing the new weight rounds it by u |w| on top. Later steps are not
     # compared: how much a trajectory amplifies differences in the last bits
     # of its weights is no rounding argument's to bound.
-    model = keras.models.load_model(tmp_path / "two" / "last.keras")
-    with open(tmp_path / "two" / "summary.json") as file:
-        summary = json.load(file)
-    pixels = summary["batch_size"] * math.prod(summary["image_shape"][:2])
-    batch_norms = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
-    length = 2 * float32_tolerance(model) / (2 * UNIT_ROUNDOFF) + pixels * (1 + 4 * batch_norms)
+    length = (2 * second["tolerance"] / (2 * UNIT_ROUNDOFF)
+              + second["pixels"] * (1 + 4 * second["batch_norms"]))
     for initial, mine, theirs in zip(one[:count], one[count:], two[count:]):
         bound = 2 * UNIT_ROUNDOFF * (np.abs(mine) + length * np.max(np.abs(mine - initial)))
         excess = np.abs(theirs - mine) - bound
@@ -415,12 +421,14 @@ def _free_ports(count):
 
 
 def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
+    # The baseline network: two processes share the 2 cores, and the multigrid
+    # layers under a distribution strategy are test_distributed.py's.
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     output_dir = str(tmp_path / "run")
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "keras_mgconv.cli", "train", "--strategy", "multi_worker",
-             "--epochs", "1", "--width", "0.5", "--output-dir", output_dir],
+             "--epochs", "1", "--width", "0.5", "--no-multigrid", "--output-dir", output_dir],
             env=dict(_QUIET, TF_CONFIG=json.dumps(
                 {"cluster": cluster, "task": {"type": "worker", "index": index}})),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
