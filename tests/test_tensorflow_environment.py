@@ -14,7 +14,6 @@ also spares the user TensorFlow's error-level cuInit line.
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import textwrap
