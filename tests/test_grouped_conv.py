@@ -127,17 +127,14 @@ def test_onednn_kernels_called_directly_compute_the_grouped_convolution_and_its_
 
 def test_split_fallback_says_why_and_what_it_costs(monkeypatch):
     """Where no grouped gradient exists (float16 on most CPUs), "auto" splits, and says so once."""
-    for cached in (_tensorflow_ops.grouped_gradient_supported, _tensorflow_ops._warn_split_fallback):
-        cached.cache_clear()
+    _tensorflow_ops._warn_split_fallback.cache_clear()
     monkeypatch.setattr(_tensorflow_ops, "_gradient_source", lambda dtype: None)
     try:
         with pytest.warns(RuntimeWarning, match=r"per-group convolutions.*slower.*float16.*"
                                                 r"train in float32"):
             assert _tensorflow_ops.auto_implementation(tf.float16) == "split"
     finally:
-        for cached in (_tensorflow_ops.grouped_gradient_supported,
-                       _tensorflow_ops._warn_split_fallback):
-            cached.cache_clear()
+        _tensorflow_ops._warn_split_fallback.cache_clear()
 
 
 def test_grouped_conv2d_rejects_unknown_implementation():

@@ -33,7 +33,6 @@ from tensorflow.python.ops import control_flow_util
 _STRIDES = [1, 1, 1, 1]
 
 
-@functools.lru_cache(maxsize=None)
 def grouped_gradient_supported(dtype=tf.float32):
     """Whether grouped `tf.nn.conv2d` trains on this machine, as one convolution.
 
