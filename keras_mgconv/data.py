@@ -181,6 +181,61 @@ def _removing_new_empty_folders(tops):
                     os.rmdir(parent)
 
 
+def _missing_folders(path):
+    """`path` and those of its parents that do not exist, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+@contextlib.contextmanager
+def _removing_additions_on_failure(folder):
+    """If the block fails, removes every file and folder it added under `folder`.
+
+    A failed preparation leaves files, not only folders: a dataset with configs
+    writes `.config/metadata.json` before it downloads. Only the dataset's own
+    folder is cleared so, under the preparation lock, which keeps any other
+    preparation from writing there (other datasets share `downloads`).
+    """
+    before = _entries(folder)
+    try:
+        yield
+    except BaseException:
+        # Deepest first, so that each folder is empty when its turn comes.
+        for path in sorted(_entries(folder) - before, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
+        raise
+
+
+@contextlib.contextmanager
+def _removing_created_folders_on_failure(created):
+    """If the block fails, removes the `created` folders, deepest first, while they are empty."""
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+
+
+def _entries(top):
+    """Every file and folder under `top`, and `top`, as paths; empty if it does not exist."""
+    if not os.path.lexists(top):
+        return set()
+    return {top} | {os.path.join(parent, name) for parent, folders, files in os.walk(top)
+                    for name in folders + files}
+
+
 @contextlib.contextmanager
 def _quietly():
     """Hides TFDS' size lines and progress bars: news for a download, not for `digits`."""
@@ -189,26 +244,37 @@ def _quietly():
         yield
 
 
-def _prepare(builder, manual_dir):
+def _prepare(builder, manual_dir, announce_new_folder):
     """Downloads and prepares `builder`'s data, or says why it cannot.
 
     One process or thread at a time prepares a dataset in a `data_dir`; the
-    others wait and find it prepared.
+    others wait and find it prepared. A failed preparation leaves nothing
+    behind, the folders it created included; a successful one into a data
+    directory that did not exist says so on stderr if `announce_new_folder`.
     """
     root = os.fspath(builder.data_dir_root)
     where = builder.data_dir
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     quiet = isinstance(builder, keras_mgconv.digits.Digits)
     # A lock file needs a local folder; in a bucket (gs://...) there is none.
-    lock = _preparation_lock(root, builder.name) if "://" not in root else contextlib.nullcontext()
+    local = "://" not in root
+    lock = _preparation_lock(root, builder.name) if local else contextlib.nullcontext()
+    created = _missing_folders(root) if local else []
+    dataset_folder = os.path.join(root, builder.name)
     try:
-        with lock, _removing_new_empty_folders(
-                [os.path.join(root, builder.name), os.path.join(root, "downloads")]):
+        with _removing_created_folders_on_failure(created), lock, \
+                _removing_additions_on_failure(dataset_folder), \
+                _removing_new_empty_folders([dataset_folder, os.path.join(root, "downloads")]):
             if _is_prepared(builder):
                 return
             with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES), \
                     _quietly() if quiet else contextlib.nullcontext():
                 builder.download_and_prepare(download_config=config)
+        if created and announce_new_folder:
+            # As TFDS does for a first download, a `data_dir` that does not
+            # exist is created; but a mistyped one should not go unnoticed.
+            print(f"Created {root}, the data directory (`data_dir`), which did not exist, "
+                  f"and prepared dataset {builder.name!r} in it.", file=sys.stderr)
     except AssertionError as error:
         if "manual" not in str(error).lower():
             raise
@@ -245,8 +311,10 @@ def image_dataset_info(name, data_dir=None, manual_dir=None):
     """Prepares a TFDS image-classification dataset and describes it.
 
     The first call for a dataset downloads and prepares it into `data_dir`
-    (TFDS' default `~/tensorflow_datasets` when None), except `digits`, which is
-    embedded in the package.
+    (TFDS' default `~/tensorflow_datasets` when None); `digits` needs no
+    download. A `data_dir` that does not exist is created, as TFDS does, with
+    a line on stderr that says so. A preparation that fails leaves nothing
+    behind, neither files nor the folders it created.
 
     Args:
         name: TFDS dataset name, e.g. "digits", "cifar10", "imagenette".
@@ -271,7 +339,7 @@ def image_dataset_info(name, data_dir=None, manual_dir=None):
     builder = _builder(name, data_dir)
     _image_and_label(builder)
     if not _is_prepared(builder):
-        _prepare(builder, manual_dir)
+        _prepare(builder, manual_dir, announce_new_folder=data_dir is not None)
         # Read afresh: another process may have prepared it while this one waited.
         builder = _builder(name, data_dir)
     image, label = _image_and_label(builder)

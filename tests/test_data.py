@@ -172,6 +172,16 @@ class UnreachableImages(_TwoClassesOfTinyImages, tfds.core.GeneratorBasedBuilder
         yield 0, {"image": np.zeros((4, 4, 1), np.uint8), "label": 0}
 
 
+class UnreachableImagesConfig(tfds.core.BuilderConfig):
+    pass
+
+
+class UnreachableConfiguredImages(UnreachableImages):
+    """A dataset with configs, as imagenette: TFDS writes its `.config/metadata.json` first."""
+
+    BUILDER_CONFIGS = [UnreachableImagesConfig(name="small")]
+
+
 class HandDownloadedImages(UnreachableImages):
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put images.tar in the manual folder."
 
@@ -197,6 +207,25 @@ def test_undownloadable_dataset_fails_fast_and_says_how_to_provide_it(tmp_path):
     # No empty folder of the failed downloads, nor a lock file, is left behind.
     assert _folders(tmp_path) == set()
     assert not [name for _, _, files in os.walk(tmp_path) for name in files]
+
+
+def test_failed_first_use_of_a_new_data_dir_leaves_nothing_behind(tmp_path, capsys):
+    """Neither the files of a dataset with configs, nor the data directory it created."""
+    with pytest.raises(ValueError, match="cannot be downloaded"):
+        data.image_dataset_info("unreachable_configured_images/small",
+                                data_dir=str(tmp_path / "new" / "tensorflow_datasets"))
+    assert os.listdir(tmp_path) == []
+    assert "Created" not in capsys.readouterr().err
+
+
+def test_new_data_dir_is_created_and_said_so(tmp_path, capsys):
+    data_dir = tmp_path / "new" / "tensorflow_datasets"
+    assert data.image_dataset_info("digits", str(data_dir)).num_examples["test"] == 355
+    assert capsys.readouterr().err == (
+        f"Created {data_dir}, the data directory (`data_dir`), which did not exist, and "
+        f"prepared dataset 'digits' in it.\n")
+    data.image_dataset_info("digits", str(data_dir))
+    assert capsys.readouterr().err == ""
 
 
 def test_two_first_uses_of_a_data_dir_at_once_both_succeed(tmp_path):
