@@ -44,6 +44,7 @@ _ATTRIBUTES = {
     "ChannelZeroPadding": "keras_mgconv.layers",
     "GroupedConv2D": "keras_mgconv.layers",
     "MultigridConv2D": "keras_mgconv.layers",
+    "PreciseBatchNormModel": "keras_mgconv.batch_norm",
     "count_multiply_adds": "keras_mgconv.complexity",
 }
 
@@ -53,6 +54,7 @@ __all__ = [
     "ChannelZeroPadding",
     "GroupedConv2D",
     "MultigridConv2D",
+    "PreciseBatchNormModel",
     "__version__",
     "batch_norm",
     "count_multiply_adds",

@@ -25,9 +25,12 @@ if USE_LEGACY_KERAS:
 else:
     import keras
 
-# Every class the package can save is defined under keras_mgconv.layers:
-# importing it registers them, so that saved models load wherever Keras is.
-# Last, because the layers import `keras` from here.
-importlib.import_module("keras_mgconv.layers")
+# Every class the package can write into a saved model, registered here so
+# that saved models load wherever Keras is: the layers (keras_mgconv.layers)
+# and the model the factories return (keras_mgconv.batch_norm). Last, because
+# they import `keras` from here.
+SAVED_CLASS_MODULES = ("keras_mgconv.layers", "keras_mgconv.batch_norm")
+for _module in SAVED_CLASS_MODULES:
+    importlib.import_module(_module)
 
-__all__ = ["USE_LEGACY_KERAS", "keras"]
+__all__ = ["SAVED_CLASS_MODULES", "USE_LEGACY_KERAS", "keras"]

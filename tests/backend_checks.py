@@ -215,7 +215,7 @@ def check_factories():
 
 def check_precise_batch_norm():
     """`fit` leaves the statistics of the final weights, and says nothing, on this backend."""
-    from keras_mgconv.layers.precise_model import PreciseBatchNormModel
+    from keras_mgconv.batch_norm import PreciseBatchNormModel
 
     inputs = keras.Input((4,))
     dense = keras.layers.Dense(4)

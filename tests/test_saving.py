@@ -17,7 +17,7 @@ import pytest
 
 import keras_mgconv
 from keras_mgconv import models
-from keras_mgconv._keras import USE_LEGACY_KERAS, keras
+from keras_mgconv._keras import SAVED_CLASS_MODULES, USE_LEGACY_KERAS, keras
 
 
 def _layer_model(layer, channels):
@@ -82,7 +82,7 @@ def test_every_saved_kind_loads_in_a_fresh_process(saved, order):
 
 
 def test_every_serializable_class_is_defined_where_the_hook_imports():
-    """The hook imports `keras_mgconv.layers` only: every registered class must live there."""
+    """The hook imports `_keras.SAVED_CLASS_MODULES` only: every registered class must live there."""
     for module in pkgutil.walk_packages(keras_mgconv.__path__, "keras_mgconv."):
         if module.name.endswith(("optimization", "_quantization", "_pruning")) and (
                 not USE_LEGACY_KERAS):
@@ -92,4 +92,4 @@ def test_every_serializable_class_is_defined_where_the_hook_imports():
                   if name.startswith("keras_mgconv>")}
     assert "keras_mgconv>ChannelZeroPadding" in registered
     assert {name: value.__module__ for name, value in registered.items()
-            if not value.__module__.startswith("keras_mgconv.layers")} == {}
+            if not value.__module__.startswith(SAVED_CLASS_MODULES)} == {}

@@ -12,7 +12,7 @@ import os
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
-from keras_mgconv.layers.precise_model import PreciseBatchNormModel
+from keras_mgconv.batch_norm import PreciseBatchNormModel
 
 
 DESIGNS = ("layer", "block")
