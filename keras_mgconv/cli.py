@@ -12,12 +12,20 @@
 Conv2D's; `export` writes a `.tflite` file and prints its report (size, ops,
 agreement with the Keras model); `benchmark` prints its LiteRT latency.
 Bad arguments print one line and exit with status 2; an interrupted `train`
-resumes when it is run again with the same arguments.
+(Ctrl-C, or SIGTERM, which exits with status 143) says whether it can resume,
+and resumes when it is run again with the same arguments. TensorFlow's info
+and warning lines are left out unless TF_CPP_MIN_LOG_LEVEL is set.
 """
 
 import argparse
+import contextlib
+import importlib
 import os
+import signal
 import sys
+import threading
+
+from keras_mgconv import _environment, _tensorflow_logs
 
 
 def _summary(args):
@@ -59,6 +67,30 @@ def _multigrid(args):
     return False
 
 
+def _train_output_dir(args):
+    """train's --output-dir, or its default for the model, design and dataset."""
+    if args.output_dir is not None:
+        return args.output_dir
+    return os.path.join("runs", f"{args.model}-{_RUN_NAMES[_multigrid(args)]}-{args.dataset}")
+
+
+def _resume_hint(args):
+    """What a `train` stopped midway leaves to resume, as the end of its last line."""
+    if args.command != "train":
+        return ""
+    try:
+        output_dir = _train_output_dir(args)
+    except ValueError:
+        return ""
+    if os.path.exists(os.path.join(output_dir, "summary.json")):
+        return ""  # A finished run, which --overwrite had not cleared yet.
+    if not os.path.exists(os.path.join(output_dir, "last.keras")):
+        return " No epoch had completed: there is nothing to resume."
+    if args.overwrite:
+        return " Run it again without --overwrite to resume from the last completed epoch."
+    return " Run the same command again to resume from the last completed epoch."
+
+
 def _require_tensorflow_backend(command):
     """`train`, `evaluate` and `export` read TFDS datasets through tf.data, distribute
     through tf.distribute and write TFLite: TensorFlow's."""
@@ -78,9 +110,7 @@ def _train(args):
     from keras_mgconv import training
 
     multigrid = _multigrid(args)
-    output_dir = args.output_dir
-    if output_dir is None:
-        output_dir = os.path.join("runs", f"{args.model}-{_RUN_NAMES[multigrid]}-{args.dataset}")
+    output_dir = _train_output_dir(args)
     summary = training.train(
         model=args.model, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -260,13 +290,52 @@ def _parser():
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM (`kill`, a scheduler's stop) unwinds as Ctrl-C does.
+
+    Its locks are released and its temporary files removed on the way out,
+    and it says so. Left alone where a handler is installed already, or off
+    the main thread, where none can be.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _import_keras():
+    """Imports the package's Keras (and with it TensorFlow), without TensorFlow's start-up lines.
+
+    Those come from its libraries as they load, before they read
+    TF_CPP_MIN_LOG_LEVEL; they are left out only where the command chose the
+    level, not where the user did.
+    """
+    if _environment.quiet_command_line_logs():
+        with _tensorflow_logs.hidden(_tensorflow_logs.startup_line):
+            importlib.import_module("keras_mgconv._keras")
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    resume = (" Run the same command again to resume from the last completed epoch."
-              if args.command == "train" else "")
     try:
-        args.run(args)
+        with _sigterm_unwinds():
+            _import_keras()
+            args.run(args)
     except ValueError as error:
         parser.exit(2, f"keras-mgconv {args.command}: error: {_one_line(error)}\n")
     except ModuleNotFoundError as error:
@@ -280,9 +349,14 @@ def main(argv=None):
     except OSError as error:
         # A file or folder that cannot be written or read midway, e.g. a full disk
         # or an output directory made read-only.
-        parser.exit(1, f"keras-mgconv {args.command}: error: {_one_line(error)}.{resume}\n")
+        parser.exit(1, f"keras-mgconv {args.command}: error: {_one_line(error)}."
+                       f"{_resume_hint(args)}\n")
     except KeyboardInterrupt:
-        parser.exit(130, f"keras-mgconv {args.command}: interrupted.{resume}\n")
+        parser.exit(130, f"keras-mgconv {args.command}: interrupted.{_resume_hint(args)}\n")
+    except _Terminated:
+        # 128 + 15, the status of a process that SIGTERM ended.
+        parser.exit(143, f"keras-mgconv {args.command}: terminated (SIGTERM)."
+                         f"{_resume_hint(args)}\n")
     return 0
 
 

@@ -36,6 +36,7 @@ second run into an `output_dir` that a live run is using is refused.
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import numbers
@@ -94,6 +95,10 @@ _BATCH_NORM_STATISTICS_STEPS = 50
 # The most training steps in one call of `fit`'s compiled function (see
 # `_steps_per_execution`).
 _MAX_STEPS_PER_EXECUTION = 20
+
+# With verbose="auto", epochs whose progress bar would move fewer times than
+# this (once per execution of the compiled function) print one line each instead.
+_MIN_PROGRESS_UPDATES = 10
 
 
 def _number(name, value, expected, accept):
@@ -309,16 +314,25 @@ def _writable_output_dir(output_dir):
 
 @contextlib.contextmanager
 def _output_dir_lock(output_dir):
-    """Keeps any other run from writing into `output_dir` while this one does."""
-    try:
-        with directory_lock(output_dir, _LOCK_NAME):
-            yield
-    except DirectoryLockedError as error:
-        owner = "another process" if error.pid is None else f"process {error.pid}"
-        raise ValueError(
-            f"`output_dir` is in use by another training run ({owner}). Wait for it to "
-            f"end, or choose another directory. Received: output_dir={output_dir!r}."
-        ) from None
+    """Keeps any other run from writing into `output_dir` while this one does.
+
+    Taking the lock creates `output_dir`: where that fails (a folder that
+    looks writable, such as /proc to root, is not), the run is refused.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(directory_lock(output_dir, _LOCK_NAME))
+        except DirectoryLockedError as error:
+            owner = "another process" if error.pid is None else f"process {error.pid}"
+            raise ValueError(
+                f"`output_dir` is in use by another training run ({owner}). Wait for it to "
+                f"end, or choose another directory. Received: output_dir={output_dir!r}."
+            ) from None
+        except OSError as error:
+            raise ValueError(
+                f"`output_dir` cannot be created or written ({error.strerror or error}: "
+                f"{error.filename}). Received: output_dir={output_dir!r}.") from None
+        yield
 
 
 def _resumable(output_dir, config, overwrite):
@@ -505,6 +519,13 @@ def _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimiz
                 lambda v: 0 <= v < 1)
     _number("validation_fraction", validation_fraction, "a number strictly between 0 and 1",
             lambda v: 0 < v < 1)
+    # keras.utils.set_random_seed takes NumPy's seeds: 0 to 2**32 - 1.
+    if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed < 2**32):
+        raise ValueError(
+            f"Invalid value for argument `seed`. Expected an integer from 0 to 2**32 - 1. "
+            f"Received: seed={seed!r}.")
+    seed = int(seed)
     return {
         "model": model, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "schedule": schedule, "optimizer": optimizer,
@@ -667,10 +688,23 @@ def _fit(network, plan, output_dir, run_dir, history, strategy, verbose):
     # rewriting could reset.
     train_data = plan.pipeline(plan.fit_split, training=True, drop_remainder=True,
                                epochs=range(completed_epochs, epochs))
+    if verbose == "auto":
+        verbose = _auto_verbosity(plan.steps_per_epoch, int(network.steps_per_execution))
     with strategy.scope():
         network.fit(train_data, epochs=epochs, steps_per_epoch=plan.steps_per_epoch,
                     initial_epoch=completed_epochs, callbacks=callbacks, verbose=verbose,
                     shuffle=False)  # The pipeline shuffles.
+
+
+def _auto_verbosity(steps_per_epoch, steps_per_execution):
+    """`verbose="auto"`: `fit`'s progress bar (1) where it moves, else one line per epoch (2).
+
+    The bar moves once per execution of `fit`'s compiled function, every
+    `steps_per_execution` steps: on the digits one execution is the whole
+    epoch, and the bar would stand at 0 until it jumps to the end. Fewer steps
+    per execution would move it at the cost of the speed they buy.
+    """
+    return 1 if steps_per_epoch // steps_per_execution >= _MIN_PROGRESS_UPDATES else 2
 
 
 def _report(network, plan, run_dir, strategy):
@@ -679,6 +713,7 @@ def _report(network, plan, run_dir, strategy):
     history = _read_history(os.path.join(run_dir, "history.csv"), epochs)
     return {
         **plan.config,
+        "group_size": _group_size_used(plan.config),
         "batch_norm_momentum": plan.batch_norm_momentum,
         "parameters": network.count_params(),
         "multiply_adds": count_multiply_adds(network),
@@ -690,6 +725,18 @@ def _report(network, plan, run_dir, strategy):
                            plan.pipeline(plan.info.test_split), strategy),
         **_epochs_summary(history, plan.selected_by),
     }
+
+
+def _group_size_used(config):
+    """The group size of the run's multigrid layers: the factory's default where none was given.
+
+    None for a baseline, which has none.
+    """
+    if not config["multigrid"]:
+        return None
+    if config["group_size"] is not None:
+        return config["group_size"]
+    return inspect.signature(MODELS[config["model"]]).parameters["group_size"].default
 
 
 def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,
@@ -741,7 +788,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             validates, where the dataset has no validation split of its own.
         seed: seeds weights, shuffling and augmentation.
         overwrite: discard a finished or unfinished run in `output_dir`.
-        verbose: `model.fit`'s verbosity ("auto" shows the progress bar).
+        verbose: `model.fit`'s verbosity. "auto" shows the progress bar where it
+            moves at least 10 times an epoch, else one line per epoch (2), as
+            on the digits, whose 20-step epoch is one execution.
 
     Returns:
         The summary dict, also written to `output_dir/summary.json`.

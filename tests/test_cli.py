@@ -1,6 +1,9 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,13 +23,17 @@ def test_summary_shows_connector_for_width_change(capsys):
 
 
 def test_bad_arguments_exit_2_with_one_line():
+    """One line, and nothing of TensorFlow's start-up: the user has set no log level."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLED_DEVICE_TYPES")}
     result = subprocess.run(
         [sys.executable, "-m", "keras_mgconv.cli", "summary", "--filters", "40"],
-        capture_output=True, text=True, timeout=120)
+        env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("keras-mgconv summary: error:")
-    assert "filters=40, group_size=16" in last_line
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("keras-mgconv summary: error:")
+    assert "filters=40, group_size=16" in lines[0]
 
 
 def test_unknown_command_exits_2():
@@ -209,3 +216,109 @@ def test_train_on_another_backend_says_it_needs_tensorflow(tmp_path):
         "keras-mgconv train: error: `train` runs on Keras' TensorFlow backend")
     assert result.stderr.strip().endswith("Received: KERAS_BACKEND='torch'.")
     assert not output_dir.exists()
+
+
+def test_train_prints_a_line_per_epoch_and_records_the_group_size(digits_run):
+    """An epoch of the digits is one execution of 20 steps: a progress bar would not move."""
+    output_dir, printed = digits_run
+    epoch_lines = [line for line in printed.splitlines() if line.startswith("20/20 - ")]
+    assert len(epoch_lines) == 6 and all("val_accuracy" in line for line in epoch_lines)
+    assert "\u2501" not in printed  # The progress bar's "━".
+    with open(os.path.join(output_dir, "summary.json")) as file:
+        summary = json.load(file)
+    # ResNet20's default: the summary records what the run used, not the argument (None).
+    assert summary["group_size"] == 16
+    with open(os.path.join(output_dir, "config.json")) as file:
+        assert json.load(file)["group_size"] is None
+
+
+def test_progress_bar_where_an_epoch_is_many_executions():
+    from keras_mgconv import training
+
+    # CIFAR-10's 703 steps an epoch at batch 64 run 19 at a time; the digits' 20 at once.
+    assert training._auto_verbosity(703, 19) == 1
+    assert training._auto_verbosity(20, 20) == 2
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_train_refuses_a_seed_numpy_cannot_take(capsys, tmp_path, seed):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--seed", seed, "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].endswith(f"Received: seed={seed}."), error
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_into_a_folder_that_cannot_be_created_says_nothing_of_resuming(capsys):
+    # /proc passes os.access for root, but nothing can be created in it.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", "/proc/forbidden_dir"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "resume" not in error[0], error
+    assert error[0].endswith("Received: output_dir='/proc/forbidden_dir'.")
+
+
+def _stopped_train(monkeypatch, stop, epochs_done):
+    """Makes `training.train` stop with `stop` after writing `epochs_done` epochs' last.keras."""
+    from keras_mgconv import training
+
+    def train(output_dir, **kwargs):
+        os.makedirs(output_dir, exist_ok=True)
+        if epochs_done:
+            with open(os.path.join(output_dir, "last.keras"), "w"):
+                pass
+        raise stop
+
+    monkeypatch.setattr(training, "train", train)
+
+
+@pytest.mark.parametrize("stop, status, said", [
+    (KeyboardInterrupt(), 130, "interrupted."),
+    (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device."),
+])
+@pytest.mark.parametrize("epochs_done, overwrite, hint", [
+    (0, False, "No epoch had completed: there is nothing to resume."),
+    (1, False, "Run the same command again to resume from the last completed epoch."),
+    (1, True, "Run it again without --overwrite to resume from the last completed epoch."),
+])
+def test_stopped_train_says_whether_it_can_resume(monkeypatch, capsys, tmp_path, stop, status,
+                                                  said, epochs_done, overwrite, hint):
+    _stopped_train(monkeypatch, stop, epochs_done)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", str(tmp_path / "run"),
+                  *(["--overwrite"] if overwrite else [])])
+    assert exit_info.value.code == status
+    assert capsys.readouterr().err == f"keras-mgconv train: {said} {hint}\n"
+
+
+def test_sigterm_unwinds_train_releases_its_lock_and_exits_143(monkeypatch, capsys, tmp_path):
+    from keras_mgconv import training
+
+    output_dir = tmp_path / "run"
+    lock = output_dir / training._LOCK_NAME
+
+    def train(output_dir, **kwargs):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            pytest.fail("train runs under SIGTERM's default action, which ends the process "
+                        "without a word and leaves the lock")
+        with training._output_dir_lock(output_dir):
+            (tmp_path / "run" / "last.keras").write_text("")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # The handler interrupts the sleep.
+
+    monkeypatch.setattr(training, "train", train)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", "--output-dir", str(output_dir)])
+        # Afterwards SIGTERM ends the process again, as before the command.
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == (
+        "keras-mgconv train: terminated (SIGTERM). Run the same command again to resume "
+        "from the last completed epoch.\n")
+    assert not lock.exists()

@@ -29,6 +29,8 @@ from tensorflow.core.framework import attr_value_pb2
 from tensorflow.python.framework import op_def_library
 from tensorflow.python.ops import control_flow_util
 
+from keras_mgconv import _tensorflow_logs
+
 
 _STRIDES = [1, 1, 1, 1]
 
@@ -51,9 +53,20 @@ def grouped_gradient_supported(dtype=tf.float32):
     return _gradient_source(tf.as_dtype(dtype)) is not None
 
 
+# What TensorFlow logs when a probe finds no gradient: the answer, not news.
+_PROBE_FAILURES = _tensorflow_logs.records_saying(
+    "Gradients for grouped convolutions are not supported", "Local rendezvous is aborting",
+    "OP_REQUIRES failed at mkl_conv", "oneDNN supports DT_")
+
+
 @functools.lru_cache(maxsize=None)
 def _gradient_source(dtype):
     """"tensorflow", "onednn" or None: what differentiates a grouped convolution in `dtype`."""
+    with _tensorflow_logs.hidden(_PROBE_FAILURES):
+        return _probe_gradient_source(dtype)
+
+
+def _probe_gradient_source(dtype):
     # init_scope runs the probe eagerly even while a tf.function is traced, but
     # it also pauses gradient tapes: call the two backprop kernels directly.
     with tf.init_scope():
