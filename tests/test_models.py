@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_mgconv
 from keras_mgconv import models
@@ -60,6 +61,7 @@ def test_mobilenet_v2_baseline_equals_keras_applications():
     ours = models.MobileNetV2(multigrid=False, weights=None)
     theirs = keras.applications.MobileNetV2(weights=None)
     assert ours.count_params() == theirs.count_params() == 3_538_984
+    assert ours.name == theirs.name == "mobilenetv2_1.00_224"  # The input's size.
     # Same layers under the same names, up to the (unnamed there) pooling of the top.
     assert [layer.name for layer in ours.layers[1:-2]] == [layer.name for layer in theirs.layers[1:-2]]
 
@@ -69,6 +71,7 @@ def test_mobilenet_v2_baseline_parity_for_alpha(alpha):
     ours = models.MobileNetV2((96, 96, 3), alpha=alpha, multigrid=False)
     theirs = keras.applications.MobileNetV2((96, 96, 3), alpha=alpha, weights=None)
     assert ours.count_params() == theirs.count_params()
+    assert ours.name == theirs.name
 
 
 def test_resnet50_baseline_equals_keras_applications():
@@ -198,3 +201,23 @@ def test_numpy_integer_arguments_build_a_model_whose_config_is_json(multigrid):
                                          coarsest_channels=np.int64(8))
     assert json.loads(json.dumps(layer.get_config()))["group_size"] == 8
     assert config["name"] == model.name
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "float32"])
+def test_classifier_computes_in_float32_under_mixed_precision(policy):
+    # In float16 the softmax rounds an unlikely class's probability, and the
+    # cross-entropy's gradient (-1 / p, times the loss scale) overflowed: the
+    # multigrid networks' loss scale fell to 32 with 10 of 38 steps skipped.
+    keras.mixed_precision.set_global_policy(policy)
+    model = models.CIFARResNet(8, input_shape=(8, 8, 1), group_size=8, classes=3)
+    assert model.get_layer("predictions").compute_dtype == "float32"
+    assert model.output.dtype == "float32"
+    # Confident and wrong: the true class's probability is about e^-30.
+    predictions = model.get_layer("predictions")
+    predictions.bias.assign([30.0, 0.0, 0.0])
+    images = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy()(
+            np.ones(4), model(images, training=True)) * 32768.0  # Keras' first loss scale.
+    gradient = tape.gradient(loss, predictions.kernel)
+    assert np.all(np.isfinite(gradient.numpy()))
