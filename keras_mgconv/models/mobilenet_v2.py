@@ -159,4 +159,5 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
 
     return common.finish_model(
         inputs, input_tensor, x, include_top, pooling, classes, classifier_activation,
-        weights, name or f"mobilenetv2_{alpha:0.2f}_{x.shape[1] or 'none'}")
+        # keras.applications' name: the alpha and the input's size.
+        weights, name or f"mobilenetv2_{alpha:0.2f}_{inputs.shape[1]}")
