@@ -469,6 +469,8 @@ class PreciseBatchNormModel(keras.Model):
         if not batches or any(isinstance(c, PreciseBatchNormalization) for c in callbacks):
             return super().fit(**arguments)
         data = _statistics_data(arguments, batches)
+        if data is _NO_BATCH:
+            return super().fit(**arguments)  # Nothing to take statistics from.
         if data is None:
             warnings.warn(
                 "PreciseBatchNormModel.fit cannot recompute the BatchNormalization "
@@ -538,23 +540,32 @@ class PreciseBatchNormModel(keras.Model):
         return model
 
 
+# What `_statistics_data` returns for training data without a batch.
+_NO_BATCH = ()
+
+
 def _statistics_data(arguments, batches):
-    """(data, steps) for the recomputation, or None when `x` cannot be read again."""
+    """(data, steps) for the recomputation, None when `x` cannot be read again, or
+    `_NO_BATCH` when it holds no training example (Keras' fit then trains on nothing)."""
     x = arguments.get("x")
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(x, tf.data.Dataset):
         steps = arguments.get("steps_per_epoch")
         cardinality = int(x.cardinality())
+        if cardinality == 0:
+            return _NO_BATCH
         if cardinality > 0:
             steps = cardinality if steps is None else min(steps, cardinality)
         return x, batches if steps is None else min(steps, batches)
     if isinstance(x, keras.utils.Sequence):
-        return x, min(len(x), batches)
+        return (x, min(len(x), batches)) if len(x) else _NO_BATCH
     if isinstance(x, collections.abc.Iterator):
         return None
     batch_size = arguments.get("batch_size") or 32
     # Keras' validation_split takes the last samples.
     training = math.floor(_length(x) * (1 - (arguments.get("validation_split") or 0.0)))
+    if not training:
+        return _NO_BATCH
     # A fixed random sample: the data may be ordered (by class, say), and fit
     # shuffles by default, so that each batch mixes the whole training set.
     sample = np.random.default_rng(0).permutation(training)[:batches * batch_size]

@@ -261,3 +261,12 @@ def test_a_nested_factory_model_scores_as_with_batch_statistics(digits, pattern)
     expected = batch_statistics_accuracy(model, test_images, test_labels)
     assert expected > 0.6  # It trained.
     assert accuracy == pytest.approx(expected, abs=0.03)
+
+
+def test_fit_on_no_data_does_what_keras_does():
+    # The recomputation used to fail, naming an argument (`data`) nobody passed.
+    model = small_model()
+    model.fit(np.zeros((0, 6, 6, 3), "float32"), np.zeros((0, 2), "float32"), verbose=0)
+    empty = tf.data.Dataset.from_tensor_slices(regression_data(0)).batch(8)
+    with pytest.warns(UserWarning, match="ran out of data"):  # Keras' own warning.
+        model.fit(empty, verbose=0)
