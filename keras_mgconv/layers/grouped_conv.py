@@ -186,29 +186,30 @@ class GroupedConvBase(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-        self._identity = identity_kernel(self.kernel.shape) if self.residual else None
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         self.built = True
 
     def call(self, inputs, training=None):
-        kernel = ops.cast(self.kernel, self.compute_dtype)
-        if self._identity is not None:
-            # inputs + conv(inputs) as one convolution: a pass over the
-            # activations fewer, forward and backward. Not `+=`: under tf_keras
-            # the cast of a float32 variable to float32 is the variable itself.
-            kernel = kernel + ops.cast(self._identity, self.compute_dtype)
-        outputs = grouped_conv2d(
-            inputs,
-            kernel,
-            self.groups,
-            self.strides,
-            self.padding,
-            self.implementation,
-            training,
-        )
+        outputs = self.convolve(inputs, training, identity=1.0 if self.residual else 0.0)
         if self.bias is not None:
             outputs = ops.bias_add(outputs, ops.cast(self.bias, self.compute_dtype))
         return outputs
+
+    def convolve(self, inputs, training=None, identity=0.0):
+        """`inputs` convolved with the kernel plus `identity` times the identity, no bias.
+
+        That is `conv(inputs) + identity * inputs` in one convolution: a pass
+        over the activations fewer, forward and backward. `identity` needs as
+        many output as input channels, strides 1 and "same" padding.
+        """
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        if identity:
+            # Not `+=`: under tf_keras the cast of a float32 variable to
+            # float32 is the variable itself.
+            kernel = kernel + ops.cast(identity * identity_kernel(self.kernel.shape),
+                                       self.compute_dtype)
+        return grouped_conv2d(inputs, kernel, self.groups, self.strides, self.padding,
+                              self.implementation, training)
 
     def compute_output_shape(self, input_shape):
         return _arguments.conv_output_shape(
