@@ -72,6 +72,11 @@ SETTINGS = {
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 VALIDATION_FRACTION = 0.1
+# Epochs of linear learning-rate warm-up from 0 before the cosine decay.
+WARMUP_EPOCHS = 0
+# The most training steps in one call of fit's compiled function: the same
+# steps, with less per-call overhead (a divisor of the epoch, as `train` uses).
+MAX_STEPS_PER_EXECUTION = 20
 
 
 def label(model, width, design, group_size):
@@ -123,8 +128,73 @@ def load_images(image_size):
     return images, digits.target
 
 
-def train_one(config, setting, seed, train, validation, test, images, labels):
-    """Fits one configuration on one split; returns its record."""
+def protocol(warmup_epochs):
+    """What a run's numbers depend on beyond its configuration and split.
+
+    Runs of another protocol are kept in the runs file but neither count as
+    done nor enter the tables. Steps per execution change no number, so they
+    are not part of it.
+    """
+    return {"optimizer": "adam", "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE,
+            "schedule": "cosine", "warmup_epochs": warmup_epochs}
+
+
+def run_protocol(run):
+    """The protocol of a recorded run (the first runs, without warm-up, predate the field)."""
+    return run.get("protocol", protocol(0))
+
+
+# The compiled models of this process, one per configuration and schedule:
+# a run of one retraces nothing (see `_compiled_model`).
+_COMPILED = {}
+
+
+def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
+    """The configuration's network, freshly initialised, compiled for a run of `steps`.
+
+    Tracing the training, evaluation and prediction functions took 30-45% of a
+    run's wall time (ResNet20 on the 8x8 digits), so a process keeps one
+    compiled model per configuration and schedule: each run copies in the
+    weights of a new model built under the run's seed, which a fresh build would
+    have, and zeroes the optimizer's state and step counter.
+    """
+    import keras_mgconv
+    from keras_mgconv._keras import keras
+    from keras_mgconv.training import steps_per_execution
+
+    factory = getattr(keras_mgconv.models, config["model"])
+    extra = {} if config["group_size"] is None else {"group_size": config["group_size"]}
+    fresh = factory(input_shape=input_shape, classes=10, classifier_activation=None,
+                    multigrid=config["multigrid"], width=config["width"], **extra)
+    key = (config["label"], input_shape, steps_per_epoch, steps, warmup_steps)
+    model = _COMPILED.get(key)
+    if model is None:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup_steps else LEARNING_RATE, steps - warmup_steps,
+            warmup_target=LEARNING_RATE if warmup_steps else None, warmup_steps=warmup_steps)
+        fresh.compile(keras.optimizers.Adam(learning_rate),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"],
+                      steps_per_execution=steps_per_execution(steps_per_epoch,
+                                                              MAX_STEPS_PER_EXECUTION))
+        _COMPILED[key] = fresh
+        return fresh
+    model.set_weights(fresh.get_weights())
+    for variable in model.optimizer.variables:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    return model
+
+
+def train_one(config, setting, seed, train, validation, test, images, labels,
+              warmup_epochs=WARMUP_EPOCHS):
+    """Fits one configuration on one split; returns its record.
+
+    The record's `time_breakdown` splits the run's wall time into building
+    the model, the first execution of the training function (with its
+    tracing, in the process's first run of the configuration), the other
+    training steps, the recomputation of the BatchNormalization statistics at
+    the end of `fit`, and the evaluations after it.
+    """
     import tensorflow as tf
 
     import keras_mgconv
@@ -132,29 +202,42 @@ def train_one(config, setting, seed, train, validation, test, images, labels):
     from keras_mgconv._keras import keras
 
     spec = SETTINGS[setting]
+    clock = time.perf_counter
+    start = clock()
     keras.utils.set_random_seed(seed)
-    factory = getattr(keras_mgconv.models, config["model"])
-    extra = {} if config["group_size"] is None else {"group_size": config["group_size"]}
-    model = factory(input_shape=images.shape[1:], classes=10, classifier_activation=None,
-                    multigrid=config["multigrid"], width=config["width"], **extra)
-    steps = spec["epochs"] * math.ceil(len(train) / BATCH_SIZE)
-    model.compile(
-        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    steps_per_epoch = math.ceil(len(train) / BATCH_SIZE)
+    steps = spec["epochs"] * steps_per_epoch
+    model = _compiled_model(config, images.shape[1:], steps_per_epoch, steps,
+                            warmup_epochs * steps_per_epoch)
+    per_execution = model.steps_per_execution
+    # The same seed again: the shuffling of fit draws after the initialisation.
+    keras.utils.set_random_seed(seed)
     layers = [layer for layer in model.layers
               if isinstance(layer, keras.layers.BatchNormalization)]
     moving = {}
+    times = {"build": clock() - start}
 
-    class KeepMovingAverages(keras.callbacks.Callback):
-        # Runs before the model's own recomputation at the end of fit.
+    class Timeline(keras.callbacks.Callback):
+        # Listed before the model's own recomputation, which runs at the end of fit.
+        def on_train_begin(self, logs=None):
+            self.begin = clock()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if "first_execution" not in times:
+                times["first_execution"] = clock() - self.begin
+
         def on_train_end(self, logs=None):
+            times["steps"] = clock() - self.begin - times["first_execution"]
+            self.end = clock()
             moving["statistics"] = [(layer.moving_mean.numpy(), layer.moving_variance.numpy())
                                     for layer in layers]
 
-    start = time.perf_counter()
+    timeline = Timeline()
     history = model.fit(images[train], labels[train], batch_size=BATCH_SIZE,
-                        epochs=spec["epochs"], verbose=0, callbacks=[KeepMovingAverages()])
-    train_time = time.perf_counter() - start
+                        epochs=spec["epochs"], verbose=0, callbacks=[timeline])
+    times["recomputation"] = clock() - timeline.end
+    train_time = clock() - timeline.begin
+    evaluations = clock()
 
     def accuracy(indices):
         return float(model.evaluate(images[indices], labels[indices], batch_size=256,
@@ -173,12 +256,26 @@ def train_one(config, setting, seed, train, validation, test, images, labels):
     for layer, (mean, variance) in zip(layers, fitted):
         layer.moving_mean.assign(mean)
         layer.moving_variance.assign(variance)
+    times["evaluations"] = clock() - evaluations
+    times["total"] = clock() - start
+    # Steady steps: all but the first execution, whose time is mostly tracing.
+    steady_steps = steps - per_execution
     record.update(
         train_accuracy=float(history.history["accuracy"][-1]),
         parameters=model.count_params(),
         multiply_adds=keras_mgconv.count_multiply_adds(model),
-        train_time=train_time, steps=steps, step_time=train_time / steps)
+        train_time=train_time, steps=steps, steps_per_execution=per_execution,
+        step_time=times["steps"] / steady_steps if steady_steps else float("nan"),
+        time_breakdown=times, protocol=protocol(warmup_epochs))
     return record
+
+
+def breakdown(record):
+    """One line: where the run's wall time went, in seconds and shares."""
+    times = record["time_breakdown"]
+    parts = ("build", "first_execution", "steps", "recomputation", "evaluations")
+    return ", ".join(f"{part} {times[part]:.1f} s ({100 * times[part] / times['total']:.0f}%)"
+                     for part in parts) + f"; total {times['total']:.1f} s"
 
 
 def read_runs(path):
@@ -307,13 +404,14 @@ def plot(rows, path):
     plt.close(figure)
 
 
-def write_results(runs, output):
+def write_results(runs, output, current):
+    """Rewrites the tables and the plot from the runs of protocol `current`."""
     from keras_mgconv._files import atomic_write
 
+    runs = [run for run in runs if run_protocol(run) == current]
     rows = aggregate(runs)
     table = markdown(rows)
-    content = {"settings": SETTINGS, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
-               "configurations": rows, "runs": runs}
+    content = {"settings": SETTINGS, "protocol": current, "configurations": rows, "runs": runs}
 
     def write_json(temporary):
         with open(temporary, "w") as file:
@@ -334,21 +432,28 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
                         help="configurations whose label matches one of these regexes")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS,
+                        help="epochs of linear learning-rate warm-up (a protocol of its own)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where each run's wall time goes")
     parser.add_argument("--report", action="store_true", help="rewrite the results only")
     parser.add_argument("--output", default=os.path.join(RESULTS, "accuracy"),
                         help="path prefix of the .json/.md/.png results and the runs file")
     args = parser.parse_args(argv)
+    if args.warmup_epochs < 0:
+        parser.error(f"--warmup-epochs must be >= 0. Received: {args.warmup_epochs}")
+    current = protocol(args.warmup_epochs)
     runs_path = args.output + "_runs.jsonl"
     runs = read_runs(runs_path)
     if args.report:
-        print(write_results(runs, args.output))
+        print(write_results(runs, args.output, current))
         return
     selected = [c for c in configurations()
                 if not args.only or any(re.search(p, c["label"]) for p in args.only)]
     if not selected:
         parser.error(f"no configuration matches --only {args.only}")
     os.makedirs(os.path.dirname(os.path.abspath(runs_path)), exist_ok=True)
-    done = {(r["setting"], r["label"], r["split"]) for r in runs}
+    done = {(r["setting"], r["label"], r["split"]) for r in runs if run_protocol(r) == current}
     start = time.perf_counter()
     for network in NETWORKS:
         for setting in args.settings:
@@ -362,14 +467,17 @@ def main(argv=None):
                           f"({time.perf_counter() - start:.0f} s so far)", flush=True)
                     record = {"setting": setting, "label": config["label"], "split": split,
                               "seed": seed, **train_one(config, setting, seed, train,
-                                                        validation, test, images, labels)}
+                                                        validation, test, images, labels,
+                                                        args.warmup_epochs)}
                     with open(runs_path, "a") as file:
                         file.write(json.dumps(record) + "\n")
                     runs.append(record)
                     print(f"  test {record['test_accuracy']:.4f}, moving averages "
                           f"{record['test_accuracy_moving_averages']:.4f}, "
                           f"{record['step_time']:.3f} s/step", flush=True)
-                    write_results(runs, args.output)
+                    if args.profile:
+                        print(f"  {breakdown(record)}", flush=True)
+                    write_results(runs, args.output, current)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ _LOGS_NAME = "logs"
 _BATCH_NORM_STATISTICS_STEPS = 50
 
 # The most training steps in one call of `fit`'s compiled function (see
-# `_steps_per_execution`).
+# `steps_per_execution`).
 _MAX_STEPS_PER_EXECUTION = 20
 
 # With verbose="auto", epochs whose progress bar would move fewer times than
@@ -536,15 +536,15 @@ def _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimiz
     }
 
 
-def _steps_per_execution(steps_per_epoch):
-    """Training steps that `fit` runs in one call of its compiled function.
+def steps_per_execution(steps_per_epoch, most=_MAX_STEPS_PER_EXECUTION):
+    """Training steps that `fit` runs in one call of its compiled function: at most `most`.
 
     Each call costs a fixed overhead, which dominates small networks on small
     images (ResNet20 on the 8x8 digits). The number divides `steps_per_epoch`:
     Keras runs whole executions, and one that crossed an epoch's end would move
     the epochs' boundaries, and with them the checkpoints and resuming.
     """
-    return max(steps for steps in range(1, min(steps_per_epoch, _MAX_STEPS_PER_EXECUTION) + 1)
+    return max(steps for steps in range(1, min(steps_per_epoch, most) + 1)
                if steps_per_epoch % steps == 0)
 
 
@@ -639,7 +639,7 @@ def _model(plan, output_dir, resume, strategy):
                 metrics=["accuracy"], jit_compile=False,
                 # Keras 3.15's multi-step loop fails under MirroredStrategy ("You must
                 # feed a value for placeholder tensor ... multi_step_on_iterator").
-                steps_per_execution=(_steps_per_execution(plan.steps_per_epoch)
+                steps_per_execution=(steps_per_execution(plan.steps_per_epoch)
                                      if strategy.num_replicas_in_sync == 1 else 1))
     _distribute(network, strategy)
     return network

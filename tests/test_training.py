@@ -161,11 +161,11 @@ def test_batch_statistics_accuracy_uses_each_batch_and_restores_the_moving_stati
 
 def test_steps_per_execution_is_the_largest_divisor_of_the_epoch_up_to_the_cap():
     cap = training._MAX_STEPS_PER_EXECUTION
-    assert training._steps_per_execution(cap) == cap
-    assert training._steps_per_execution(2 * cap) == cap
-    assert training._steps_per_execution(7) == 7
-    assert training._steps_per_execution(3 * 19 * 37) == 19  # 2,109 steps: 19 divides, 20 not
-    assert training._steps_per_execution(23) == 1  # a prime past the cap
+    assert training.steps_per_execution(cap) == cap
+    assert training.steps_per_execution(2 * cap) == cap
+    assert training.steps_per_execution(7) == 7
+    assert training.steps_per_execution(3 * 19 * 37) == 19  # 2,109 steps: 19 divides, 20 not
+    assert training.steps_per_execution(23) == 1  # a prime past the cap
 
 
 def test_plan_settles_data_and_steps_before_anything_is_built():
@@ -209,7 +209,7 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     steps = int(after_epoch_1.optimizer.iterations.numpy())
     assert steps == _fit_steps()
     # Several steps per call of fit's compiled function, ending at the epoch's end.
-    assert after_epoch_1.steps_per_execution == training._steps_per_execution(steps) > 1
+    assert after_epoch_1.steps_per_execution == training.steps_per_execution(steps) > 1
     assert any(np.abs(v.numpy()).sum() > 0 for v in after_epoch_1.optimizer.variables
                if "momentum" in v.path)
 
