@@ -7,10 +7,23 @@ is enough for timing) and timed with `ai_edge_litert` at batch 1 with XNNPACK,
 LiteRT's default CPU delegate, on 1 and 2 threads. Every ratio is the median
 latency over that of the 1x baseline of the same network, quantization and
 thread count, measured in the same run. A network's variants are timed in
-turn, in rounds, so that background load falls on all of them alike.
+turn, in rounds, so that background load falls on all of them alike, and in a
+process of their own: a process that has just run TensorFlow's converter can
+slow LiteRT's invokes three- to fourfold. Each figure is the median wall time
+of an invoke; beside it stands the invoking thread's CPU time (on one thread,
+the work itself, less of the machine's other load), the file's op count and
+the multiply-add ratio, the speed-up that equally efficient kernels would give.
+
+`--profile` shows where the time goes: it also exports every variant's float32
+model cut after each stage (the layers before each change of the image size,
+and the whole model), times those prefixes the same way, and prints each
+stage's share of the time, its ops and its multiply-adds against the
+baseline's. (LiteRT's Python API has no per-op profiler; stages are the
+finest cut whose differences stand out of the timing noise.)
 
     python benchmarks/tflite_latency.py            # everything (tens of minutes)
     python benchmarks/tflite_latency.py --quick    # ResNet20 and MobileNetV2 0.5, s=8, few repeats
+    python benchmarks/tflite_latency.py --networks ResNet20 --profile
 
 Writes a JSON file (default benchmarks/results/tflite_latency.json) and a
 markdown table next to it (.md).
@@ -21,6 +34,8 @@ import collections
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 
 import ai_edge_litert
@@ -28,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mgconv import count_multiply_adds, models
-from keras_mgconv.export import export_tflite, measure_latency
+from keras_mgconv.export import export_tflite
 
 # name: (factory, input shape, classes, factory arguments)
 NETWORKS = {
@@ -57,49 +72,107 @@ def export(model, images, directory, label):
     for name, quantization in QUANTIZATIONS.items():
         report = export_tflite(model, os.path.join(directory, f"{label}.{name}.tflite"),
                                quantization, representative_data=images)
-        result[name] = {"path": report.path, "size_bytes": report.size_bytes}
+        result[name] = {"path": report.path, "size_bytes": report.size_bytes,
+                        "ops": sum(report.op_counts.values())}
     return result
 
 
-def time_interleaved(rows, repeats, warmup, rounds):
-    """Adds "latency" to every row's quantizations, the variants timed in turn.
+def time_in_child(paths, threads, repeats, warmup, rounds):
+    """`litert_timing.time_files` in a fresh Python process, apart from the exports."""
+    request = json.dumps({"paths": paths, "threads": list(threads), "repeats": repeats,
+                          "warmup": warmup, "rounds": rounds})
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "litert_timing.py")
+    done = subprocess.run([sys.executable, script, request],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"The timing process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    Each round times every file for `repeats // rounds` invokes, so that a
-    change of background load over the run affects all variants alike; a
-    figure is the median over rounds of the rounds' medians (and p90s).
-    """
-    samples = collections.defaultdict(list)
-    for _ in range(rounds):
-        for index, row in enumerate(rows):
-            for name in QUANTIZATIONS:
-                samples[index, name].append(measure_latency(
-                    row[name]["path"], threads=THREADS, xnnpack=(True,),
-                    repeats=max(1, repeats // rounds), warmup=warmup))
-    for index, row in enumerate(rows):
+
+def time_interleaved(rows, repeats, warmup, rounds):
+    """Adds "latency" to every row's quantizations, timed in a process of their own."""
+    paths = [row[name]["path"] for row in rows for name in QUANTIZATIONS]
+    timings = time_in_child(paths, THREADS, repeats, warmup, rounds)
+    for row in rows:
         for name in QUANTIZATIONS:
-            per_round = samples[index, name]
-            row[name]["latency"] = [
-                {"threads": threads,
-                 "median_ms": float(np.median([r[i]["median_ms"] for r in per_round])),
-                 "p90_ms": float(np.median([r[i]["p90_ms"] for r in per_round]))}
-                for i, threads in enumerate(THREADS)]
+            row[name]["latency"] = timings[row[name]["path"]]
+
+
+def stage_ends(model):
+    """The layers after which the image size changes, and the model's last layer.
+
+    Their outputs cut a network into its stem, stages and head.
+    """
+    from keras_mgconv._keras import keras
+
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+    def size(layer):
+        shape = layer.output.shape
+        return tuple(shape[1:3]) if len(shape) == 4 else None
+
+    return [layer for layer, following in zip(layers, layers[1:] + [None])
+            if following is None or size(following) != size(layer)]
+
+
+def profile(model, directory, label):
+    """Exports `model` cut after each stage: (stage names, paths, ops, multiply-adds)."""
+    from keras_mgconv._keras import keras
+
+    names, paths, ops, macs = [], [], [], []
+    for index, layer in enumerate(stage_ends(model)):
+        prefix = keras.Model(model.inputs, layer.output)
+        path = os.path.join(directory, f"{label}.stage{index}.tflite")
+        report = export_tflite(prefix, path)
+        names.append(layer.name)
+        paths.append(path)
+        ops.append(sum(report.op_counts.values()))
+        macs.append(count_multiply_adds(prefix))
+    return names, paths, ops, macs
+
+
+def profile_table(network, rows, threads):
+    """Each stage's time (differences of the prefixes' times), ops and MACs against the baseline's."""
+    baseline = rows[0]
+    lines = [f"#### {network}: where the float32 time goes ({threads} thread, "
+             "stage by stage, ms and ratio to the baseline's stage)", "",
+             "| variant | " + " | ".join(f"stage {i}" for i in range(len(baseline["stages"])))
+             + " |", "|---|" + "---:|" * len(baseline["stages"])]
+
+    def stage_figures(row):
+        times = [timing[0]["cpu_ms"] for timing in row["stage_latency"]]
+        return ([b - a for a, b in zip([0.0] + times, times)],
+                [b - a for a, b in zip([0] + row["stage_ops"], row["stage_ops"])],
+                [b - a for a, b in zip([0] + row["stage_macs"], row["stage_macs"])])
+
+    reference = stage_figures(baseline)
+    for row in rows:
+        if len(row["stages"]) != len(baseline["stages"]):
+            continue
+        figures = stage_figures(row)
+        cells = [f"{t:.3f} ms ({t / bt:.2f}), {o} ops, MACs {m / bm:.2f}"
+                 for t, o, m, bt, bm in zip(*figures, reference[0], reference[2])]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows):
-    header = ["network", "variant", "params", "MACs"]
+    header = ["network", "variant", "params", "MACs (ratio)", "ops"]
     for name in QUANTIZATIONS:
         header.append(f"{name} MB")
-        header += [f"{name} {threads} thread{'s' * (threads > 1)} ms (ratio)"
+        header += [f"{name} {threads} thread{'s' * (threads > 1)} ms (ratio; CPU-time ratio)"
                    for threads in THREADS]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for row in rows:
         cells = [row["network"], row["variant"], f"{row['params'] / 1e6:.2f}M",
-                 f"{row['multiply_adds'] / 1e6:.1f}M"]
+                 f"{row['multiply_adds'] / 1e6:.1f}M ({row['multiply_add_ratio']:.2f})",
+                 str(row["float32"]["ops"])]
         for name in QUANTIZATIONS:
             cells.append(f"{row[name]['size_bytes'] / 2**20:.2f}")
-            cells += [f"{timing['median_ms']:.2f} ({ratio:.2f})"
-                      for timing, ratio in zip(row[name]["latency"], row[name]["ratios"])]
+            cells += [f"{timing['median_ms']:.2f} ({ratio:.2f}; {cpu_ratio:.2f})"
+                      for timing, ratio, cpu_ratio in zip(
+                          row[name]["latency"], row[name]["ratios"], row[name]["cpu_ratios"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -120,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="defaults for a check that the script works: ResNet20 and "
                              "MobileNetV2 0.5, group size 8, 5 repeats after 1 warm-up")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time every variant stage by stage (float32, 1 thread)")
     parser.add_argument("--output", default=os.path.join(
         os.path.dirname(__file__), "results", "tflite_latency.json"))
     args = parser.parse_args(argv)
@@ -132,7 +207,7 @@ def main(argv=None):
             setattr(args, name, value)
 
     rng = np.random.default_rng(0)
-    rows = []
+    rows, profiles = [], []
     with tempfile.TemporaryDirectory() as directory:
         for network in args.networks:
             factory, input_shape, classes, arguments = NETWORKS[network]
@@ -144,20 +219,34 @@ def main(argv=None):
                 network_rows.append({
                     "network": network, "variant": variant, **variant_arguments,
                     **export(model, images, directory, f"{network}-{len(network_rows)}")})
+                if args.profile:
+                    row = network_rows[-1]
+                    row["stages"], row["stage_paths"], row["stage_ops"], row["stage_macs"] = (
+                        profile(model, directory, f"{network}-{len(network_rows)}"))
             time_interleaved(network_rows, args.repeats, args.warmup, args.rounds)
             baseline = network_rows[0]
             for row in network_rows:
+                row["multiply_add_ratio"] = row["multiply_adds"] / baseline["multiply_adds"]
                 for name in QUANTIZATIONS:
                     del row[name]["path"]
-                    row[name]["ratios"] = [
-                        timing["median_ms"] / reference["median_ms"]
-                        for timing, reference in zip(row[name]["latency"],
-                                                     baseline[name]["latency"])]
+                    row[name]["ratios"], row[name]["cpu_ratios"] = (
+                        [timing[key] / reference[key] for timing, reference in zip(
+                            row[name]["latency"], baseline[name]["latency"])]
+                        for key in ("median_ms", "cpu_ms"))
             rows += network_rows
             print("\n".join(markdown(network_rows).splitlines()[2:]), flush=True)
+            if args.profile:
+                timings = time_in_child(
+                    [path for row in network_rows for path in row["stage_paths"]], (1,),
+                    args.repeats, args.warmup, args.rounds)
+                for row in network_rows:
+                    row["stage_latency"] = [timings[path] for path in row.pop("stage_paths")]
+                profiles.append(profile_table(network, network_rows, 1))
+                print(profiles[-1], flush=True)
 
     results = {
         "settings": {"batch_size": 1, "xnnpack": True, "threads": list(THREADS),
+                     "timed": "in a process of its own, wall and invoking-thread CPU time",
                      "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
                      "group_sizes": args.group_sizes},
         "environment": {"machine": platform.machine(), "processor": platform.processor(),
@@ -169,7 +258,7 @@ def main(argv=None):
     with open(args.output, "w") as file:
         json.dump(results, file, indent=2)
         file.write("\n")
-    table = markdown(rows)
+    table = "\n".join([markdown(rows), *profiles])
     with open(os.path.splitext(args.output)[0] + ".md", "w") as file:
         file.write(table)
     print(table)

@@ -24,6 +24,15 @@ perfectly efficient kernels would give.
     python benchmarks/train_speed.py --intra-op-threads 1   # one thread per op
     python benchmarks/train_speed.py --backend jax    # Keras 3 on JAX (or torch)
     python benchmarks/train_speed.py --keras-first    # `import keras` before keras_mgconv
+    python benchmarks/train_speed.py --only ResNet20 --profile   # where the time goes
+
+Beside the ratios stand the ops of each forward pass (TensorFlow: the traced
+graph's computing ops, without variable reads, constants and identities).
+`--profile` (TensorFlow) runs a few more steps of every row under
+TensorFlow's profiler and prints the ops that take the most time, summed over
+the threads that ran them, by kind: the role of the layer they belong to (a
+V-cycle's restriction, prolongation, smoother, coarsest level or connector, or
+anything else) and the TensorFlow op, forward and gradient apart.
 
 `--backend` chooses Keras 3's backend (KERAS_BACKEND) for the whole run, before
 Keras is imported; results then go to train_speed_<backend>.json unless
@@ -137,7 +146,7 @@ def _batch(group, batch_size, model):
     return inputs, targets
 
 
-def time_group(group, names, batch_size, repeats, warmup):
+def time_group(group, names, batch_size, repeats, warmup, profile=False):
     """Median step times of the group's baseline and of its rows named in `names`."""
     entries = [group["baseline"], *[row for row in group["rows"] if row[0] in names]]
     compiled = [_compiled(build, group["loss"]) for _, build in entries]
@@ -159,6 +168,8 @@ def time_group(group, names, batch_size, repeats, warmup):
         "train_step_s": statistics.median(model_times),
         "train_step_cpu_s": statistics.median(model_cpu_times),
         "train_step_times_s": model_times,
+        "forward_ops": forward_ops(model, group["input_shape"]),
+        **({"profile": op_profile(model, inputs, targets)} if profile else {}),
     } for model, model_times, model_cpu_times in zip(compiled, times, cpu_times)]
     baseline = figures[0]
     rows = []
@@ -171,11 +182,85 @@ def time_group(group, names, batch_size, repeats, warmup):
     return rows
 
 
+# Ops that compute nothing: variable reads, constants, identities, placeholders.
+_BOOKKEEPING_OPS = {"Const", "Identity", "ReadVariableOp", "NoOp", "Placeholder",
+                    "VarHandleOp", "IdentityN", "StopGradient"}
+_ROLES = ("restriction", "prolongation", "smoother", "coarsest", "connector")
+
+
+def forward_ops(model, input_shape):
+    """The computing ops of one forward pass in training mode (TensorFlow), or None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(
+        tf.TensorSpec((None, *input_shape), tf.float32)).graph
+    return sum(op.type not in _BOOKKEEPING_OPS for op in graph.get_operations())
+
+
+def op_profile(model, inputs, targets, steps=3, top=8):
+    """The kinds of op that take the most time in `steps` training steps (TensorFlow).
+
+    Returns:
+        [(kind, ms per step, share of all op time)], longest first, `top` of them;
+        a kind is "role op-type", with "gradient" before it for backward ops.
+    """
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with tempfile.TemporaryDirectory() as directory:
+        tf.profiler.experimental.start(directory)
+        for _ in range(steps):
+            model.train_on_batch(inputs, targets)
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0], "rb") as file:
+            space.ParseFromString(file.read())
+    totals = {}
+    for plane in space.planes:
+        names = {key: value.name for key, value in plane.event_metadata.items()}
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                # "path:OpType" are ops; "ExecutorState::Process" and the
+                # like are the executor's spans around them.
+                if ":" not in name or "::" in name:
+                    continue
+                path, op_type = name.rsplit(":", 1)
+                if op_type in _BOOKKEEPING_OPS:
+                    continue
+                role = next((role for role in _ROLES if role in path), "other")
+                kind = f"{'gradient ' if 'gradient' in path else ''}{role} {op_type}"
+                totals[kind] = totals.get(kind, 0) + event.duration_ps
+    everything = sum(totals.values()) or 1
+    return [(kind, duration / 1e9 / steps, duration / everything)
+            for kind, duration in sorted(totals.items(), key=lambda item: -item[1])[:top]]
+
+
+def profile_lines(rows):
+    lines = []
+    for row in rows:
+        for side in ("multigrid", "baseline"):
+            if "profile" not in row[side]:
+                continue
+            name = row["name"] if side == "multigrid" else f"{row['name']} baseline"
+            lines.append(f"- {name}: " + "; ".join(
+                f"{kind} {ms:.1f} ms ({100 * share:.0f}%)"
+                for kind, ms, share in row[side]["profile"]))
+    return "\n".join(lines)
+
+
 def markdown_table(rows):
     lines = [
         "| row | multigrid ms | baseline ms | time ratio | CPU-time ratio "
-        "| multiply-add ratio | params ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| multiply-add ratio | params ratio | forward ops (baseline) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
@@ -183,7 +268,8 @@ def markdown_table(rows):
             f"| {row['baseline']['train_step_s'] * 1e3:.1f} ({row['baseline_name']}) "
             f"| {row['train_step_s_ratio']:.2f} | {row['train_step_cpu_s_ratio']:.2f} "
             f"| {row['multiply_adds_ratio']:.3f} "
-            f"| {row['params_ratio']:.3f} |")
+            f"| {row['params_ratio']:.3f} "
+            f"| {row['multigrid']['forward_ops']} ({row['baseline']['forward_ops']}) |")
     return "\n".join(lines)
 
 
@@ -221,6 +307,8 @@ def main(argv=None):
                         help="Keras 3's backend for the whole run (default: tensorflow)")
     parser.add_argument("--keras-first", action="store_true",
                         help="import Keras before keras_mgconv (read before any import)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the kinds of op that take the most time (TensorFlow)")
     parser.add_argument("--output", help=(
         "JSON file, the markdown table beside it with the suffix .md (default: "
         "results/train_speed.json, or train_speed_<backend>.json for another backend)"))
@@ -239,6 +327,8 @@ def main(argv=None):
 
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    elif args.profile:
+        parser.error(f"--profile reads TensorFlow's profiler. Received: --backend {args.backend}.")
     elif args.intra_op_threads or args.inter_op_threads:
         parser.error("--intra-op-threads and --inter-op-threads set TensorFlow's thread "
                      f"pools; Received: --backend {args.backend}.")
@@ -249,7 +339,7 @@ def main(argv=None):
             re.search(pattern, name, re.IGNORECASE) for pattern in args.only)]
         if not names:
             continue
-        for row in time_group(group, names, args.batch_size, repeats, warmup):
+        for row in time_group(group, names, args.batch_size, repeats, warmup, args.profile):
             rows.append(row)
             print(f"{row['name']}: {row['multigrid']['train_step_s'] * 1e3:.1f} ms vs "
                   f"{row['baseline']['train_step_s'] * 1e3:.1f} ms "
@@ -284,6 +374,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
+    profiles = profile_lines(rows)
+    if profiles:
+        table += "\n\nWhere the time goes (op time summed over threads, per step):\n\n" + profiles
     with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
         f.write(f"{header}\n\n{table}\n")
     print(f"\n{header}\n\n{table}\n\nwrote {args.output}")
