@@ -240,11 +240,19 @@ def test_regularizers_reach_every_kernel():
     ({"filters": 32, "kernel_size": None}, "kernel_size=None"),
     ({"filters": 32, "data_format": "channels_first"}, "data_format='channels_first'"),
     ({"filters": 32, "implementation": "xla"}, "implementation='xla'"),
+    ({"filters": 32, "dilation_rate": 2}, "does not support dilated.*dilation_rate=2"),
+    ({"filters": 32, "groups": 4}, "pass `group_size`.*groups=4"),
 ])
 def test_rejects_bad_arguments_at_construction(kwargs, message):
     kwargs.setdefault("kernel_size", 3)
     with pytest.raises(ValueError, match=message):
         keras_mgconv.MultigridConv2D(**kwargs)
+
+
+def test_conv2d_defaults_of_dilation_and_groups_are_accepted():
+    """Code written for Conv2D may pass them at the values that change nothing."""
+    layer = keras_mgconv.MultigridConv2D(32, 3, dilation_rate=(1, 1), groups=1)
+    assert layer.levels == (32, 16)
 
 
 def test_channels_first_default_is_rejected_at_construction():

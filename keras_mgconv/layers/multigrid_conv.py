@@ -62,6 +62,26 @@ def level_widths(filters, group_size=16, coarsest_channels=None):
     return tuple(widths)
 
 
+def _refuse_dilation_and_groups(kwargs):
+    """Takes Conv2D's `dilation_rate` and `groups` out of `kwargs`: at 1 they change nothing.
+
+    Other values are refused with what to do instead, where Keras would only
+    call them unrecognized.
+    """
+    dilation_rate = kwargs.pop("dilation_rate", 1)
+    if dilation_rate not in (1, (1, 1), [1, 1]):
+        raise ValueError(
+            "MultigridConv2D does not support dilated convolutions: its levels "
+            "convolve with `kernel_size` undilated. Use keras.layers.Conv2D for a "
+            f"dilated layer. Received: dilation_rate={dilation_rate!r}.")
+    groups = kwargs.pop("groups", 1)
+    if groups != 1:
+        raise ValueError(
+            "MultigridConv2D chooses its groups itself: pass `group_size` (channels "
+            "per group of its grouped convolutions, default 16), not `groups`. "
+            f"Received: groups={groups!r}.")
+
+
 def connector_groups(input_channels, filters, group_size):
     """The groups of a connector from `input_channels` to `filters` channels.
 
@@ -176,6 +196,7 @@ class MultigridConv2D(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None,
                  kernel_constraint=None, bias_constraint=None, group_size=16,
                  coarsest_channels=None, implementation="auto", **kwargs):
+        _refuse_dilation_and_groups(kwargs)
         super().__init__(**kwargs)
         self.filters = _arguments.positive_int("filters", filters)
         self.kernel_size = _arguments.pair("kernel_size", kernel_size)
