@@ -27,9 +27,10 @@ else:
 
 # Every class the package can write into a saved model, registered here so
 # that saved models load wherever Keras is: the layers (keras_mgconv.layers)
-# and the model the factories return (keras_mgconv.batch_norm). Last, because
+# the model the factories return (keras_mgconv.batch_norm) and the learning-rate
+# schedule `train` saves with its optimizer (keras_mgconv.schedules). Last, because
 # they import `keras` from here.
-SAVED_CLASS_MODULES = ("keras_mgconv.layers", "keras_mgconv.batch_norm")
+SAVED_CLASS_MODULES = ("keras_mgconv.layers", "keras_mgconv.batch_norm", "keras_mgconv.schedules")
 for _module in SAVED_CLASS_MODULES:
     importlib.import_module(_module)
 

@@ -120,6 +120,7 @@ def _train(args):
         output_dir=output_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
         strategy=args.strategy, batch_norm_momentum=args.batch_norm_momentum,
         validation_fraction=args.validation_fraction, seed=args.seed,
+        warmup_epochs=args.warmup_epochs,
         overwrite=args.overwrite)
     print(f"{summary['model']} ({_DESIGN_NAMES[summary['multigrid']]}) on {summary['dataset']}: "
           f"{summary['parameters']:,} parameters, {summary['multiply_adds']:,} multiply-adds "
@@ -129,6 +130,11 @@ def _train(args):
           f"the best.keras selected on the validation split ({summary['selected_by']}: "
           f"accuracy {summary['best_validation_accuracy']:.4f}). "
           f"{summary['train_time']:.1f} s of training. Written to {output_dir}")
+    if not summary["learned"]:
+        print(f"keras-mgconv train: warning: the training accuracy ended at "
+              f"{summary['final_train_accuracy']:.3f}, near chance ({1 / summary['num_classes']:.3f}): "
+              f"the network did not learn. Try a lower --learning-rate or more "
+              f"--warmup-epochs.", file=sys.stderr)
 
 
 def _evaluate(args):
@@ -250,6 +256,9 @@ def _parser():
     train.add_argument("--batch-size", type=int, default=64, help="global batch size")
     train.add_argument("--learning-rate", type=float, default=0.1)
     train.add_argument("--schedule", default="cosine", help="cosine, step or constant")
+    train.add_argument("--warmup-epochs", type=int, default=None,
+                       help="epochs of linear learning-rate warm-up first (default 2, at most "
+                            "a fifth of --epochs; 0: none)")
     train.add_argument("--optimizer", default="sgd", help="sgd (Nesterov), adam or adamw")
     train.add_argument("--momentum", type=float, default=0.9)
     train.add_argument("--weight-decay", type=float, default=5e-4)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from keras_mgconv import cli
+from keras_mgconv import cli, training
 
 
 def test_summary_reports_levels_and_parameters(capsys):
@@ -322,3 +322,17 @@ def test_sigterm_unwinds_train_releases_its_lock_and_exits_143(monkeypatch, caps
         "keras-mgconv train: terminated (SIGTERM). Run the same command again to resume "
         "from the last completed epoch.\n")
     assert not lock.exists()
+
+
+def test_train_says_when_the_network_did_not_learn(monkeypatch, capsys):
+    # The block design at SGD's 0.1 once ended at 0.19 training accuracy and
+    # was reported as a normal result.
+    summary = {"model": "ResNet20", "multigrid": "block", "dataset": "digits",
+               "parameters": 1, "multiply_adds": 1, "final_test_accuracy": 0.19,
+               "final_test_accuracy_batch_statistics": 0.19, "selected_test_accuracy": 0.19,
+               "selected_epoch": 1, "selected_by": "validation", "best_validation_accuracy": 0.2,
+               "train_time": 1.0, "num_classes": 10, "final_train_accuracy": 0.19,
+               "learned": False}
+    monkeypatch.setattr(training, "train", lambda **kwargs: summary)
+    assert cli.main(["train", "--design", "block", "--output-dir", "unused"]) == 0
+    assert "near chance (0.100): the network did not learn" in capsys.readouterr().err

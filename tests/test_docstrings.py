@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 import keras_mgconv
-from keras_mgconv import _keras, batch_norm, complexity, data, export, optimization, training
+from keras_mgconv import (_keras, batch_norm, complexity, data, export, optimization, schedules,
+                          training)
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import channel_transfer, grouped_conv, multigrid_conv
 from keras_mgconv.models import mobilenet_v2, multigrid_block, resnet
 
 MODULES = [grouped_conv, channel_transfer, multigrid_conv, complexity, resnet, mobilenet_v2,
-           multigrid_block, batch_norm, data, training, export]
+           multigrid_block, batch_norm, data, training, export, schedules]
 # tfmot's helpers run only under tf_keras, where test_optimization.py runs this
 # file's test of them in a subprocess.
 if _keras.USE_LEGACY_KERAS:

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_mgconv import cli, data, models, training
 from keras_mgconv._keras import keras
+from keras_mgconv.schedules import LinearWarmup
 
 from float32_rounding import UNIT_ROUNDOFF
 
@@ -189,7 +190,9 @@ class _Interrupt(Exception):
 
 
 def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
-    args = dict(epochs=2, width=0.5, verbose=0)
+    # Stopped after the learning rate's warm-up epoch: the schedule is saved
+    # with the optimizer, and the resumed run goes on into its cosine decay.
+    args = dict(epochs=2, width=0.5, verbose=0, warmup_epochs=1)
     uninterrupted = training.train(output_dir=str(tmp_path / "whole"), **args)
 
     output_dir = str(tmp_path / "resumed")
@@ -212,6 +215,8 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     assert after_epoch_1.steps_per_execution == training.steps_per_execution(steps) > 1
     assert any(np.abs(v.numpy()).sum() > 0 for v in after_epoch_1.optimizer.variables
                if "momentum" in v.path)
+    schedule = after_epoch_1.optimizer._learning_rate
+    assert isinstance(schedule, LinearWarmup) and schedule.warmup_steps == steps
 
     resumed = training.train(output_dir=output_dir, **args)
     assert [int(row["epoch"]) for row in _history(output_dir)] == [0, 1]
