@@ -164,15 +164,22 @@ def _export(args):
     from keras_mgconv.layers import _arguments
 
     _arguments.positive_int("samples", args.samples)
+    if args.image_size is not None:
+        _arguments.positive_int("image_size", args.image_size)
     model = training.load_model(args.model, "model")
+    image_shape = model.input_shape[1:]
+    if args.image_size is not None:
+        image_shape = (args.image_size, args.image_size, image_shape[-1])
     representative = verification = None
     if args.dataset is not None:
         info = data.image_dataset_info(args.dataset, args.data_dir, args.manual_dir)
 
         def first_images(split):
+            # Not cached: one batch is read, and a partly read cache warns.
             return data.image_pipeline(
-                args.dataset, split, args.samples, image_shape=model.input_shape[1:],
-                data_dir=args.data_dir, manual_dir=args.manual_dir).take(1)
+                args.dataset, split, args.samples,
+                image_shape=None if None in image_shape else image_shape,
+                data_dir=args.data_dir, manual_dir=args.manual_dir, cache=False).take(1)
 
         representative = first_images(info.train_split)
         verification = first_images(info.test_split)
@@ -181,7 +188,8 @@ def _export(args):
     report = export_tflite(
         model, output, None if args.quantization == "float32" else args.quantization,
         representative_data=representative, verification_data=verification,
-        integer_io=args.integer_io, lowering=args.lowering, allow_flex_ops=args.allow_flex_ops)
+        integer_io=args.integer_io, lowering=args.lowering, allow_flex_ops=args.allow_flex_ops,
+        input_shape=None if args.image_size is None else image_shape)
     print(report)
 
 
@@ -216,6 +224,9 @@ def _add_export_commands(commands):
                         help="with int8: int8 inputs and outputs instead of float32")
     export.add_argument("--allow-flex-ops", action="store_true",
                         help="allow TensorFlow (Flex) ops where TFLite has no builtin")
+    export.add_argument("--image-size", type=int, default=None,
+                        help="for a model that takes images of any size: the square size "
+                             "to convert it for (default: the dataset's)")
     export.set_defaults(run=_export)
     benchmark = commands.add_parser(
         "benchmark", help="LiteRT latency of a .tflite model, XNNPACK on and off")

@@ -32,6 +32,7 @@ from ai_edge_litert.tools import flatbuffer_utils
 # tf.lite does not export the error its converter raises.
 from tensorflow.lite.python.convert_phase import ConverterError
 
+from keras_mgconv import _tensorflow_logs
 from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
@@ -97,6 +98,14 @@ class ExportReport:
             runtime runs the model without the Flex (TF Select) delegate.
         verification: a `Verification`, or None where the model has ops
             ai_edge_litert cannot run (Flex ops).
+        input_shape: the input shape the file was converted for, batch
+            size (1) first.
+        keras_input_shape: the Keras model's input shape, None where it takes
+            any size.
+        converted_from: "float32" where the model computes in float32;
+            otherwise the dtype policy it computes in (e.g. "mixed_float16"):
+            the file was converted from a float32 copy of it (same weights),
+            which the verification compares with.
     """
 
     path: str
@@ -108,6 +117,9 @@ class ExportReport:
     op_counts: dict
     builtin_only: bool
     verification: Verification | None
+    input_shape: tuple = ()
+    keras_input_shape: tuple = ()
+    converted_from: str = "float32"
 
     def to_dict(self):
         """The report as a dict of plain values, for JSON."""
@@ -122,6 +134,12 @@ class ExportReport:
             f"{self.lowering} lowering",
             f"ops ({sum(self.op_counts.values())}, {kind}): {ops}",
         ]
+        if None in self.keras_input_shape[1:]:
+            lines.append(f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
+                         f"the Keras model takes {tuple(self.keras_input_shape[1:])}")
+        if self.converted_from != "float32":
+            lines.append(f"converted from a float32 copy (same weights) of the "
+                         f"{self.converted_from} model")
         check = self.verification
         if check is None:
             lines.append("not verified: ai_edge_litert cannot run Flex ops")
@@ -224,29 +242,44 @@ def _check_representative(model, images):
             f"Received: representative_data of shape {images.shape}.")
 
 
-def _lowered(model, lowering):
-    """`model`, with every keras_mgconv grouped convolution computed the `lowering` way.
+def _layers(model):
+    """Every layer of `model`, those of nested models included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+
+
+def _compute_policies(model):
+    """The dtype policies other than float32 that `model`'s layers compute in."""
+    return sorted({layer.dtype_policy.name for layer in _layers(model)
+                   if layer.compute_dtype != "float32"})
+
+
+def _export_copy(model, lowering):
+    """`model` as it is converted: in float32, its grouped convolutions computed the `lowering` way.
 
     How a layer computes its grouped convolutions is a constructor argument
-    (`implementation`), so a model whose layers would compute them otherwise is
-    rebuilt from its config with that argument replaced, and given the same
-    weights.
+    (`implementation`), and so is its dtype policy: a model whose layers
+    would compute otherwise (or in float16: mixed precision, whose float16
+    convolutions TFLite has no builtin kernels for) is rebuilt from its config
+    with those arguments replaced, and given the same weights.
     """
     grouped = (MultigridConv2D, GroupedConvBase)
 
-    def differs(layers):
-        return any((isinstance(layer, keras.Model) and differs(layer.layers))
-                   or (isinstance(layer, grouped) and lowering != resolve_implementation(
-                       layer.implementation, layer.compute_dtype))
-                   for layer in layers)
+    def differs(layer):
+        return layer.compute_dtype != "float32" or (isinstance(layer, grouped) and (
+            lowering != resolve_implementation(layer.implementation, layer.compute_dtype)))
 
-    if not differs(model.layers):
+    if not any(differs(layer) for layer in _layers(model)):
         return model
 
     def clone(layer):
         config = layer.get_config()
         if isinstance(layer, grouped):
             config["implementation"] = lowering
+        if layer.compute_dtype != "float32":
+            config["dtype"] = "float32"
         return layer.__class__.from_config(config)
 
     rebuilt = keras.models.clone_model(model, clone_function=clone, recursive=True)
@@ -257,6 +290,79 @@ def _lowered(model, lowering):
         model.save_weights(weights)
         rebuilt.load_weights(weights)
     return rebuilt
+
+
+def _input_shape_argument(input_shape, model_shape):
+    """`input_shape` (without the batch size) as a tuple that fits `model_shape`, or raises."""
+    try:
+        shape = tuple(input_shape)
+        valid = all(isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+                    and size > 0 for size in shape)
+    except TypeError:
+        valid = False
+    if (not valid or len(shape) != len(model_shape)
+            or any(size not in (None, actual) for size, actual in zip(model_shape, shape))):
+        raise ValueError(
+            f"`input_shape` must be the shape of one input, without the batch size, that "
+            f"the model takes: positive integers matching {model_shape}. "
+            f"Received: input_shape={input_shape!r}.")
+    return tuple(int(size) for size in shape)
+
+
+def _export_input_shape(model, input_shape, arrays):
+    """The input shape (without the batch size) that `model` is converted for.
+
+    A LiteRT file is converted for one input size, where its delegates plan
+    their work (XNNPACK could not run a file converted for the placeholder
+    size of 1 with "valid" convolutions). A model that takes any size is
+    exported for `input_shape`, else for the size of the data given, which it
+    is then verified on.
+    """
+    model_shape = tuple(model.inputs[0].shape[1:])
+    if input_shape is not None:
+        shape = _input_shape_argument(input_shape, model_shape)
+    elif None not in model_shape:
+        shape = model_shape
+    elif arrays:
+        shape = next(iter(arrays.values())).shape[1:]
+    else:
+        raise ValueError(
+            f"`model` takes inputs of any size {model_shape}, and a LiteRT file is "
+            f"converted for one: pass input_shape=(height, width, channels), or "
+            f"`verification_data` or `representative_data` of the size to export for "
+            f"(in the CLI: --image-size or --dataset). Received: input_shape=None.")
+    for name, images in arrays.items():
+        if images.shape[1:] != shape:
+            raise ValueError(
+                f"`{name}` must hold inputs of the shape the model is exported for, "
+                f"{shape}. Received: {name} of shape {images.shape}.")
+    return shape
+
+
+def _fixed_size(model, shape):
+    """`model` on an input of `shape`, sharing its layers and weights."""
+    if tuple(model.inputs[0].shape[1:]) == shape:
+        return model
+    inputs = keras.Input(shape, dtype=model.inputs[0].dtype)
+    return keras.Model(inputs, model(inputs), name=model.name)
+
+
+# What the converter and LiteRT print bare to descriptor 2, besides their
+# absl-formatted info and warning records.
+_BARE_CHATTER = ("fully_quantize: ", "INFO: Created TensorFlow Lite XNNPACK delegate")
+
+
+def _converter_chatter(record):
+    """The converter's and LiteRT's own log lines: their info and warning records.
+
+    About 20 lines a conversion ("Reading SavedModel", "Ignored output_format",
+    "fully_quantize: 0, ...") and LiteRT's "Created TensorFlow Lite XNNPACK
+    delegate", logged from C++, which no Python setting silences once
+    TensorFlow has started. Errors, and everything else written meanwhile,
+    are kept (`_tensorflow_logs.hidden`).
+    """
+    # absl's header and info and warning records, as TensorFlow logs at start-up.
+    return _tensorflow_logs.startup_line(record) or record.startswith(_BARE_CHATTER)
 
 
 def _converter_settings(quantization, representative_images, integer_io, allow_flex_ops):
@@ -304,9 +410,10 @@ def _inspect(content):
 def _interpreter(model_path, threads=None, xnnpack=True):
     resolver = (litert.OpResolverType.AUTO if xnnpack
                 else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter = litert.Interpreter(model_path=model_path, num_threads=threads,
-                                     experimental_op_resolver_type=resolver)
-    interpreter.allocate_tensors()
+    with _tensorflow_logs.hidden(_converter_chatter):
+        interpreter = litert.Interpreter(model_path=model_path, num_threads=threads,
+                                         experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -327,17 +434,43 @@ def _dequantize(values, details):
     return (values.astype(np.float32) - zero_point) * scale
 
 
-def _verify(model_path, model, images, data):
-    interpreter = _interpreter(model_path)
+def predict_tflite(path, images):
+    """The outputs of a `.tflite` model on `images`, run one at a time with `ai_edge_litert`.
+
+    Inputs are quantized and outputs dequantized with the file's scales and
+    zero points where they are integers (`integer_io`).
+
+    Args:
+        path: a `.tflite` file with one input and one output.
+        images: an array of inputs, batch first, of the file's input shape.
+
+    Returns:
+        A float32 NumPy array of the outputs, one row an input.
+
+    Example:
+
+    >>> from keras_mgconv.export import export_tflite, predict_tflite
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> model = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    >>> _ = export_tflite(model, tmp_dir + "/conv.tflite")
+    >>> x = np.random.rand(5, 8, 8, 3).astype("float32")
+    >>> bool(np.allclose(predict_tflite(tmp_dir + "/conv.tflite", x), model(x), atol=1e-5))
+    True
+    """
+    interpreter = _interpreter(os.fspath(path))
     input_details = interpreter.get_input_details()[0]
     output_details = interpreter.get_output_details()[0]
     outputs = []
-    for image in images:
+    for image in np.asarray(images, np.float32):
         interpreter.set_tensor(input_details["index"], _quantize(image[None], input_details))
         interpreter.invoke()
         outputs.append(_dequantize(interpreter.get_tensor(output_details["index"]),
                                    output_details)[0])
-    outputs = np.stack(outputs)
+    return np.stack(outputs)
+
+
+def _verify(model_path, model, images, data):
+    outputs = predict_tflite(model_path, images)
     # Called eagerly, not through `predict`: tracing a predict function for
     # every model exported takes longer than running a few batches. The batch is
     # packed as the model's input (a list of one where the model was built so);
@@ -348,7 +481,7 @@ def _verify(model_path, model, images, data):
         structure = None
     expected = np.concatenate([
         np.asarray(model(images[start:start + 64] if structure is None else
-                         keras.tree.pack_sequence_as(structure, [images[start:start + 64]]),
+                         tf.nest.pack_sequence_as(structure, [images[start:start + 64]]),
                          training=False))
         for start in range(0, len(images), 64)])
     max_abs_diff = float(np.max(np.abs(outputs - expected)))
@@ -362,19 +495,42 @@ def _verify(model_path, model, images, data):
     )
 
 
-def _summed_terms(model):
+def _input_in(model, layer):
+    """The input of `layer`'s call in `model`'s graph.
+
+    Not `layer.input`, which for a nested model is its own Input, whatever it
+    is called on.
+    """
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            if node.operation is layer and node.input_tensors:
+                return node.input_tensors[0]
+    return layer.input
+
+
+def _shape_at(model, tensor, input_shape):
+    """The shape of `tensor`, a tensor of `model`'s graph, where the model's input has `input_shape`."""
+    if None not in tuple(tensor.shape)[1:] or input_shape is None:
+        return tuple(tensor.shape)
+    probe = keras.Model(model.inputs, tensor)
+    return tuple(probe(keras.Input(input_shape, dtype=model.inputs[0].dtype)).shape)
+
+
+def _summed_terms(model, input_shape=None):
     """A bound on the terms that an output's sums take one after another, in `model`.
 
     Every convolution's and dense layer's products per output (for a
     MultigridConv2D, of all its convolutions, and 3 additions per level), every
     average pooling's pixels, every softmax's classes, and each layer's
     elementwise roundings, over all the layers, on the path or not. Nested
-    models are counted through.
+    models are counted through. `input_shape` (without the batch size) sizes
+    the average poolings of a model that takes inputs of any size.
     """
     total = 0
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            total += _summed_terms(layer)
+            nested_shape = _shape_at(model, _input_in(model, layer), input_shape)[1:]
+            total += _summed_terms(layer, nested_shape)
             continue
         if isinstance(layer, keras.layers.InputLayer):
             continue
@@ -387,7 +543,13 @@ def _summed_terms(model):
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense, GroupedConvBase)):
             total += math.prod(layer.kernel.shape[:-1])
         elif isinstance(layer, keras.layers.GlobalAveragePooling2D):
-            total += math.prod(layer.input.shape[1:-1])
+            pixels = _shape_at(model, _input_in(model, layer), input_shape)[1:-1]
+            if None in pixels:
+                raise ValueError(
+                    f"`model` takes inputs of any size {tuple(model.inputs[0].shape[1:])}, "
+                    f"and its sums depend on the size: pass input_shape=(height, width, "
+                    f"channels). Received: input_shape=None.")
+            total += math.prod(pixels)
         elif isinstance(layer, keras.layers.AveragePooling2D):
             total += math.prod(layer.pool_size)
         if (isinstance(layer, keras.layers.Softmax)
@@ -396,7 +558,7 @@ def _summed_terms(model):
     return total
 
 
-def float32_tolerance(model):
+def float32_tolerance(model, input_shape=None):
     """The largest relative difference a float32 export of `model` may have from it.
 
     A float32 runtime computes the model's sums in other orders than Keras
@@ -418,9 +580,16 @@ def float32_tolerance(model):
 
     Args:
         model: a built `keras.Model`.
+        input_shape: for a model that takes inputs of any size, the input
+            shape (without the batch size) it is exported for: the sums of
+            its global average poolings depend on it.
 
     Returns:
         float: `2 * K * 2**-24`.
+
+    Raises:
+        ValueError: for a model with global average pooling that takes inputs
+            of any size, without `input_shape`.
 
     Example:
 
@@ -430,14 +599,26 @@ def float32_tolerance(model):
     >>> float32_tolerance(model) == 2 * (3 * 3 * 16 + 4) * 2**-24
     True
     """
-    return 2 * _summed_terms(model) * _UNIT_ROUNDOFF
+    if input_shape is not None:
+        input_shape = _input_shape_argument(input_shape, tuple(model.inputs[0].shape[1:]))
+    return 2 * _summed_terms(model, input_shape) * _UNIT_ROUNDOFF
 
 
 def _convert(model, path, settings, name, lowering):
     """Writes `model` converted with `settings` to `path`, or says which ops TFLite lacks."""
+    failed = False
+
+    def hidden(record):
+        # A failed conversion raises what it logged: its diagnostics go too.
+        return failed or _converter_chatter(record)
+
     try:
-        with traced_implementation(lowering):
-            model.export(path, format="litert", verbose=False, **settings)
+        with traced_implementation(lowering), _tensorflow_logs.hidden(hidden):
+            try:
+                model.export(path, format="litert", verbose=False, **settings)
+            except ConverterError:
+                failed = True
+                raise
     except ConverterError as error:
         flex_ops = re.search(r"TF Select ops: (.*)", str(error))
         if flex_ops is None:
@@ -451,7 +632,7 @@ def _convert(model, path, settings, name, lowering):
 
 def export_tflite(model, path, quantization=None, representative_data=None,
                   verification_data=None, integer_io=False, lowering="grouped",
-                  allow_flex_ops=False):
+                  allow_flex_ops=False, input_shape=None):
     """Exports a Keras model to a `.tflite` file and checks it against the model.
 
     Converts through `model.export(format="litert")` (Keras' route for Keras
@@ -459,7 +640,15 @@ def export_tflite(model, path, quantization=None, representative_data=None,
     the result with `ai_edge_litert` on sample inputs, one at a time, and
     compares the outputs with the Keras model's. The file is written to a
     temporary name next to `path` and renamed when everything has succeeded:
-    a failed export leaves nothing at `path`.
+    a failed export leaves nothing at `path`. The converter's own log lines
+    are not shown.
+
+    A model that takes inputs of any size (`keras.Input((None, None, 3))`,
+    fully convolutional) is converted for one: `input_shape`, else the size
+    of `verification_data` or `representative_data`. A model that computes in
+    float16 (a `mixed_float16` policy: TFLite has no float16 convolution
+    kernels) is converted from a float32 copy with the same weights, which is
+    what the file then computes, in every `quantization`.
 
     Args:
         model: a built functional or Sequential `keras.Model` with one input
@@ -485,6 +674,9 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         allow_flex_ops: let the model use TensorFlow ops through the Flex (TF
             Select) delegate where TFLite has no builtin. Such files need a
             runtime linked with that delegate, and are not verified.
+        input_shape: for a model that takes inputs of any size, the input
+            shape to convert it for, without the batch size, e.g. (224, 224, 3).
+            Default: the data's, or the model's own where it has one.
 
     Returns:
         An `ExportReport`.
@@ -496,7 +688,9 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             `representative_data` or with `representative_data` unlike the
             inputs that the model's input Normalization layer (where it has
             one) describes, data of the wrong shape or with NaN or infinite
-            values, or a `model` that needs Flex ops without `allow_flex_ops`.
+            values, a model that takes inputs of any size with neither
+            `input_shape` nor data, or a `model` that needs Flex ops without
+            `allow_flex_ops`.
         RuntimeError: an export whose outputs, or the Keras model's, are NaN
             or infinite on the verification inputs, or a float32 export whose
             outputs differ from Keras' by more than rounding can make them
@@ -523,28 +717,37 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             f"`integer_io` needs quantization='int8': only fully quantized models have "
             f"integer inputs and outputs. Received: integer_io={integer_io!r}, "
             f"quantization={quantization!r}.")
-    input_shape = model.inputs[0].shape
+    model_shape = model.inputs[0].shape
+    arrays = {}
     if representative_data is not None:
-        representative_data = _images("representative_data", representative_data, input_shape)
+        arrays["representative_data"] = _images("representative_data", representative_data,
+                                                model_shape)
     if quantization == "int8" and representative_data is None:
         raise ValueError(
             "quantization='int8' calibrates the activations' ranges on "
             "`representative_data` (in the CLI: `--dataset`): pass a few hundred typical "
             "inputs. Received: representative_data=None.")
-    if quantization == "int8":
-        _check_representative(model, representative_data)
     if verification_data is not None:
-        images = _images("verification_data", verification_data, input_shape)
-        source = "verification_data"
-    elif representative_data is not None:
-        images, source = representative_data, "representative_data"
+        arrays["verification_data"] = _images("verification_data", verification_data,
+                                              model_shape)
+    shape = _export_input_shape(model, input_shape, arrays)
+    if quantization == "int8":
+        _check_representative(model, arrays["representative_data"])
+    if arrays:
+        source = ("verification_data" if "verification_data" in arrays
+                  else "representative_data")
+        images = arrays[source]
     else:
-        shape = tuple(size or 1 for size in input_shape[1:])
         images = np.random.default_rng(0).random((_RANDOM_EXAMPLES, *shape), np.float32)
         source = "random"
-    settings = _converter_settings(quantization, representative_data, integer_io,
-                                   allow_flex_ops)
-    exported = _lowered(model, lowering)
+    settings = _converter_settings(quantization, arrays.get("representative_data"),
+                                   integer_io, allow_flex_ops)
+    policies = _compute_policies(model)
+    copy = _export_copy(model, lowering)
+    exported = _fixed_size(copy, shape)
+    # What the file computes: the model, or its float32 copy.
+    reference = copy if policies else model
+    tolerance = float32_tolerance(_fixed_size(reference, shape))
     report = None
 
     def write(temporary):
@@ -553,22 +756,24 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         with open(temporary, "rb") as file:
             contents = _inspect(file.read())
         # ai_edge_litert has no Flex delegate: such a model cannot be run here.
-        verification = (_verify(temporary, model, images, source)
+        verification = (_verify(temporary, reference, images, source)
                         if contents["builtin_only"] else None)
         report = ExportReport(
             path=path, quantization=quantization or "float32", lowering=lowering,
-            size_bytes=os.path.getsize(temporary), verification=verification, **contents)
+            size_bytes=os.path.getsize(temporary), verification=verification,
+            input_shape=(1, *shape), keras_input_shape=tuple(model_shape),
+            converted_from="/".join(policies) or "float32", **contents)
         if verification is not None and not np.isfinite(verification.max_abs_diff):
             raise RuntimeError(
                 f"The export could not be verified: its outputs or the Keras model's "
                 f"on {verification.examples} examples ({verification.data}) are NaN or "
                 f"infinite: not written to {path}.")
         if (quantization is None and verification is not None
-                and verification.max_rel_diff > float32_tolerance(model)):
+                and verification.max_rel_diff > tolerance):
             raise RuntimeError(
                 f"The float32 export differs from the Keras model by "
                 f"{report.verification.max_rel_diff:.3g} (relative), more than float32 "
-                f"rounding can make it differ ({float32_tolerance(model):.3g}, see "
+                f"rounding can make it differ ({tolerance:.3g}, see "
                 f"`keras_mgconv.export.float32_tolerance`): not written to {path}.")
 
     atomic_write(path, write)
@@ -586,8 +791,9 @@ def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, war
 
     Args:
         path: a `.tflite` file.
-        threads: thread counts to measure.
-        xnnpack: which of True (LiteRT's default) and False to measure.
+        threads: a thread count, or a sequence of thread counts, to measure.
+        xnnpack: True (LiteRT's default), False, or a sequence of them: which
+            to measure.
         repeats: timed invokes per combination.
         warmup: untimed invokes first (XNNPACK packs weights on the first).
 
@@ -596,8 +802,9 @@ def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, war
         one per combination.
 
     Raises:
-        ValueError: for a missing file, non-positive thread counts or repeats,
-            or a negative warmup.
+        ValueError: for a missing file or one that is not a LiteRT model,
+            thread counts that are not positive integers, `xnnpack` values
+            that are not booleans, non-positive repeats, or a negative warmup.
 
     Example:
 
@@ -611,13 +818,35 @@ def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, war
     """
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise ValueError(f"`path` must be an existing .tflite file. Received: path={path!r}.")
-    threads = [_arguments.positive_int("threads", count) for count in threads]
+    if not str(path).endswith(".tflite"):
+        raise ValueError(
+            f"`path` must be a .tflite file (a LiteRT model, as `export_tflite` or "
+            f"`keras-mgconv export` writes). Received: path={os.fspath(path)!r}.")
+    if isinstance(threads, (int, np.integer)):
+        threads = (threads,)
+    try:
+        threads = [_arguments.positive_int("threads", count) for count in threads]
+    except (TypeError, ValueError):
+        raise ValueError(f"`threads` must be a positive integer or a sequence of them. "
+                         f"Received: threads={threads!r}.") from None
+    # A string is a sequence too, of characters that are all true.
+    settings = ((xnnpack,) if isinstance(xnnpack, (bool, np.bool_))
+                else tuple(xnnpack) if hasattr(xnnpack, "__iter__")
+                and not isinstance(xnnpack, (str, bytes)) else ())
+    if not settings or not all(isinstance(value, (bool, np.bool_)) for value in settings):
+        raise ValueError(f"`xnnpack` must be True, False or a sequence of them, e.g. "
+                         f"(True, False). Received: xnnpack={xnnpack!r}.")
     repeats = _arguments.positive_int("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"`warmup` must be an integer >= 0. Received: warmup={warmup!r}.")
+    try:
+        _interpreter(os.fspath(path), 1, False)
+    except ValueError as error:
+        raise ValueError(f"`path` is not a readable LiteRT model ({_first_line(error)}). "
+                         f"Received: path={os.fspath(path)!r}.") from None
     rows = []
     for count in threads:
-        for use_xnnpack in xnnpack:
+        for use_xnnpack in settings:
             interpreter = _interpreter(os.fspath(path), count, use_xnnpack)
             details = interpreter.get_input_details()[0]
             values = np.random.default_rng(0).random(details["shape"], np.float32)
@@ -633,6 +862,10 @@ def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, war
                          "median_ms": 1000 * float(np.median(times)),
                          "p90_ms": 1000 * float(np.percentile(times, 90))})
     return rows
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def format_latency(rows):

@@ -298,3 +298,141 @@ def test_export_of_a_model_with_nan_outputs_fails_and_writes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match=r"NaN or infinite: not written to .*model\.tflite"):
         export_tflite(model, tmp_path / "model.tflite", "int8", representative_data=images)
     assert os.listdir(tmp_path) == []
+
+
+def _fully_convolutional_model(padding):
+    """A classifier of images of any size: a multigrid layer, global pooling, a softmax."""
+    inputs = keras.Input((None, None, 3))
+    x = keras_mgconv.MultigridConv2D(16, 3, padding=padding, group_size=8)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_a_model_of_any_input_size_exports_for_the_size_of_its_data(tmp_path, padding):
+    # Before: TypeError "unsupported operand type(s) for *: 'int' and 'NoneType'"
+    # (the global pooling's pixels); without it, "valid" failed in XNNPACK, the
+    # file being converted for 1x1 inputs.
+    model = _fully_convolutional_model(padding)
+    images = np.random.default_rng(0).random((4, 12, 10, 3), np.float32)
+    report = export_tflite(model, tmp_path / "data.tflite", verification_data=images)
+    assert report.input_shape == (1, 12, 10, 3)
+    assert report.keras_input_shape == (None, None, None, 3)
+    assert "converted for inputs of shape (12, 10, 3); the Keras model takes (None, None, 3)" in (
+        str(report))
+    assert report.verification.examples == 4
+    assert report.verification.max_rel_diff <= float32_tolerance(model, (12, 10, 3))
+    # Or for a size of the user's choosing, verified on random inputs of it.
+    sized = export_tflite(model, tmp_path / "sized.tflite", input_shape=(9, 9, 3))
+    assert sized.input_shape == (1, 9, 9, 3) and sized.verification.data == "random"
+    assert sized.verification.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({}, r"`model` takes inputs of any size \(None, None, 3\), and a LiteRT file is converted "
+         r"for one: pass input_shape=\(height, width, channels\), or `verification_data` or "
+         r"`representative_data` of the size to export for \(in the CLI: --image-size or "
+         r"--dataset\)\. Received: input_shape=None\."),
+    ({"input_shape": (9, 9, 4)}, r"matching \(None, None, 3\)\. Received: input_shape=\(9, 9, 4\)\."),
+    ({"input_shape": (9, 9, 3), "verification_data": np.zeros((2, 12, 12, 3), np.float32)},
+     r"`verification_data` must hold inputs of the shape the model is exported for, \(9, 9, 3\)\. "
+     r"Received: verification_data of shape \(2, 12, 12, 3\)\."),
+])
+def test_a_model_of_any_input_size_without_a_size_is_refused(tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        export_tflite(_fully_convolutional_model("same"), tmp_path / "model.tflite", **arguments)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_mixed_float16_model_exports_from_a_float32_copy(tmp_path):
+    # Before: about 50 lines of MLIR errors, then a ValueError blaming the layers
+    # for Flex ops (Conv2D, Sub, ... on float16 tensors).
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    inputs = keras.Input((8, 8, 16))
+    x = keras_mgconv.MultigridConv2D(16, 3, padding="same", group_size=8)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", dtype="float32")(x))
+    keras.mixed_precision.set_global_policy("float32")
+    images = np.random.default_rng(0).random((8, 8, 8, 16), np.float32)
+    for mode in ("float32", "int8"):
+        report = export_tflite(model, tmp_path / f"{mode}.tflite",
+                               None if mode == "float32" else mode, representative_data=images)
+        assert report.builtin_only, report.op_counts
+        assert report.converted_from == "mixed_float16"
+        assert "converted from a float32 copy (same weights) of the mixed_float16 model" in str(
+            report)
+    # Checked against the float32 copy, within float32 rounding; and against
+    # the mixed model itself, within its float16 rounding.
+    assert report.verification.top1_agreement >= 0.75
+    float32 = _run_tflite(tmp_path / "float32.tflite", images)
+    np.testing.assert_allclose(float32, model.predict(images, verbose=0), atol=2e-3)
+    # The user's model is left as it was.
+    assert model.layers[1].compute_dtype == "float16"
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    """`_small_model` exported to a .tflite file."""
+    path = tmp_path_factory.mktemp("small_export") / "model.tflite"
+    export_tflite(_small_model(), path)
+    return path
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"xnnpack": "yes"}, r"`xnnpack` must be True, False or a sequence of them, e\.g\. "
+                         r"\(True, False\)\. Received: xnnpack='yes'\."),
+    ({"threads": 2.5}, r"`threads` must be a positive integer or a sequence of them\. "
+                       r"Received: threads=2\.5\."),
+    ({"path": "model.keras"}, r"`path` must be a \.tflite file .*Received: path='.*model\.keras'\."),
+    ({"path": "damaged.tflite"}, r"`path` is not a readable LiteRT model \(.*\)\. "
+                                 r"Received: path='.*damaged\.tflite'\."),
+])
+def test_measure_latency_refuses_bad_arguments(small_export, arguments, message):
+    # xnnpack="yes" was measured as three runs with XNNPACK on; threads=2.5
+    # raised a TypeError; a .keras file gave "The model is not a valid
+    # Flatbuffer buffer", naming neither the file nor .tflite.
+    directory = small_export.parent
+    (directory / "model.keras").write_bytes(b"PK")
+    (directory / "damaged.tflite").write_bytes(small_export.read_bytes()[:100])
+    arguments = {"path": small_export.name, **arguments}
+    arguments["path"] = directory / arguments["path"]
+    with pytest.raises(ValueError, match=message):
+        measure_latency(**arguments, repeats=1, warmup=0)
+
+
+def test_benchmark_of_a_keras_file_names_the_file_and_tflite(tmp_path, capsys):
+    from keras_mgconv import cli
+
+    model = tmp_path / "best.keras"
+    _small_model().save(model)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["benchmark", str(model)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"keras-mgconv benchmark: error: `path` must be a .tflite file (a LiteRT model, as "
+        f"`export_tflite` or `keras-mgconv export` writes). Received: path='{model}'.\n")
+
+
+def test_export_command_shows_no_converter_lines(tmp_path):
+    """`keras-mgconv export` prints its report, and TensorFlow's lines only where they matter.
+
+    Run as a user runs it, with TensorFlow's info and warning lines asked for
+    (TF_CPP_MIN_LOG_LEVEL=0): before, about 20 converter lines, LiteRT's
+    "Created TensorFlow Lite XNNPACK delegate", and tf.data's warning that
+    the command's `.take(1)` read its cached pipeline only in part.
+    """
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x)).save(
+        tmp_path / "model.keras")
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_mgconv.cli", "export", str(tmp_path / "model.keras"),
+         "--quantization", "int8", "--dataset", "digits", "--samples", "50"],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 (input float32, output float32)" in result.stdout
+    for line in ("tf_tfl_flatbuffer_helpers", "Reading SavedModel", "fully_quantize",
+                 "flatbuffer_export", "XNNPACK delegate", "cache_dataset_ops",
+                 "did not fully read the dataset"):
+        assert line not in result.stdout + result.stderr, result.stderr[-3000:]
