@@ -33,6 +33,14 @@ def auto_implementation(dtype):
     return "grouped"
 
 
+# The "split" path computes a grouped 1 x 1 convolution as one product
+# batched over the groups, not as a convolution per group: under JAX every
+# group's slice, convolution and concatenation are ops that XLA compiles, and
+# a multigrid MobileNetV2 (alpha 0.35, 32x32, group size 8) has thousands;
+# its first training step took 387 s against the baseline's 17 (2 busy cores).
+SPLIT_POINTWISE_AS_ONE_PRODUCT = True
+
+
 def conv(inputs, kernel, strides, padding):
     """2D convolution of channels-last `inputs`, grouped where `kernel` has fewer input channels."""
     return ops.conv(inputs, kernel, strides=tuple(strides), padding=padding,
@@ -46,8 +54,10 @@ def trainable_conv(inputs, kernel, strides, padding, training=None):
 
 cast = ops.cast
 bias_add = ops.add
+einsum = ops.einsum
 eye = ops.eye
 reshape = ops.reshape
+shape = ops.shape
 
 
 def concatenate(values):

@@ -34,6 +34,11 @@ from keras_mgconv import _tensorflow_logs
 
 _STRIDES = [1, 1, 1, 1]
 
+# The "split" path keeps per-group convolutions for 1 x 1 kernels too: a
+# reshape and einsum trained slower here (DESIGN.md, section 3), and TFLite's
+# split lowering is SPLIT, per-group CONV_2Ds and CONCATENATION.
+SPLIT_POINTWISE_AS_ONE_PRODUCT = False
+
 
 def grouped_gradient_supported(dtype=tf.float32):
     """Whether grouped `tf.nn.conv2d` trains on this machine, as one convolution.
