@@ -476,9 +476,16 @@ def _test_accuracy(network, test_data, strategy, batch_statistics=False):
         evaluated.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
                           metrics=["accuracy"], jit_compile=False)
     _distribute(evaluated, strategy)
+    # Training mode outside `fit` is no training here: a factory model would
+    # warn that nothing recomputes its statistics, and shorten their horizon.
+    statistics_batches = getattr(network, "batch_norm_statistics_batches", 0)
+    if statistics_batches:
+        network.batch_norm_statistics_batches = 0
     try:
         return float(evaluated.evaluate(test_data, verbose=0, return_dict=True)["accuracy"])
     finally:
+        if statistics_batches:
+            network.batch_norm_statistics_batches = statistics_batches
         for weight, value in zip(network.non_trainable_weights, moving):
             weight.assign(value)
 

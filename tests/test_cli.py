@@ -336,3 +336,27 @@ def test_train_says_when_the_network_did_not_learn(monkeypatch, capsys):
     monkeypatch.setattr(training, "train", lambda **kwargs: summary)
     assert cli.main(["train", "--design", "block", "--output-dir", "unused"]) == 0
     assert "near chance (0.100): the network did not learn" in capsys.readouterr().err
+
+
+def test_test_accuracy_with_batch_statistics_leaves_a_factory_model_as_it_was():
+    """train's report runs the model in training mode: no warning, no momentum changed."""
+    import warnings
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_mgconv import models
+    from keras_mgconv._keras import keras
+
+    model = models.ResNet20((8, 8, 1), width=0.25, group_size=4, batch_norm_momentum=0.99)
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    images = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype("float32")
+    test_data = tf.data.Dataset.from_tensor_slices((images, np.arange(16) % 10)).batch(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accuracy = training._test_accuracy(model, test_data, tf.distribute.get_strategy(),
+                                           batch_statistics=True)
+    assert 0 <= accuracy <= 1
+    assert {layer.momentum for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
+    assert model.batch_norm_statistics_batches == 50
