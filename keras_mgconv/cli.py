@@ -261,7 +261,8 @@ def _parser():
                     "history.csv, TensorBoard logs and summary.json to --output-dir; "
                     "rerun the same command to resume an interrupted run.")
     train.add_argument("--model", default="ResNet20", help="factory name (default ResNet20): "
-                       "ResNet20/32/44/56/110, ResNet18/34/50, MobileNetV2")
+                       "ResNet20/32/44/56/110, ResNet18/34/50, MobileNetV2, "
+                       "MobileNetV3Small/Large")
     _add_data_arguments(train)
     train.add_argument("--epochs", type=int, default=15)
     train.add_argument("--batch-size", type=int, default=64, help="global batch size")

@@ -36,6 +36,7 @@ second run into an `output_dir` that a live run is using is refused.
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -72,6 +73,9 @@ MODELS = {
     "ResNet34": models.ResNet34,
     "ResNet50": models.ResNet50,
     "MobileNetV2": models.MobileNetV2,
+    # The pipeline normalises the images: no rescaling of [0, 255] pixels inside.
+    "MobileNetV3Small": functools.partial(models.MobileNetV3Small, include_preprocessing=False),
+    "MobileNetV3Large": functools.partial(models.MobileNetV3Large, include_preprocessing=False),
 }
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("sgd", "adam", "adamw")

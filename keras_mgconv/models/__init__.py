@@ -1,6 +1,7 @@
 """Model factories: multigrid networks and their baselines from the same code."""
 
 from keras_mgconv.models.mobilenet_v2 import MobileNetV2
+from keras_mgconv.models.mobilenet_v3 import MobileNetV3Large, MobileNetV3Small
 from keras_mgconv.models.multigrid_block import (
     multigrid_basic_block,
     multigrid_bottleneck_block,
@@ -23,6 +24,8 @@ from keras_mgconv.models.resnet import (
 __all__ = [
     "CIFARResNet",
     "MobileNetV2",
+    "MobileNetV3Large",
+    "MobileNetV3Small",
     "ResNet",
     "ResNet18",
     "ResNet20",
