@@ -38,6 +38,9 @@ def _saved_kinds():
                                             multigrid="block", **small),
         "mobilenet_v2": models.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
                                            group_size=8, **small),
+        # Hard-swish, squeeze-and-excitation and preprocessing: layers of Keras' own.
+        "mobilenet_v3": models.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75,
+                                                group_size=32, **small),
     }
 
 
