@@ -82,12 +82,20 @@ class GroupedConvQuantizeConfig(OutputQuantizeConfig):
 
 
 class MultigridQuantizeRegistry(quantize.default_8bit.Default8BitQuantizeRegistry):
-    """tfmot's 8-bit registry, plus the layers of unrolled multigrid models."""
+    """tfmot's 8-bit registry, plus the layers of unrolled multigrid models.
+
+    And `Multiply` and `Rescaling`, which tfmot's registry lacks: the
+    MobileNetV3 factories' squeeze-and-excitation gates and hard-swish are
+    made of them under tf_keras, as is their input preprocessing. Their
+    outputs are quantized, as tfmot does `Add`'s: TFLite computes them as
+    int8 MUL and ADD.
+    """
 
     def _own_config(self, layer):
         if isinstance(layer, GroupedConvBase):
             return GroupedConvQuantizeConfig()
-        if isinstance(layer, (keras.layers.Subtract, keras.layers.Normalization)):
+        if isinstance(layer, (keras.layers.Subtract, keras.layers.Normalization,
+                              keras.layers.Multiply, keras.layers.Rescaling)):
             return OutputQuantizeConfig()
         if isinstance(layer, ChannelZeroPadding):
             return OutputQuantizeConfig(quantize_output=False)

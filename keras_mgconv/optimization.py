@@ -240,8 +240,11 @@ def quantize_model(model, calibration_data=None):
     `tfmot.quantization.keras.quantize_model` applies) that also quantizes
     `GroupedConv2D`, `ChannelRestriction` and `ChannelProlongation` (kernel per
     output channel, symmetric; output with a moving-average range, as tfmot
-    does `Conv2D`), `keras.layers.Subtract` and `keras.layers.Normalization`
-    (output), passes `ChannelZeroPadding` through, and leaves no fake
+    does `Conv2D`), `keras.layers.Subtract`, `Normalization`, `Multiply` and
+    `Rescaling` (output; the last two make the MobileNetV3 factories'
+    hard-swish and squeeze-and-excitation under tf_keras, which tfmot's
+    registry refuses: "Layer ... Rescaling ... is not supported"), passes
+    `ChannelZeroPadding` through, and leaves no fake
     quantization between a `GroupedConv2D` and the `BatchNormalization` after
     it, so that the TFLite converter folds the two. Fine-tune the result
     (`compile`, `fit`), then convert it (`tflite_converter`) with

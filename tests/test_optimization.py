@@ -127,6 +127,25 @@ def test_quantization_aware_training_exports_an_int8_model_as_accurate(
     assert report["qat_reload_difference"] == 0.0
 
 
+def test_mobilenet_v3_quantizes_to_int8_and_is_wrapped_for_pruning(report):
+    # tfmot refused it before: "Layer rescaling:<class '...Rescaling'> is not
+    # supported", and its 28 Multiply layers (hard-swish, squeeze-and-excitation) after.
+    ops = set(report["mobilenet_v3_ops"])
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "MEAN"} <= ops
+    assert not any(op.startswith(("Flex", "CUSTOM")) for op in ops)
+    # Only the input preprocessing (x / 127.5 - 1) before tfmot's first
+    # quantizer, and the float output, are float.
+    assert report["mobilenet_v3_float_ops"] == ["ADD", "DEQUANTIZE", "DEQUANTIZE", "MUL"]
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "MEAN"} <= set(
+        report["mobilenet_v3_int8_ops"])
+    # The int8 file computes the QAT model's function: softmax outputs within a few steps.
+    assert report["mobilenet_v3_int8_difference"] < 0.01
+    assert report["mobilenet_v3_int8_top1"] >= 7 / 8
+    # tfmot prunes no depthwise kernel.
+    assert report["mobilenet_v3_pruned"] == ["Conv2D", "MultigridConv2D"]
+    assert "Rescaling" in report["mobilenet_v3_unwrapped"]
+
+
 def test_pruning_reaches_the_sparsity_and_keeps_the_accuracy(report):
     assert abs(report["sparsity"] - 0.5) <= 0.02
     assert all(abs(s - 0.5) <= 0.02 for s in report["multigrid_sparsities"])
