@@ -4,7 +4,8 @@ For each factory and width multiplier (1x, 2x, 4x) it builds the baseline
 (`multigrid=False`) and the multigrid network at group sizes 8, 16 and 32, and
 counts parameters (`count_params`) and multiply-adds per image
 (`keras_mgconv.count_multiply_adds`). CIFAR ResNets at 32x32 with 10 classes,
-ImageNet ResNets and MobileNetV2 (alpha 1.0) at 224x224 with 1000 classes.
+ImageNet ResNets, MobileNetV2 and MobileNetV3 Small and Large (alpha 1.0) at
+224x224 with 1000 classes.
 A cell is "n/a" where the group size divides none of the model's widths.
 
 It also plots parameters against width for one layer (Conv2D against
@@ -39,6 +40,9 @@ FACTORIES = {
     "ResNet34": (models.ResNet34, {}),
     "ResNet50": (models.ResNet50, {}),
     "MobileNetV2": (models.MobileNetV2, {}),
+    # keras.applications' default input shape is (None, None, 3): MACs need a size.
+    "MobileNetV3Small": (models.MobileNetV3Small, {"input_shape": (224, 224, 3)}),
+    "MobileNetV3Large": (models.MobileNetV3Large, {"input_shape": (224, 224, 3)}),
 }
 GROUP_SIZES = (8, 16, 32)
 

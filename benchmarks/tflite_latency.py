@@ -51,6 +51,8 @@ NETWORKS = {
     "ResNet56": (models.ResNet56, (32, 32, 3), 10, {}),
     "MobileNetV2-1.0": (models.MobileNetV2, (224, 224, 3), 1000, {"alpha": 1.0}),
     "MobileNetV2-0.5": (models.MobileNetV2, (224, 224, 3), 1000, {"alpha": 0.5}),
+    "MobileNetV3Large-1.0": (models.MobileNetV3Large, (224, 224, 3), 1000, {"alpha": 1.0}),
+    "MobileNetV3Small-1.0": (models.MobileNetV3Small, (224, 224, 3), 1000, {"alpha": 1.0}),
 }
 QUANTIZATIONS = {"float32": None, "int8": "int8"}
 THREADS = (1, 2)

@@ -32,9 +32,12 @@ Where the parameters are. At alpha 1.0 and 1000 classes, 48% of
 MobileNetV3-Large's 5.51M parameters are the head (`conv_1`, `conv_2`,
 `logits`), 27% the squeeze-and-excitation blocks and 22% the expansions and
 projections, which are all that becomes multigrid: the multigrid network keeps
-at least 78% of the baseline's parameters at width 1x (MobileNetV2: 39%). It
-gains as the blocks widen (`width`), where the standard network grows
-quadratically and the head not at all.
+at least 78% of the baseline's parameters at width 1x (group size 8: 84%,
+4.61M; MobileNetV2: 61%), and 69% of its multiply-adds. Widened (`width`), the
+squeeze-and-excitation blocks grow quadratically with the expanded widths, as
+in the baseline: at 2x the multigrid network has 70% of the 2x baseline's
+13.9M parameters and 37% of its multiply-adds, but more parameters than the
+1x baseline (`benchmarks/model_table.py`).
 
 Hard-swish and the gate of the squeeze-and-excitation blocks are made of Keras
 layers both Keras versions have, so that the model also builds under tf_keras,
@@ -45,6 +48,9 @@ add the 3 (`x * 1 + 3`) and multiply by 1/6 (`y * (1 / 6) + 0`), the same
 floating-point results. Hard-swish is Keras 3's `Activation("hard_swish")`,
 keras.applications' own; tf_keras has no such activation, and there it is
 `Multiply()([x, gate(x)])`, which differs from Keras 3's only in rounding.
+So a model that Keras 3 saved holds an activation tf_keras cannot read
+("hard_silu"): quantization-aware training under tf_keras starts from a model
+built there.
 """
 
 import numbers
