@@ -225,8 +225,18 @@ def calibrate(qat_model, float_model, batches):
         for layer, (_, pre) in zip(layers, tensors)])
     totals = np.zeros((len(tensors), 2))
     count = 0
+    input_shape = tuple(float_model.inputs[0].shape[1:])
     for batch in batches:
-        values = probe(batch[0] if isinstance(batch, tuple) else batch, training=False)
+        inputs = batch[0] if isinstance(batch, tuple) else batch
+        shape = tuple(getattr(inputs, "shape", ()))
+        if len(shape) != len(input_shape) + 1 or any(
+                size not in (None, actual) for size, actual in zip(input_shape, shape[1:])):
+            raise ValueError(
+                f"`calibration_data` must give batches of the model's inputs, of shape "
+                f"(batch, {', '.join(map(str, input_shape))}): its batch {count} has shape "
+                f"{shape}. Pass an array of inputs, or an iterable of batches of them. "
+                f"Received: calibration_data of type {type(batches).__name__}.")
+        values = probe(inputs, training=False)
         ranges = [(min(float(tf.reduce_min(value)), 0.0), max(float(tf.reduce_max(value)), 0.0))
                   for value in values]
         for (name, _), (low, high) in zip(tensors, ranges):

@@ -7,10 +7,13 @@
     keras-mgconv summary --filters 256 --group-size 16
     keras-mgconv export runs/ResNet20-multigrid-digits/best.keras --quantization int8 --dataset digits
     keras-mgconv benchmark runs/ResNet20-multigrid-digits/best.int8.tflite
+    keras-mgconv quantize runs/ResNet20-multigrid-digits/best.keras --dataset digits
 
 `summary` prints a MultigridConv2D's level widths and its weights against a
 Conv2D's; `export` writes a `.tflite` file and prints its report (size, ops,
-agreement with the Keras model); `benchmark` prints its LiteRT latency.
+agreement with the Keras model); `benchmark` prints its LiteRT latency;
+`quantize` fine-tunes a quantization-aware copy under tf_keras and writes an
+int8 `.tflite` file.
 Bad arguments print one line and exit with status 2; an interrupted `train`
 (Ctrl-C, or SIGTERM, which exits with status 143) says whether it can resume,
 and resumes when it is run again with the same arguments. TensorFlow's info
@@ -22,6 +25,7 @@ import contextlib
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -203,6 +207,130 @@ def _benchmark(args):
     print(format_latency(rows))
 
 
+def _check_quantize_arguments(args):
+    """quantize's arguments, checked before TensorFlow works (in both processes)."""
+    from keras_mgconv.layers import _arguments
+
+    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
+        raise ValueError(f"`model` must be an existing .keras file. "
+                         f"Received: model={args.model!r}.")
+    for name in ("epochs", "batch_size", "calibration_batches"):
+        _arguments.positive_int(name, getattr(args, name))
+    if args.steps_per_epoch is not None:
+        _arguments.positive_int("steps_per_epoch", args.steps_per_epoch)
+    if not args.learning_rate > 0:
+        raise ValueError(f"`learning_rate` must be positive. "
+                         f"Received: learning_rate={args.learning_rate!r}.")
+
+
+def _quantize_argv(args):
+    """The command line of `args`, for the tf_keras process."""
+    argv = ["quantize", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--learning-rate", repr(args.learning_rate),
+            "--calibration-batches", str(args.calibration_batches)]
+    for option, value in (("--steps-per-epoch", args.steps_per_epoch),
+                          ("--output", args.output), ("--data-dir", args.data_dir),
+                          ("--manual-dir", args.manual_dir)):
+        if value is not None:
+            argv += [option, str(value)]
+    return argv
+
+
+def _quantize(args):
+    _check_quantize_arguments(args)
+    if not _environment.uses_legacy_keras():
+        # tfmot runs only on tf_keras, which TensorFlow selects when it is
+        # imported: the work runs in a process of its own that selects it.
+        environment = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+        if environment.get(_environment.LOG_LEVEL) == "2":
+            # This command's own choice: the other process makes it again, and
+            # then hides TensorFlow's start-up lines too.
+            del environment[_environment.LOG_LEVEL]
+        code = subprocess.call([sys.executable, "-m", "keras_mgconv.cli",
+                                *_quantize_argv(args)], env=environment)
+        if code:
+            # It has said why, in one line, as this command would have.
+            raise SystemExit(code)
+        return
+    _require_tensorflow_backend("quantize")
+    import numpy as np
+
+    from keras_mgconv import data, optimization
+    from keras_mgconv._keras import keras
+    from keras_mgconv.export import predict_tflite
+
+    model = optimization.load_model(args.model)
+    info = data.image_dataset_info(args.dataset, args.data_dir, args.manual_dir)
+    image_shape = model.input_shape[1:]
+
+    def pipeline(split, batch_size, **kwargs):
+        return data.image_pipeline(
+            args.dataset, split, batch_size,
+            image_shape=None if None in image_shape else image_shape,
+            data_dir=args.data_dir, manual_dir=args.manual_dir, **kwargs)
+
+    train = pipeline(info.train_split, args.batch_size, training=True, seed=0)
+    steps = args.steps_per_epoch or int(train.cardinality())
+    if args.steps_per_epoch is not None:
+        train = train.repeat()
+    images, labels = (np.concatenate(arrays) for arrays in zip(
+        *((batch.numpy(), label.numpy()) for batch, label in pipeline(info.test_split, 256))))
+
+    def accuracy(keras_model):
+        # Called eagerly: tracing evaluate's function costs more than the batches.
+        outputs = np.concatenate([keras_model(images[start:start + 256], training=False)
+                                  for start in range(0, len(images), 256)])
+        return float(np.mean(np.argmax(outputs, -1) == labels))
+
+    float_accuracy = accuracy(model)
+    # Not cached: a few batches are read, and a partly read cache warns.
+    calibration = pipeline(info.train_split, args.batch_size, cache=False).take(
+        args.calibration_batches)
+    qat_model = optimization.quantize_model(model, calibration_data=calibration)
+    output_activation = getattr(model.layers[-1], "activation", None)
+    qat_model.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+            args.learning_rate, args.epochs * steps)),
+        keras.losses.SparseCategoricalCrossentropy(
+            from_logits=getattr(output_activation, "__name__", None) != "softmax"),
+        metrics=["accuracy"])
+    qat_model.fit(train, epochs=args.epochs, steps_per_epoch=steps,
+                  verbose=1 if sys.stdout.isatty() else 2)
+    output = args.output or f"{os.path.splitext(args.model)[0]}.qat.int8.tflite"
+    report = optimization.export_int8(qat_model, output, verification_data=images)
+    int8_accuracy = float(np.mean(np.argmax(predict_tflite(output, images), -1) == labels))
+    print(f"{args.model} on {args.dataset}: quantization-aware fine-tuning, {args.epochs} "
+          f"epoch(s) of {steps} steps (Adam, learning rate {args.learning_rate:g}, batch "
+          f"{args.batch_size}). Test accuracy on {len(images)} images: float "
+          f"{float_accuracy:.4f}, QAT {accuracy(qat_model):.4f}, int8 LiteRT "
+          f"{int8_accuracy:.4f}.")
+    print(report)
+
+
+def _add_quantize_command(commands):
+    quantize = commands.add_parser(
+        "quantize", help="quantization-aware fine-tuning (tfmot, under tf_keras), then an "
+                         "int8 .tflite file and its report",
+        description="Load a .keras classifier (as `train` writes it) into tf_keras, "
+                    "fine-tune its quantization-aware copy on the dataset's train split, "
+                    "convert it to a .tflite file whose weights and activations are int8, "
+                    "and report the test accuracy of the float, QAT and int8 models. "
+                    "Runs under tf_keras in a process of its own.")
+    quantize.add_argument("model", metavar="MODEL", help="a .keras file")
+    _add_data_arguments(quantize)
+    quantize.add_argument("--epochs", type=int, default=3)
+    quantize.add_argument("--steps-per-epoch", type=int, default=None,
+                          help="default: the whole train split")
+    quantize.add_argument("--batch-size", type=int, default=64)
+    quantize.add_argument("--learning-rate", type=float, default=1e-4,
+                          help="Adam's, decaying to 0 over the run (default 1e-4)")
+    quantize.add_argument("--calibration-batches", type=int, default=8,
+                          help="train batches that start the activation ranges (default 8)")
+    quantize.add_argument("--output", default=None,
+                          help="the .tflite file (default: MODEL's name with .qat.int8.tflite)")
+    quantize.set_defaults(run=_quantize)
+
+
 def _add_export_commands(commands):
     export = commands.add_parser(
         "export", help="convert a .keras model to TFLite, verify it against Keras, report")
@@ -308,6 +436,7 @@ def _parser():
     evaluate.set_defaults(run=_evaluate)
 
     _add_export_commands(commands)
+    _add_quantize_command(commands)
     return parser
 
 

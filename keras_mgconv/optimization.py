@@ -6,15 +6,16 @@ package. Install the extra and select it before TensorFlow is imported:
     pip install "keras-mgconv[optimization]"
     TF_USE_LEGACY_KERAS=1 python train.py
 
-Quantization-aware training, then a TFLite model whose weights and
-activations are int8:
+Quantization-aware training of a model that `keras-mgconv train` (or any
+Keras 3 script) saved, then a TFLite model whose weights and activations are
+int8 (the command line does the same: `keras-mgconv quantize MODEL.keras`):
 
     from keras_mgconv import optimization
-    qat_model = optimization.quantize_model(model)
+    model = optimization.load_model("runs/ResNet20-multigrid-digits/best.keras")
+    qat_model = optimization.quantize_model(model, calibration_data=train.take(8))
     qat_model.compile(...); qat_model.fit(...)
-    converter = optimization.tflite_converter(qat_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    tflite_bytes = converter.convert()
+    report = optimization.export_int8(qat_model, "model.int8.tflite",
+                                      verification_data=test_images)
 
 Pruning, with tfmot's schedules and callback:
 
@@ -31,10 +32,14 @@ sets TF_USE_LEGACY_KERAS=1 in the process environment. Under Keras 3 every
 function here raises a RuntimeError that says how to switch.
 """
 import importlib
+import os
+import zipfile
 
+import numpy as np
 import tensorflow as tf
 
-from keras_mgconv import _keras
+from keras_mgconv import _keras, _tensorflow_logs, export
+from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import GroupedConv2D, MultigridConv2D
 from keras_mgconv.layers.grouped_conv import identity_kernel, traced_implementation
@@ -43,6 +48,9 @@ from keras_mgconv.layers.grouped_conv import identity_kernel, traced_implementat
 # to the last convolution of its unrolled V-cycle.
 _OUTPUT_KEYS = ("use_bias", "activation", "bias_initializer", "bias_regularizer",
                 "bias_constraint")
+
+# Inputs a calibration batch takes from an array: `predict`'s default batch size.
+_CALIBRATION_BATCH = 32
 
 _SWITCH = (
     "tensorflow-model-optimization runs only on Keras 2 (tf_keras). Install it "
@@ -79,6 +87,59 @@ def _private(function, module):
     """keras_mgconv's `_quantization` or `_pruning`: they subclass tfmot's classes."""
     _tfmot(function)
     return importlib.import_module(f"keras_mgconv.{module}")
+
+
+def load_model(path):
+    """Loads a `.keras` file into tf_keras, also one that Keras 3 wrote.
+
+    `keras-mgconv train` and Keras 3 scripts write `.keras` files that
+    tf_keras' own `load_model` cannot read (`Unrecognized keyword arguments:
+    ['batch_shape']`): their config and weights are laid out otherwise. This
+    reads them: the configuration translated to tf_keras' (inbound nodes,
+    the InputLayer's shape, dtype policies, and options tf_keras lacks where
+    they are unset), every layer's variables found by the layer names that the
+    Keras 3 weights file keeps, and an adapted Normalization's statistics
+    restored. Files tf_keras wrote load with its `load_model`.
+
+    Args:
+        path: a `.keras` file.
+
+    Returns:
+        The tf_keras model, with the file's weights. A model Keras 3 wrote is
+        not compiled: compile it for fine-tuning.
+
+    Raises:
+        RuntimeError: under Keras 3, which reads the file itself.
+        ValueError: for a path that is not an existing `.keras` file, or a
+            model that tf_keras cannot hold (the message says which layer or
+            option).
+
+    Example:
+
+        # TF_USE_LEGACY_KERAS=1, after `keras-mgconv train`:
+        model = optimization.load_model("runs/ResNet20-multigrid-digits/best.keras")
+        qat_model = optimization.quantize_model(model, calibration_data=images)
+    """
+    _require_tf_keras("load_model")
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path) \
+            or not str(path).endswith(".keras"):
+        raise ValueError(f"`path` must be an existing .keras file. Received: path={path!r}.")
+    keras3_files = importlib.import_module("keras_mgconv._keras3_files")
+    try:
+        written_by_keras_3 = keras3_files.written_by_keras_3(path)
+    except (zipfile.BadZipFile, KeyError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a readable Keras model ({type(error).__name__}: {error}): it "
+            f"is truncated, damaged or was not saved by Keras. Received: path={path!r}.") \
+            from None
+    if not written_by_keras_3:
+        return keras.models.load_model(path)
+    try:
+        return keras3_files.load(path)
+    except keras3_files.UnreadableFile as error:
+        raise ValueError(
+            f"{path}, written by Keras 3, cannot be read into tf_keras: {error}. "
+            f"Received: path={path!r}.") from None
 
 
 def _functional(model):
@@ -262,9 +323,10 @@ def quantize_model(model, calibration_data=None):
 
     Args:
         model: a functional or Sequential `keras.Model` (tf_keras), trained or not.
-        calibration_data: None, or a few batches of training inputs to start
-            the activation ranges from: a `tf.data.Dataset` or other iterable
-            of input batches or of (inputs, labels) tuples, e.g.
+        calibration_data: None, or training inputs to start the activation
+            ranges from: an array of inputs (batched by 32, as `predict`
+            does), or a few batches of them, as a `tf.data.Dataset` or other
+            iterable of input batches or of (inputs, labels) tuples, e.g.
             `train.take(8)`.
 
     Returns:
@@ -274,16 +336,19 @@ def quantize_model(model, calibration_data=None):
         RuntimeError: under Keras 3, without tensorflow-model-optimization, or
             (tfmot's, naming it) for a layer that neither tfmot nor keras_mgconv
             can quantize.
-        ValueError: for a subclassed model, or `calibration_data` that is empty
-            or gives NaN or infinite activations.
+        ValueError: for a subclassed model, or `calibration_data` that is
+            empty, holds batches that are not of the model's input shape, or
+            gives NaN or infinite activations.
 
     Example:
 
     >>> model = keras.Sequential([keras.Input((8, 8, 16)), keras_mgconv.MultigridConv2D(
     ...     32, 3, padding="same", group_size=8, name="multigrid")])
     >>> qat_model = optimization.quantize_model(model)
-    >>> [layer.name for layer in qat_model.layers[1:5]]
-    ['quantize_layer', 'quant_multigrid_connector', 'quant_multigrid_restriction_0',
+    >>> type(qat_model.layers[1]).__name__
+    'QuantizeLayer'
+    >>> [layer.name for layer in qat_model.layers[2:5]]
+    ['quant_multigrid_connector', 'quant_multigrid_restriction_0',
      'quant_multigrid_restriction_1']
 
     Until fine-tuning has moved tfmot's initial ranges, [-6, 6] for every
@@ -301,6 +366,18 @@ def quantize_model(model, calibration_data=None):
     """
     tfmot = _tfmot("quantize_model")
     quantization = _private("quantize_model", "_quantization")
+    if isinstance(calibration_data, (np.ndarray, tf.Tensor)):
+        # An array is many inputs, not batches of them (as iterating it would give).
+        shape = tuple(calibration_data.shape)
+        input_shape = tuple(_functional(model).inputs[0].shape[1:])
+        if (len(shape) != len(input_shape) + 1 or not shape[0] or any(
+                size not in (None, actual) for size, actual in zip(input_shape, shape[1:]))):
+            raise ValueError(
+                f"`calibration_data` must be an array of the model's inputs, of shape "
+                f"(inputs, {', '.join(map(str, input_shape))}). "
+                f"Received: calibration_data of shape {shape}.")
+        calibration_data = [calibration_data[start:start + _CALIBRATION_BATCH]
+                            for start in range(0, shape[0], _CALIBRATION_BATCH)]
     unrolled = unroll_multigrid(model)
     annotated = tfmot.quantization.keras.quantize_annotate_model(unrolled)
     with quantize_scope():
@@ -362,7 +439,7 @@ def tflite_converter(model):
     Raises:
         RuntimeError: under Keras 3, where `keras_mgconv.export.export_tflite`
             is the route.
-        ValueError: for a model that is not built.
+        ValueError: for a model that is not a built tf_keras `keras.Model`.
 
     Example:
 
@@ -377,7 +454,7 @@ def tflite_converter(model):
     ['ADD', 'CONV_2D', 'DEQUANTIZE', 'QUANTIZE', 'SUB']
     """
     _require_tf_keras("tflite_converter")
-    if not model.built or not model.inputs:
+    if not isinstance(model, keras.Model) or not model.built or not model.inputs:
         raise ValueError(
             "`model` must be a built model with known inputs, e.g. functional or "
             f"Sequential with an Input. Received: model={model!r}.")
@@ -391,6 +468,83 @@ def tflite_converter(model):
         concrete = function.get_concrete_function(
             *[tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs])
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete], variables)
+
+
+def export_int8(qat_model, path, verification_data=None):
+    """Converts a quantization-aware model to an int8 `.tflite` file and checks it.
+
+    `tflite_converter(qat_model)` with `optimizations=[tf.lite.Optimize.DEFAULT]`:
+    weights and activations in int8, with the ranges the fine-tuning learned,
+    input and output in float32. The file is run with `ai_edge_litert` on
+    `verification_data`, one input at a time, and compared with `qat_model`,
+    as `keras_mgconv.export.export_tflite` does for Keras 3 models. It is
+    written to a temporary name next to `path` and renamed once converted and
+    verified: a failed export leaves nothing at `path`. The converter's own
+    log lines are not shown.
+
+    Args:
+        qat_model: a model from `quantize_model`, fine-tuned.
+        path: the file to write; must end in ".tflite", in an existing
+            directory. An existing file is replaced.
+        verification_data: inputs to verify on: an array, or an iterable such
+            as a `tf.data.Dataset` of batches of inputs or of (inputs, labels);
+            default 8 random inputs uniform in [0, 1).
+
+    Returns:
+        A `keras_mgconv.export.ExportReport`, quantization "int8".
+
+    Raises:
+        RuntimeError: under Keras 3, or for outputs that are NaN or infinite
+            on the verification inputs (nothing is written).
+        ValueError: before anything is written, for a `path` not ending in
+            ".tflite" or not in a writable directory, or data of the wrong
+            shape or with NaN or infinite values.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8, 8, 16)), keras_mgconv.MultigridConv2D(
+    ...     32, 3, padding="same", group_size=8)])
+    >>> x = np.random.rand(16, 8, 8, 16).astype("float32")
+    >>> qat_model = optimization.quantize_model(model, calibration_data=x)
+    >>> report = optimization.export_int8(qat_model, tmp_dir + "/qat.tflite",
+    ...                                   verification_data=x)
+    >>> report.quantization, report.builtin_only, report.op_counts["CONV_2D"]
+    ('int8', True, 8)
+    """
+    _require_tf_keras("export_int8")
+    path = export._check_path(path)
+    export._check_model(qat_model)
+    model_shape = qat_model.inputs[0].shape
+    if verification_data is not None:
+        images = export._images("verification_data", verification_data, model_shape)
+        source = "verification_data"
+    else:
+        images = np.random.default_rng(0).random(
+            (8, *(size or 1 for size in model_shape[1:])), np.float32)
+        source = "random"
+    converter = tflite_converter(qat_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    report = None
+
+    def write(temporary):
+        nonlocal report
+        with _tensorflow_logs.hidden(export._converter_chatter):
+            content = converter.convert()
+        with open(temporary, "wb") as file:
+            file.write(content)
+        verification = export._verify(temporary, qat_model, images, source)
+        report = export.ExportReport(
+            path=path, quantization="int8", lowering="grouped", size_bytes=len(content),
+            verification=verification, input_shape=(1, *images.shape[1:]),
+            keras_input_shape=tuple(model_shape), **export._inspect(content))
+        if not np.isfinite(verification.max_abs_diff):
+            raise RuntimeError(
+                f"The export could not be verified: its outputs or the QAT model's on "
+                f"{verification.examples} examples ({source}) are NaN or infinite: not "
+                f"written to {path}.")
+
+    atomic_write(path, write)
+    return report
 
 
 def prune_low_magnitude(model, pruning_schedule, structured=False):
@@ -432,8 +586,10 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
 
     Raises:
         RuntimeError: under Keras 3 or without tensorflow-model-optimization.
-        ValueError: for a subclassed model, or `structured=True` for a model
-            without a layer whose groups it prunes (the block design).
+        ValueError: for a subclassed model, a `pruning_schedule` that is not
+            a tfmot `PruningSchedule`, a `structured` that is not a bool, or
+            `structured=True` for a model without a layer whose groups it
+            prunes (the block design).
 
     Example:
 
@@ -456,6 +612,15 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
     """
     tfmot = _tfmot("prune_low_magnitude")
     pruning = _private("prune_low_magnitude", "_pruning")
+    # Both would be accepted here and fail inside `fit`, far from the call.
+    if not isinstance(pruning_schedule, tfmot.sparsity.keras.PruningSchedule):
+        raise ValueError(
+            f"`pruning_schedule` must be a tfmot.sparsity.keras.PruningSchedule, e.g. "
+            f"ConstantSparsity(0.5, 0) or PolynomialDecay(0.0, 0.5, 0, 1000). "
+            f"Received: pruning_schedule={pruning_schedule!r}.")
+    if not isinstance(structured, (bool, np.bool_)):
+        raise ValueError(f"`structured` must be True or False. "
+                         f"Received: structured={structured!r}.")
 
     def wrap(layer):
         if structured:

@@ -103,6 +103,73 @@ def check_layers(output_dir, rng):
     return report
 
 
+def check_keras3_file(output_dir):
+    """`optimization.load_model` of the Keras 3 file test_optimization.py wrote, if it did."""
+    path = f"{output_dir}/keras3/model.keras"
+    if not os.path.exists(path):
+        return {}
+    expected = np.load(f"{output_dir}/keras3/expected.npz")
+    model = optimization.load_model(path)
+    report = {
+        "keras3_load_difference": float(np.max(np.abs(
+            model.predict(expected["inputs"], verbose=0) - expected["outputs"]))),
+        "keras3_layers": sorted({type(layer).__name__ for layer in model.layers}),
+        "keras3_policies": sorted({layer.dtype_policy.name for layer in model.layers}),
+    }
+    with open(f"{output_dir}/damaged.keras", "wb") as file:
+        file.write(b"not a zip archive")
+    for name, bad_path in (("missing", f"{output_dir}/missing.keras"),
+                           ("damaged", f"{output_dir}/damaged.keras")):
+        try:
+            optimization.load_model(bad_path)
+        except ValueError as error:
+            report[f"load_{name}_error"] = str(error)
+    return report
+
+
+def check_calibration_arrays(rng):
+    """quantize_model(calibration_data=<array>) against the same array as one batch."""
+    report = {}
+    # With 1 channel, against the same array as one batch; with 16 (which
+    # used to fail), the array alone.
+    for channels, forms in ((1, ("array", "batch")), (16, ("array",))):
+        model = keras.Sequential([keras.Input((8, 8, channels)), keras_mgconv.MultigridConv2D(
+            32, 3, padding="same", group_size=8)])
+        images = 100 * rng.random((64, 8, 8, channels)).astype("float32")
+        expected = model(images)
+        for name, data in ((name, {"array": images, "batch": [images]}[name]) for name in forms):
+            try:
+                qat_model = optimization.quantize_model(model, calibration_data=data)
+            except ValueError as error:
+                report[f"calibration_{name}_{channels}"] = str(error)
+                continue
+            report[f"calibration_{name}_{channels}"] = float(
+                np.max(np.abs(qat_model(images) - expected)) / np.max(np.abs(expected)))
+    for name, data in (("images", list(images)), ("array", images[..., :3])):
+        try:
+            optimization.quantize_model(model, calibration_data=data)
+        except ValueError as error:
+            report[f"calibration_shape_error_{name}"] = str(error)
+    return report
+
+
+def check_argument_errors(model):
+    """The helpers' errors for arguments that used to fail later, or raw."""
+    calls = {
+        "schedule": lambda: optimization.prune_low_magnitude(model, "notaschedule"),
+        "structured": lambda: optimization.prune_low_magnitude(
+            model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0), structured="yes"),
+        "converter": lambda: optimization.tflite_converter("x"),
+    }
+    report = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except Exception as error:  # The test checks the type and the message.
+            report[f"{name}_error"] = f"{type(error).__name__}: {error}"
+    return report
+
+
 def check_mobilenet_v3(rng):
     """MobileNetV3Small under tf_keras: int8 from QAT, and pruning's wrappers.
 
@@ -297,7 +364,9 @@ def main(output_dir, float_model=None):
     rng = np.random.default_rng(0)
     report = {} if float_model else {
         **check_layers(output_dir, rng), **check_structured_pruning(rng),
-        **check_structured_pruning_of_the_block_design(), **check_tfmot_directly()}
+        **check_structured_pruning_of_the_block_design(), **check_tfmot_directly(),
+        **check_keras3_file(output_dir), **check_calibration_arrays(rng),
+        **check_argument_errors(keras.models.load_model(f"{output_dir}/layers.h5"))}
     if not float_model:
         report.update(check_mobilenet_v3(rng))
     train = data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0)

@@ -49,7 +49,51 @@ def optimization_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(optimization_dir):
+def keras3_file(optimization_dir):
+    """A Keras 3 `.keras` file for optimization_checks.py to load into tf_keras, and its outputs.
+
+    What tf_keras cannot read from Keras 3 files, each once: an adapted
+    Normalization (variables, and constants derived from them), a nested
+    functional model and a nested Sequential one (tf_keras numbers their calls
+    from 1), keras_mgconv layers with sublayers, a mixed_float16 layer (dtype
+    policies as objects), a Dense (options tf_keras lacks).
+    """
+    import numpy as np
+
+    import keras_mgconv
+    from keras_mgconv._keras import keras
+
+    rng = np.random.default_rng(0)
+    inputs_array = (255 * rng.random((16, 8, 8, 3))).astype("float32")
+    normalization = keras.layers.Normalization()
+    normalization.adapt(inputs_array)
+    inner_inputs = keras.Input((8, 8, 3))
+    inner = keras.Model(inner_inputs, keras.layers.BatchNormalization()(
+        keras_mgconv.MultigridConv2D(16, 3, padding="same", group_size=8)(inner_inputs)),
+        name="inner")
+    sequential = keras.Sequential([
+        keras.Input((8, 8, 16)),
+        keras_mgconv.GroupedConv2D(16, 3, groups=2, padding="same", residual=True),
+        keras.layers.Activation("relu")], name="sequential_block")
+    inputs = keras.Input((8, 8, 3))
+    x = sequential(inner(normalization(inputs)))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(16, activation="relu", dtype="mixed_float16")(x)
+    outputs = keras.layers.Dense(10, activation="softmax", dtype="float32")(x)
+    model = keras.Model(inputs, outputs, name="outer")
+    model.compile("adam", "sparse_categorical_crossentropy")
+    # Trained a step: batch statistics and weights away from their initial values.
+    model.fit(inputs_array, np.arange(16) % 10, epochs=1, verbose=0)
+    directory = optimization_dir / "keras3"
+    directory.mkdir()
+    model.save(directory / "model.keras")
+    np.savez(directory / "expected.npz", inputs=inputs_array,
+             outputs=model.predict(inputs_array, verbose=0))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def report(optimization_dir, keras3_file):
     output = run_under_tf_keras("optimization_checks.py", str(optimization_dir))
     return json.loads(output.strip().splitlines()[-1])
 
@@ -202,3 +246,105 @@ def test_helpers_refuse_keras_3_with_the_way_out(call, keras3_model):
     # Importing tfmot would have switched this process' environment to tf_keras.
     assert "tensorflow_model_optimization" not in sys.modules
     assert os.environ.get("TF_USE_LEGACY_KERAS") != "1"
+
+
+def test_a_keras_3_file_loads_into_tf_keras_with_its_weights(report):
+    # tf_keras' own load_model: "Unrecognized keyword arguments: ['batch_shape']".
+    assert report["keras3_load_difference"] < 1e-5
+    assert {"Normalization", "Functional", "Sequential", "Dense"} <= set(
+        report["keras3_layers"])
+    assert "mixed_float16" in report["keras3_policies"]
+    assert re.fullmatch(r"`path` must be an existing \.keras file\. Received: "
+                        r"path='.*missing\.keras'\.", report["load_missing_error"])
+    assert re.fullmatch(r".*damaged\.keras is not a readable Keras model \(BadZipFile: .*\): "
+                        r"it is truncated, damaged or was not saved by Keras\. "
+                        r"Received: path='.*damaged\.keras'\.", report["load_damaged_error"])
+
+
+@pytest.mark.parametrize("channels", [1, 16])
+def test_calibration_data_as_an_array_is_batched(report, channels):
+    # Iterated one image at a time before: with 1 channel a relative error of
+    # 0.67, against 0.02-0.03 as one batch; with 16, a bare shape error.
+    # Batched by 32 (averages of two batches' ranges, slightly narrower than
+    # the whole array's): 0.04-0.06.
+    array = report[f"calibration_array_{channels}"]
+    assert isinstance(array, float), array
+    assert array < 0.1
+    if channels == 1:
+        assert report["calibration_batch_1"] < 0.05
+
+
+def test_calibration_batches_of_the_wrong_shape_are_refused(report):
+    assert report["calibration_shape_error_images"].startswith(
+        "`calibration_data` must give batches of the model's inputs, of shape "
+        "(batch, 8, 8, 16): its batch 0 has shape (8, 8, 16).")
+    assert report["calibration_shape_error_array"] == (
+        "`calibration_data` must be an array of the model's inputs, of shape (inputs, 8, 8, "
+        "16). Received: calibration_data of shape (64, 8, 8, 3).")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("schedule", "ValueError: `pruning_schedule` must be a tfmot.sparsity.keras."
+                 "PruningSchedule, e.g. ConstantSparsity(0.5, 0) or PolynomialDecay(0.0, 0.5, "
+                 "0, 1000). Received: pruning_schedule='notaschedule'."),
+    ("structured", "ValueError: `structured` must be True or False. Received: structured='yes'."),
+    ("converter", "ValueError: `model` must be a built model with known inputs, e.g. "
+                  "functional or Sequential with an Input. Received: model='x'."),
+])
+def test_helpers_refuse_bad_arguments_when_called(report, name, message):
+    # Accepted before, and failed inside fit, or (tflite_converter) an AttributeError.
+    assert report[f"{name}_error"] == message
+
+
+def _test_accuracy(model_path):
+    """The Keras 3 test accuracy of a saved digits classifier, and the number of images."""
+    import numpy as np
+
+    from keras_mgconv._keras import keras
+
+    model = keras.models.load_model(model_path)
+    batches = list(data.image_pipeline("digits", "test", 256))
+    correct = sum(int(np.sum(np.argmax(model(images, training=False), -1) == labels))
+                  for images, labels in batches)
+    count = sum(len(labels) for _, labels in batches)
+    return correct / count, count
+
+
+def test_quantize_command_fine_tunes_a_trained_model_to_int8(digits_run, tmp_path, capfd):
+    """train (Keras 3), then QAT under tf_keras, then an int8 file: the command line's path."""
+    from keras_mgconv import cli
+
+    output_dir, _ = digits_run
+    model_path = os.path.join(output_dir, "best.keras")
+    output = tmp_path / "model.int8.tflite"
+    # A short run: 2 steps after calibrating on 2 batches.
+    assert cli.main(["quantize", model_path, "--dataset", "digits", "--epochs", "1",
+                     "--steps-per-epoch", "2", "--calibration-batches", "2",
+                     "--output", str(output)]) == 0
+    printed = capfd.readouterr().out
+    figures = re.search(r"Test accuracy on (\d+) images: float ([\d.]+), QAT ([\d.]+), int8 "
+                        r"LiteRT ([\d.]+)\.", printed)
+    assert figures, printed
+    count, float_accuracy, qat_accuracy, int8_accuracy = (
+        int(figures[1]), *map(float, figures.groups()[1:]))
+    # tf_keras read the Keras 3 file whole: the accuracy Keras 3 gives it.
+    keras3_accuracy, keras3_count = _test_accuracy(model_path)
+    assert count == keras3_count
+    assert float_accuracy == pytest.approx(keras3_accuracy, abs=0.5e-4 + 1 / count)
+    assert float_accuracy > 0.9
+    assert int8_accuracy >= float_accuracy - 0.03
+    assert abs(int8_accuracy - qat_accuracy) <= 0.02
+    assert output.exists()
+    assert f"{output}: {output.stat().st_size:,} bytes, int8 (input float32, " in printed
+    assert "all TFLite builtins" in printed
+
+
+def test_quantize_command_refuses_a_missing_model_in_one_line(capfd):
+    from keras_mgconv import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quantize", "missing.keras"])
+    assert exit_info.value.code == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert error == ["keras-mgconv quantize: error: `model` must be an existing .keras file. "
+                     "Received: model='missing.keras'."]
