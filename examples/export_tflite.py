@@ -28,8 +28,10 @@ def main():
 
     model = keras.models.load_model(os.path.join(OUTPUT_DIR, "best.keras"))
     image_shape = model.input_shape[1:]
-    # A few hundred training images are enough to calibrate the activation ranges.
-    calibration = data.image_pipeline("digits", "train", 64, image_shape=image_shape).take(4)
+    # A few hundred training images are enough to calibrate the activation ranges
+    # (uncached: tf.data warns about a cache that is not read to its end).
+    calibration = data.image_pipeline("digits", "train", 64, image_shape=image_shape,
+                                      cache=False).take(4)
     test = data.image_pipeline("digits", "test", 64, image_shape=image_shape)
     report = export_tflite(model, os.path.join(OUTPUT_DIR, "model.int8.tflite"), "int8",
                            representative_data=calibration, verification_data=test)

@@ -197,8 +197,10 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
 
     output_dir = str(tmp_path / "resumed")
     original = training._EpochTimer.on_epoch_begin
+    trained_steps_per_execution = []
 
     def stop_at_epoch_2(self, epoch, logs=None):
+        trained_steps_per_execution.append(self.model.steps_per_execution)
         if epoch == 1:
             raise _Interrupt
         original(self, epoch, logs)
@@ -211,8 +213,11 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     after_epoch_1 = keras.models.load_model(os.path.join(output_dir, "last.keras"))
     steps = int(after_epoch_1.optimizer.iterations.numpy())
     assert steps == _fit_steps()
-    # Several steps per call of fit's compiled function, ending at the epoch's end.
-    assert after_epoch_1.steps_per_execution == training.steps_per_execution(steps) > 1
+    # Several steps per call of fit's compiled function, ending at the epoch's end;
+    # the saved compile config keeps 1, for a loaded model's predict and evaluate.
+    assert set(trained_steps_per_execution) == {training.steps_per_execution(steps)}
+    assert training.steps_per_execution(steps) > 1
+    assert after_epoch_1.steps_per_execution == 1
     assert any(np.abs(v.numpy()).sum() > 0 for v in after_epoch_1.optimizer.variables
                if "momentum" in v.path)
     schedule = after_epoch_1.optimizer._learning_rate
