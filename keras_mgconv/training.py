@@ -818,7 +818,7 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
         batch_size: global batch size, split across the strategy's replicas.
         learning_rate: initial learning rate.
         schedule: "cosine" (to 0 at the end), "step" (divided by 10 at 50% and
-            75% of the run) or "constant".
+            75% of the run) or "constant", over the epochs after the warm-up.
         optimizer: "sgd" (Nesterov, `momentum`), "adam" or "adamw".
         momentum: SGD momentum, in [0, 1).
         weight_decay: decoupled weight decay; 0 for none.
