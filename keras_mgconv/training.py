@@ -780,13 +780,14 @@ def _learned(history, num_classes):
 def _group_size_used(config):
     """The group size of the run's multigrid layers: the factory's default where none was given.
 
-    None for a baseline, which has none.
+    None for a baseline, which has none, and for a factory without the argument.
     """
     if not config["multigrid"]:
         return None
     if config["group_size"] is not None:
         return config["group_size"]
-    return inspect.signature(MODELS[config["model"]]).parameters["group_size"].default
+    parameter = inspect.signature(MODELS[config["model"]]).parameters.get("group_size")
+    return None if parameter is None else parameter.default
 
 
 def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,

@@ -75,7 +75,8 @@ _SUMMARY = dict(
     model="ResNet20", dataset="digits", parameters=1000, multiply_adds=2000,
     final_test_accuracy=0.91, final_test_accuracy_batch_statistics=0.93,
     selected_test_accuracy=0.92, selected_epoch=4, selected_by="10% of 'train', stratified",
-    best_validation_accuracy=0.95, train_time=12.0)
+    best_validation_accuracy=0.95, train_time=12.0, final_train_accuracy=0.9, learned=True,
+    num_classes=10)
 
 
 @pytest.mark.parametrize("arguments, multigrid, run_name, design", [

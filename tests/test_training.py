@@ -173,7 +173,8 @@ def test_plan_settles_data_and_steps_before_anything_is_built():
     config = training._config(
         "ResNet20", "digits", epochs=2, batch_size=64, learning_rate=0.1, schedule="cosine",
         optimizer="sgd", momentum=0.9, weight_decay=0.0, multigrid=True, group_size=None,
-        width=1.0, image_size=None, batch_norm_momentum=None, validation_fraction=0.1, seed=0)
+        width=1.0, image_size=None, batch_norm_momentum=None, validation_fraction=0.1, seed=0,
+        warmup_epochs=None)
     assert config["multigrid"] == "layer"
     plan = training._plan(config, replicas=1, data_dir=None, manual_dir=None)
     assert plan.steps_per_epoch == _fit_steps()
@@ -375,8 +376,8 @@ _MIRRORED = textwrap.dedent("""
     # Callbacks see a step only at the end of its execution: the one-device
     # reference takes one step per execution to show its first; two replicas
     # take one per execution anyway (train's rule).
-    steps_per_execution, training._MAX_STEPS_PER_EXECUTION = (
-        training._MAX_STEPS_PER_EXECUTION, 1)
+    steps_per_execution = training.steps_per_execution
+    training.steps_per_execution = lambda steps_per_epoch: 1
     for output_dir, strategy in [
             (sys.argv[1] + "/one", "default"),
             (sys.argv[1] + "/two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
@@ -384,7 +385,7 @@ _MIRRORED = textwrap.dedent("""
             training.train(output_dir=output_dir, strategy=strategy, **arguments)
         except FirstStepTaken:
             pass
-        training._MAX_STEPS_PER_EXECUTION = steps_per_execution
+        training.steps_per_execution = steps_per_execution
 """)
 
 
@@ -544,8 +545,8 @@ def test_output_dir_unwritable_midway_is_one_line(tmp_path, tiny, monkeypatch, c
     assert exit_info.value.code == 1
     error = capsys.readouterr().err.strip()
     assert error == (f"keras-mgconv train: error: [Errno 13] Permission denied: "
-                     f"'{output_dir}/last.keras'. Run the same command again to resume from "
-                     f"the last completed epoch.")
+                     f"'{output_dir}/last.keras'. No epoch had completed: there is nothing "
+                     f"to resume.")
 
 
 def test_overwrite_removes_the_old_runs_logs(tmp_path):
