@@ -12,7 +12,11 @@ process of their own: a process that has just run TensorFlow's converter can
 slow LiteRT's invokes three- to fourfold. Each figure is the median wall time
 of an invoke; beside it stands the invoking thread's CPU time (on one thread,
 the work itself, less of the machine's other load), the file's op count and
-the multiply-add ratio, the speed-up that equally efficient kernels would give.
+the multiply-add ratio, the speed-up that equally efficient kernels would give
+(the model's multiply-adds: a 1 x 1 layer exported as its matrix computes more).
+Networks with 1 x 1 multigrid layers are also timed with those exported as
+their cycles (`pointwise="cycle"`), where the default exports the ones that
+run faster as their matrix (see benchmarks/pointwise_export.py).
 
 `--profile` shows where the time goes: it also exports every variant's float32
 model cut after each stage (the layers before each change of the image size,
@@ -33,7 +37,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,38 +47,48 @@ import tensorflow as tf
 
 from keras_mgconv import count_multiply_adds, models
 from keras_mgconv.export import export_tflite
+from machine import cpu_description
 
-# name: (factory, input shape, classes, factory arguments)
+# name: (factory, input shape, classes, factory arguments, has 1 x 1 multigrid layers)
 NETWORKS = {
-    "ResNet20": (models.ResNet20, (32, 32, 3), 10, {}),
-    "ResNet56": (models.ResNet56, (32, 32, 3), 10, {}),
-    "MobileNetV2-1.0": (models.MobileNetV2, (224, 224, 3), 1000, {"alpha": 1.0}),
-    "MobileNetV2-0.5": (models.MobileNetV2, (224, 224, 3), 1000, {"alpha": 0.5}),
-    "MobileNetV3Large-1.0": (models.MobileNetV3Large, (224, 224, 3), 1000, {"alpha": 1.0}),
-    "MobileNetV3Small-1.0": (models.MobileNetV3Small, (224, 224, 3), 1000, {"alpha": 1.0}),
+    "ResNet20": (models.ResNet20, (32, 32, 3), 10, {}, False),
+    "ResNet56": (models.ResNet56, (32, 32, 3), 10, {}, False),
+    "MobileNetV2-1.0": (models.MobileNetV2, (224, 224, 3), 1000, {"alpha": 1.0}, True),
+    "MobileNetV2-0.5": (models.MobileNetV2, (224, 224, 3), 1000, {"alpha": 0.5}, True),
+    "MobileNetV3Large-1.0": (models.MobileNetV3Large, (224, 224, 3), 1000, {"alpha": 1.0}, True),
+    "MobileNetV3Small-1.0": (models.MobileNetV3Small, (224, 224, 3), 1000, {"alpha": 1.0}, True),
 }
 QUANTIZATIONS = {"float32": None, "int8": "int8"}
 THREADS = (1, 2)
 CALIBRATION_IMAGES = 16
 
 
-def variants(group_sizes):
-    """(label, factory arguments) of the baseline and every multigrid network timed."""
-    yield "baseline", {"multigrid": False}
+def variants(group_sizes, pointwise_layers):
+    """(label, factory arguments, export_tflite's `pointwise`) of every network timed.
+
+    Networks with 1 x 1 multigrid layers (`pointwise_layers`) are also timed
+    at the first group size, 1x, with every 1 x 1 layer exported as its cycle
+    (`pointwise="cycle"`, the smallest file) instead of where it runs faster as
+    its matrix (the default).
+    """
+    yield "baseline", {"multigrid": False}, "auto"
     for width in (1, 2):
         for group_size in group_sizes:
-            yield f"multigrid s={group_size} {width}x", {"group_size": group_size,
-                                                         "width": width}
+            arguments = {"group_size": group_size, "width": width}
+            yield f"multigrid s={group_size} {width}x", arguments, "auto"
+            if pointwise_layers and width == 1 and group_size == group_sizes[0]:
+                yield f"multigrid s={group_size} {width}x, 1x1 cycles", arguments, "cycle"
 
 
-def export(model, images, directory, label):
+def export(model, images, directory, label, pointwise):
     """Parameters, multiply-adds, and per quantization the exported file and its size."""
     result = {"params": model.count_params(), "multiply_adds": count_multiply_adds(model)}
     for name, quantization in QUANTIZATIONS.items():
         report = export_tflite(model, os.path.join(directory, f"{label}.{name}.tflite"),
-                               quantization, representative_data=images)
+                               quantization, representative_data=images, pointwise=pointwise)
         result[name] = {"path": report.path, "size_bytes": report.size_bytes,
-                        "ops": sum(report.op_counts.values())}
+                        "ops": sum(report.op_counts.values()),
+                        "dense_pointwise_layers": report.dense_pointwise_layers}
     return result
 
 
@@ -117,7 +130,7 @@ def stage_ends(model):
             if following is None or size(following) != size(layer)]
 
 
-def profile(model, directory, label):
+def profile(model, directory, label, pointwise):
     """Exports `model` cut after each stage: (stage names, paths, ops, multiply-adds)."""
     from keras_mgconv._keras import keras
 
@@ -125,7 +138,7 @@ def profile(model, directory, label):
     for index, layer in enumerate(stage_ends(model)):
         prefix = keras.Model(model.inputs, layer.output)
         path = os.path.join(directory, f"{label}.stage{index}.tflite")
-        report = export_tflite(prefix, path)
+        report = export_tflite(prefix, path, pointwise=pointwise)
         names.append(layer.name)
         paths.append(path)
         ops.append(sum(report.op_counts.values()))
@@ -159,7 +172,7 @@ def profile_table(network, rows, threads):
 
 
 def markdown(rows):
-    header = ["network", "variant", "params", "MACs (ratio)", "ops"]
+    header = ["network", "variant", "params", "MACs (ratio)", "ops", "1x1 as matrix"]
     for name in QUANTIZATIONS:
         header.append(f"{name} MB")
         header += [f"{name} {threads} thread{'s' * (threads > 1)} ms (ratio; CPU-time ratio)"
@@ -169,7 +182,7 @@ def markdown(rows):
     for row in rows:
         cells = [row["network"], row["variant"], f"{row['params'] / 1e6:.2f}M",
                  f"{row['multiply_adds'] / 1e6:.1f}M ({row['multiply_add_ratio']:.2f})",
-                 str(row["float32"]["ops"])]
+                 str(row["float32"]["ops"]), str(row["float32"]["dense_pointwise_layers"])]
         for name in QUANTIZATIONS:
             cells.append(f"{row[name]['size_bytes'] / 2**20:.2f}")
             cells += [f"{timing['median_ms']:.2f} ({ratio:.2f}; {cpu_ratio:.2f})"
@@ -212,19 +225,22 @@ def main(argv=None):
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as directory:
         for network in args.networks:
-            factory, input_shape, classes, arguments = NETWORKS[network]
+            factory, input_shape, classes, arguments, pointwise_layers = NETWORKS[network]
             images = rng.random((CALIBRATION_IMAGES, *input_shape), np.float32)
             network_rows = []
-            for variant, variant_arguments in variants(args.group_sizes):
+            for variant, variant_arguments, pointwise in variants(args.group_sizes,
+                                                                  pointwise_layers):
                 model = factory(input_shape=input_shape, classes=classes, **arguments,
                                 **variant_arguments)
                 network_rows.append({
                     "network": network, "variant": variant, **variant_arguments,
-                    **export(model, images, directory, f"{network}-{len(network_rows)}")})
+                    "pointwise": pointwise,
+                    **export(model, images, directory, f"{network}-{len(network_rows)}",
+                             pointwise)})
                 if args.profile:
                     row = network_rows[-1]
                     row["stages"], row["stage_paths"], row["stage_ops"], row["stage_macs"] = (
-                        profile(model, directory, f"{network}-{len(network_rows)}"))
+                        profile(model, directory, f"{network}-{len(network_rows)}", pointwise))
             time_interleaved(network_rows, args.repeats, args.warmup, args.rounds)
             baseline = network_rows[0]
             for row in network_rows:
@@ -251,8 +267,7 @@ def main(argv=None):
                      "timed": "in a process of its own, wall and invoking-thread CPU time",
                      "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
                      "group_sizes": args.group_sizes},
-        "environment": {"machine": platform.machine(), "processor": platform.processor(),
-                        "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
+        "environment": {"cpu": cpu_description(), "tensorflow": tf.__version__,
                         "ai_edge_litert": ai_edge_litert.__version__},
         "rows": rows,
     }

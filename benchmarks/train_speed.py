@@ -49,7 +49,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -78,6 +77,7 @@ if "--keras-first" in sys.argv[1:]:
 import keras_mgconv  # noqa: E402 (after the backend is chosen)
 from keras_mgconv import models, training  # noqa: E402
 from keras_mgconv._keras import keras  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 LAYER_WIDTHS = (128, 256, 512)
 LAYER_GROUP_SIZES = (8, 16, 32)
@@ -274,17 +274,9 @@ def markdown_table(rows):
 
 
 def machine_description():
-    model_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model_name = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                              if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     backend = keras.backend.backend()
     version = importlib.import_module(backend).__version__
-    return (f"{model_name}, {os.cpu_count()} CPU cores, Keras {keras.__version__} on "
-            f"{backend} {version}")
+    return f"{cpu_description()}, Keras {keras.__version__} on {backend} {version}"
 
 
 def main(argv=None):

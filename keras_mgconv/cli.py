@@ -187,12 +187,15 @@ def _export(args):
 
         representative = first_images(info.train_split)
         verification = first_images(info.test_split)
-    suffix = args.quantization + ("" if args.lowering == "grouped" else f".{args.lowering}")
+    suffix = args.quantization + "".join(
+        f".{value}" for value, default in [(args.lowering, "grouped"), (args.pointwise, "auto")]
+        if value != default)
     output = args.output or f"{os.path.splitext(args.model)[0]}.{suffix}.tflite"
     report = export_tflite(
         model, output, None if args.quantization == "float32" else args.quantization,
         representative_data=representative, verification_data=verification,
-        integer_io=args.integer_io, lowering=args.lowering, allow_flex_ops=args.allow_flex_ops,
+        integer_io=args.integer_io, lowering=args.lowering, pointwise=args.pointwise,
+        allow_flex_ops=args.allow_flex_ops,
         input_shape=None if args.image_size is None else image_shape)
     print(report)
 
@@ -345,9 +348,12 @@ def _add_export_commands(commands):
                         help="images taken from each split (default 500)")
     export.add_argument("--output", default=None,
                         help="the .tflite file (default: MODEL's name with "
-                             ".QUANTIZATION[.split].tflite)")
+                             ".QUANTIZATION[.split][.POINTWISE].tflite)")
     export.add_argument("--lowering", default="grouped", choices=["grouped", "split"],
                         help="split: per-group CONV_2Ds, for runtimes without XNNPACK")
+    export.add_argument("--pointwise", default="auto", choices=["auto", "dense", "cycle"],
+                        help="1x1 multigrid layers as their cycle's matrix where it runs faster "
+                             "(auto), always (dense), or never (cycle: the smallest file)")
     export.add_argument("--integer-io", action="store_true",
                         help="with int8: int8 inputs and outputs instead of float32")
     export.add_argument("--allow-flex-ops", action="store_true",

@@ -22,8 +22,13 @@ _COUNTED = (
 )
 
 
-def _kernel_weights(layer):
-    return sum(math.prod(weight.shape) for weight in layer.trainable_weights
+def multiply_adds_per_position(layer):
+    """Multiply-adds of a counted layer at one output position: its kernel weights.
+
+    A MultigridConv2D's are those of all its convolutions. Frozen layers
+    (`trainable=False`) compute as much as the others.
+    """
+    return sum(math.prod(weight.shape) for weight in layer.weights
                if "kernel" in weight.name)
 
 
@@ -61,5 +66,5 @@ def count_multiply_adds(model):
                 raise ValueError(
                     f"Layer {layer.name!r} has output shape {output_shape}: build "
                     f"the model with a fixed input_shape to count multiply-adds.")
-            total += math.prod(output_shape[1:-1]) * _kernel_weights(layer)
+            total += math.prod(output_shape[1:-1]) * multiply_adds_per_position(layer)
     return total

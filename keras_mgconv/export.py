@@ -14,6 +14,10 @@ a full convolution of the same width (DESIGN.md, section 3). For runtimes
 without XNNPACK, `lowering="split"` exports every grouped convolution as SPLIT,
 one CONV_2D per group and CONCATENATION instead: the same function, run by the
 optimized kernels every runtime has.
+
+A 1 x 1 MultigridConv2D is one matrix. Where that matrix costs less than the
+cycle's small grouped convolutions take, it is exported as one CONV_2D with it
+(`pointwise="auto"`, see keras_mgconv._pointwise): MobileNetV2's 6x expansions.
 """
 
 import collections
@@ -32,7 +36,7 @@ from ai_edge_litert.tools import flatbuffer_utils
 # tf.lite does not export the error its converter raises.
 from tensorflow.lite.python.convert_phase import ConverterError
 
-from keras_mgconv import _tensorflow_logs
+from keras_mgconv import _pointwise, _tensorflow_logs
 from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
@@ -41,6 +45,7 @@ from keras_mgconv.layers.grouped_conv import (
 
 QUANTIZATIONS = (None, "float16", "dynamic_range", "int8")
 LOWERINGS = ("grouped", "split")
+POINTWISE = _pointwise.POINTWISE
 
 # Float32's unit roundoff: one rounding changes a value by at most this, relatively.
 _UNIT_ROUNDOFF = 2.0 ** -24
@@ -89,6 +94,9 @@ class ExportReport:
         quantization: "float32", "float16", "dynamic_range" or "int8".
         lowering: "grouped" or "split".
         size_bytes: file size.
+        pointwise: "auto", "dense" or "cycle", as passed to `export_tflite`.
+        dense_pointwise_layers: the 1 x 1 MultigridConv2D layers exported as
+            one CONV_2D with their cycle's matrix.
         input_dtype, output_dtype: the model's input and output types, e.g.
             "float32" or "int8".
         op_counts: dict of op name (TFLite builtin names such as "CONV_2D";
@@ -120,6 +128,8 @@ class ExportReport:
     input_shape: tuple = ()
     keras_input_shape: tuple = ()
     converted_from: str = "float32"
+    pointwise: str = "auto"
+    dense_pointwise_layers: int = 0
 
     def to_dict(self):
         """The report as a dict of plain values, for JSON."""
@@ -134,6 +144,9 @@ class ExportReport:
             f"{self.lowering} lowering",
             f"ops ({sum(self.op_counts.values())}, {kind}): {ops}",
         ]
+        if self.dense_pointwise_layers:
+            lines.append(f"{self.dense_pointwise_layers} 1x1 multigrid layers exported as "
+                         f"their cycle's matrix, one CONV_2D each (pointwise={self.pointwise!r})")
         if None in self.keras_input_shape[1:]:
             lines.append(f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
                          f"the Keras model takes {tuple(self.keras_input_shape[1:])}")
@@ -499,9 +512,11 @@ def _input_in(model, layer):
     """The input of `layer`'s call in `model`'s graph.
 
     Not `layer.input`, which for a nested model is its own Input, whatever it
-    is called on.
+    is called on. A built Sequential model keeps its graph in a functional
+    model of its own.
     """
-    for nodes in model._nodes_by_depth.values():
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    for nodes in graph._nodes_by_depth.values():
         for node in nodes:
             if node.operation is layer and node.input_tensors:
                 return node.input_tensors[0]
@@ -632,7 +647,7 @@ def _convert(model, path, settings, name, lowering):
 
 def export_tflite(model, path, quantization=None, representative_data=None,
                   verification_data=None, integer_io=False, lowering="grouped",
-                  allow_flex_ops=False, input_shape=None):
+                  allow_flex_ops=False, input_shape=None, pointwise="auto"):
     """Exports a Keras model to a `.tflite` file and checks it against the model.
 
     Converts through `model.export(format="litert")` (Keras' route for Keras
@@ -677,6 +692,12 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         input_shape: for a model that takes inputs of any size, the input
             shape to convert it for, without the batch size, e.g. (224, 224, 3).
             Default: the data's, or the model's own where it has one.
+        pointwise: how 1 x 1 MultigridConv2D layers are exported: "auto" (as
+            one CONV_2D with the cycle's matrix where that matrix has at most
+            `64 / group_size` times the cycle's multiply-adds, the factor by
+            which XNNPACK runs it faster; as the cycle elsewhere), "dense" (all as matrices: a file
+            as large as the baseline's) or "cycle" (none: the smallest file).
+            All three compute the same function.
 
     Returns:
         An `ExportReport`.
@@ -684,7 +705,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
     Raises:
         ValueError: before anything is written, for a bad argument: `path` not
             ending in ".tflite" or not in a writable directory, an unknown
-            `quantization` or `lowering`, "int8" without
+            `quantization`, `lowering` or `pointwise`, "int8" without
             `representative_data` or with `representative_data` unlike the
             inputs that the model's input Normalization layer (where it has
             one) describes, data of the wrong shape or with NaN or infinite
@@ -712,6 +733,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
     path = _check_path(path)
     _arguments.choice("quantization", quantization, QUANTIZATIONS)
     _arguments.choice("lowering", lowering, LOWERINGS)
+    _arguments.choice("pointwise", pointwise, POINTWISE)
     if integer_io and quantization != "int8":
         raise ValueError(
             f"`integer_io` needs quantization='int8': only fully quantized models have "
@@ -744,7 +766,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
                                    integer_io, allow_flex_ops)
     policies = _compute_policies(model)
     copy = _export_copy(model, lowering)
-    exported = _fixed_size(copy, shape)
+    folded, dense_pointwise_layers = _pointwise.fold_pointwise(copy, pointwise)
+    exported = _fixed_size(folded, shape)
     # What the file computes: the model, or its float32 copy.
     reference = copy if policies else model
     tolerance = float32_tolerance(_fixed_size(reference, shape))
@@ -762,7 +785,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             path=path, quantization=quantization or "float32", lowering=lowering,
             size_bytes=os.path.getsize(temporary), verification=verification,
             input_shape=(1, *shape), keras_input_shape=tuple(model_shape),
-            converted_from="/".join(policies) or "float32", **contents)
+            converted_from="/".join(policies) or "float32", pointwise=pointwise,
+            dense_pointwise_layers=dense_pointwise_layers, **contents)
         if verification is not None and not np.isfinite(verification.max_abs_diff):
             raise RuntimeError(
                 f"The export could not be verified: its outputs or the Keras model's "

@@ -535,7 +535,8 @@ def export_int8(qat_model, path, verification_data=None):
         verification = export._verify(temporary, qat_model, images, source)
         report = export.ExportReport(
             path=path, quantization="int8", lowering="grouped", size_bytes=len(content),
-            verification=verification, input_shape=(1, *images.shape[1:]),
+            # QAT wraps each layer as it is: 1 x 1 cycles stay cycles.
+            pointwise="cycle", verification=verification, input_shape=(1, *images.shape[1:]),
             keras_input_shape=tuple(model_shape), **export._inspect(content))
         if not np.isfinite(verification.max_abs_diff):
             raise RuntimeError(

@@ -141,6 +141,22 @@ def test_export_split_lowering_to_output(capsys, small_model_path, tmp_path):
     assert "SPLIT" in out and "(random)" in out
 
 
+def test_export_pointwise_chooses_matrix_or_cycle_and_names_the_file(capsys, tmp_path):
+    import keras_mgconv
+    from keras_mgconv._keras import keras
+
+    inputs = keras.Input((4, 4, 16))
+    outputs = keras_mgconv.MultigridConv2D(128, 1, group_size=8)(inputs)
+    path = tmp_path / "expand.keras"
+    keras.Model(inputs, outputs).save(path)
+    for arguments, output, matrices in [([], "expand.float32.tflite", 1),
+                                        (["--pointwise", "cycle"], "expand.float32.cycle.tflite", 0)]:
+        assert cli.main(["export", str(path), *arguments]) == 0
+        out = capsys.readouterr().out
+        assert (tmp_path / output).exists()
+        assert ("1 1x1 multigrid layers exported as their cycle's matrix" in out) == bool(matrices)
+
+
 def test_benchmark_prints_latency_table(capsys, small_model_path, tmp_path):
     output = tmp_path / "model.tflite"
     cli.main(["export", str(small_model_path), "--output", str(output)])

@@ -44,6 +44,15 @@ def test_counts_multigrid_connector_at_output_resolution():
     assert count_multiply_adds(_model((8, 8, 16), layer)) == 4 * 4 * per_position
 
 
+def test_frozen_layers_count_as_much():
+    # A frozen backbone (trainable=False) computes as much; it counted 0.
+    layer = keras_mgconv.MultigridConv2D(32, 3, padding="same", group_size=8)
+    model = _model((6, 6, 32), layer)
+    counted = count_multiply_adds(model)
+    model.trainable = False
+    assert count_multiply_adds(model) == counted > 0
+
+
 def test_sums_layers_and_nested_models():
     inner = _model((8, 8, 4), keras.layers.Conv2D(4, 1))
     outer = _model((8, 8, 4), inner, keras.layers.GlobalAveragePooling2D(),

@@ -224,6 +224,7 @@ def test_flex_ops_when_allowed_are_reported_and_not_verified(tmp_path):
     ({"quantization": "int8"}, r"Received: representative_data=None\."),
     ({"quantization": "int4"}, r"Received: quantization='int4'\."),
     ({"lowering": "fused"}, r"Received: lowering='fused'\."),
+    ({"pointwise": "folded"}, r"Received: pointwise='folded'\."),
     ({"integer_io": True}, r"Received: integer_io=True, quantization=None\."),
     ({"representative_data": np.zeros((4, 8, 8, 3), np.float32)},
      r"input shape \(8, 8, 16\)\. Received: representative_data of shape \(4, 8, 8, 3\)\."),
@@ -373,6 +374,40 @@ def test_a_mixed_float16_model_exports_from_a_float32_copy(tmp_path):
     np.testing.assert_allclose(float32, model.predict(images, verbose=0), atol=2e-3)
     # The user's model is left as it was.
     assert model.layers[1].compute_dtype == "float16"
+
+
+def test_pointwise_layers_export_as_their_matrix_where_it_runs_faster(tmp_path):
+    # An expansion 16 -> 512, whose matrix has 8,192 multiply-adds per pixel
+    # against its cycle's 20,288, and a stride-2 projection 512 -> 64, whose
+    # matrix has 32,768 against 2,368: XNNPACK runs the cycle's small grouped
+    # convolutions (groups of 8) at about an eighth of the matrix's rate, so
+    # "auto" exports the first as its matrix and keeps the second's cycle.
+    inputs = keras.Input((4, 4, 16))
+    x = keras_mgconv.MultigridConv2D(512, 1, group_size=8, name="expand")(inputs)
+    x = keras.layers.ReLU()(x)
+    outputs = keras_mgconv.MultigridConv2D(
+        64, 1, strides=2, use_bias=False, group_size=8, name="project")(x)
+    model = keras.Model(inputs, outputs)
+    images = np.random.default_rng(0).random((4, 4, 4, 16), np.float32)
+    reports = {pointwise: export_tflite(model, tmp_path / f"{pointwise}.tflite",
+                                        verification_data=images, pointwise=pointwise)
+               for pointwise in export.POINTWISE}
+    cycle = {name: len(model.get_layer(name).convolutions) for name in ("expand", "project")}
+    assert reports["cycle"].op_counts["CONV_2D"] == sum(cycle.values())
+    assert reports["dense"].op_counts == {"CONV_2D": 2}
+    assert reports["auto"].op_counts["CONV_2D"] == 1 + cycle["project"]
+    assert {name: report.dense_pointwise_layers for name, report in reports.items()} == {
+        "auto": 1, "dense": 2, "cycle": 0}
+    assert "1 1x1 multigrid layers exported as their cycle's matrix" in str(reports["auto"])
+    expected = model.predict(images, verbose=0)
+    for report in reports.values():
+        np.testing.assert_allclose(_run_tflite(report.path, images), expected, rtol=0,
+                                   atol=float32_tolerance(model) * np.abs(expected).max())
+    # Nested in a model of the user's, the same layer is exported as its matrix.
+    nested = keras.Sequential([keras.Input((4, 4, 16)), model])
+    report = export_tflite(nested, tmp_path / "nested.tflite", verification_data=images)
+    assert report.dense_pointwise_layers == 1
+    assert isinstance(model.get_layer("expand"), keras_mgconv.MultigridConv2D)
 
 
 @pytest.fixture(scope="module")
