@@ -6,7 +6,7 @@ exports it as that matrix (one CONV_2D) where the matrix has at most
 and as the cycle's grouped convolutions elsewhere. This script measures the
 factor: for layer shapes from MobileNetV2 (an expansion and a projection) and
 the ImageNet ResNets' bottlenecks, at group sizes 8 and 16, it exports each
-layer both ways (float32, `pointwise="dense"` and `"cycle"`), times them in a
+layer both ways (`pointwise="dense"` and `"cycle"`, float32 and int8), times them in a
 process of their own (1 thread, XNNPACK, batch 1, as benchmarks/tflite_latency.py
 does) and prints, per layer, the matrix's multiply-adds over the cycle's and its
 time over the cycle's. Their quotient is how many times faster XNNPACK runs a
@@ -38,6 +38,7 @@ from tflite_latency import time_in_child
 SHAPES = [(96, 576, 28), (576, 96, 28), (256, 1024, 14), (1024, 1024, 14),
           (2048, 512, 7), (512, 2048, 7)]
 GROUP_SIZES = (8, 16)
+QUANTIZATIONS = {"float32": None, "int8": "int8"}
 
 
 def main():
@@ -53,29 +54,35 @@ def main():
                     filters, 1, group_size=group_size,
                     coarsest_channels=settings.coarsest_width(filters))
                 model = keras.Model(inputs, layer(inputs))
-                images = rng.random((2, size, size, channels), np.float32)
-                row = {"group_size": group_size, "input_channels": channels,
-                       "filters": filters, "image_size": size, "levels": list(layer.levels),
-                       "multiply_add_ratio": channels * filters / multiply_adds_per_position(layer)}
-                for pointwise in ("dense", "cycle"):
-                    path = os.path.join(directory, f"{group_size}-{channels}-{filters}.{pointwise}"
-                                                   ".tflite")
-                    export_tflite(model, path, verification_data=images, pointwise=pointwise)
-                    row[f"{pointwise}_path"] = path
-                    paths.append(path)
-                rows.append(row)
+                images = rng.random((8, size, size, channels), np.float32)
+                for name, quantization in QUANTIZATIONS.items():
+                    row = {"quantization": name, "group_size": group_size,
+                           "input_channels": channels, "filters": filters, "image_size": size,
+                           "levels": list(layer.levels), "multiply_add_ratio":
+                               channels * filters / multiply_adds_per_position(layer)}
+                    for pointwise in ("dense", "cycle"):
+                        path = os.path.join(directory, f"{group_size}-{channels}-{filters}."
+                                                       f"{pointwise}.{name}.tflite")
+                        export_tflite(model, path, quantization, representative_data=images,
+                                      pointwise=pointwise)
+                        row[f"{pointwise}_path"] = path
+                        paths.append(path)
+                    rows.append(row)
         timings = time_in_child(paths, (1,), repeats=100, warmup=10, rounds=5)
-    lines = [f"CPU: {cpu_description()}. Float32, 1 thread, XNNPACK, batch 1; CPU time of "
-             f"the invoking thread.", "",
-             "| s | layer | image | levels | matrix/cycle MACs | matrix/cycle time "
-             "| MAC ratio / time ratio |", "|---:|---|---:|---|---:|---:|---:|"]
+    lines = [f"CPU: {cpu_description()}. 1 thread, XNNPACK, batch 1; CPU time of the "
+             f"invoking thread.", "",
+             "| quantization | s | layer | image | levels | matrix/cycle MACs "
+             "| matrix/cycle time | MAC ratio / time ratio |",
+             "|---|---:|---|---:|---|---:|---:|---:|"]
+    rows.sort(key=lambda row: list(QUANTIZATIONS).index(row["quantization"]))
     for row in rows:
         for pointwise in ("dense", "cycle"):
             row[f"{pointwise}_ms"] = timings[row.pop(f"{pointwise}_path")][0]["cpu_ms"]
         row["time_ratio"] = row["dense_ms"] / row["cycle_ms"]
         row["slowdown"] = row["multiply_add_ratio"] / row["time_ratio"]
         lines.append(
-            f"| {row['group_size']} | {row['input_channels']} -> {row['filters']} "
+            f"| {row['quantization']} | {row['group_size']} "
+            f"| {row['input_channels']} -> {row['filters']} "
             f"| {row['image_size']} | {row['levels']} | {row['multiply_add_ratio']:.2f} "
             f"| {row['time_ratio']:.2f} ({row['dense_ms']:.3f} / {row['cycle_ms']:.3f} ms) "
             f"| {row['slowdown']:.1f} |")

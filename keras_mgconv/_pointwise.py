@@ -7,7 +7,10 @@ grouped convolutions, whose groups are `group_size` channels deep, at about
 `group_size / 64` of a dense 1 x 1 convolution's multiply-adds per second, so
 the matrix wins where it costs fewer than `64 / group_size` times the cycle's
 multiply-adds (MobileNetV2's expansions, 6x wider than their inputs) and the
-cycle wins beyond (its projections, the wide ResNet50 layers).
+cycle wins beyond (its projections, the wide ResNet50 layers). In int8 the
+matrix won on every layer measured, by 5-33x: XNNPACK's int8 kernels for
+narrow groups run slower than its float32 ones, its dense int8 kernels many
+times faster.
 """
 
 from keras_mgconv._keras import keras
@@ -17,31 +20,34 @@ from keras_mgconv.layers import MultigridConv2D
 POINTWISE = ("auto", "dense", "cycle")
 
 # A dense 1 x 1 convolution's multiply-adds per second over a cycle's is about
-# this over the group size: under XNNPACK, float32, 1 thread, 6.6-11.1 (median
-# 8.2) at group size 8 and 2.7-5.6 (median 3.5) at 16, for six layer shapes
+# this over the group size: under XNNPACK, float32, 1 thread, 6.5-11.3 (median
+# 8.8) at group size 8 and 2.7-5.6 (median 3.5) at 16, for six layer shapes
 # from 96 -> 576 to 2048 -> 512 channels (benchmarks/pointwise_export.py); the
-# rule picks the faster export for all twelve.
+# rule picks the faster export for all twelve. In int8 the same factor was
+# 20-550 (at most 51.7 multiply-adds of the matrix per one of the cycle in
+# these layers): int8 exports every 1 x 1 layer as its matrix.
 _SLOWDOWN_TIMES_GROUP_SIZE = 64
 
 
-def exports_dense(layer, pointwise):
+def exports_dense(layer, pointwise, quantization=None):
     """Whether `layer` is exported as one dense 1 x 1 convolution under `pointwise`.
 
     Only 1 x 1 MultigridConv2D layers with a cycle (more than one level) are:
-    under "dense" all of them, under "cycle" none, and under "auto" those whose
-    matrix costs at most `64 / group_size` times the cycle's multiply-adds.
+    under "dense" all of them, under "cycle" none, and under "auto" all of
+    them in an "int8" export, else those whose matrix costs at most
+    `64 / group_size` times the cycle's multiply-adds.
     """
     if not (isinstance(layer, MultigridConv2D) and layer.kernel_size == (1, 1)
             and layer.restrictions):
         return False
-    if pointwise != "auto":
-        return pointwise == "dense"
+    if pointwise != "auto" or quantization == "int8":
+        return pointwise != "cycle"
     dense = layer.input_spec.axes[-1] * layer.filters
     return (dense * layer.group_size
             <= _SLOWDOWN_TIMES_GROUP_SIZE * multiply_adds_per_position(layer))
 
 
-def fold_pointwise(model, pointwise):
+def fold_pointwise(model, pointwise, quantization=None):
     """`model` with the 1 x 1 layers that `exports_dense` picks as `Conv2D`s, or `model`.
 
     The other layers are `model`'s own (shared, with their weights); each
@@ -53,7 +59,7 @@ def fold_pointwise(model, pointwise):
         `(folded_model, number_of_layers_replaced)`.
     """
     chosen = {id(layer) for layer in model._flatten_layers(include_self=False)
-              if exports_dense(layer, pointwise)}
+              if exports_dense(layer, pointwise, quantization)}
     if not chosen:
         return model, 0
     weights = {}

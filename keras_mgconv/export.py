@@ -695,7 +695,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         pointwise: how 1 x 1 MultigridConv2D layers are exported: "auto" (as
             one CONV_2D with the cycle's matrix where that matrix has at most
             `64 / group_size` times the cycle's multiply-adds, the factor by
-            which XNNPACK runs it faster; as the cycle elsewhere), "dense" (all as matrices: a file
+            which XNNPACK runs it faster, and always in "int8", where the
+            matrix was 5-33x faster; as the cycle elsewhere), "dense" (all as matrices: a file
             as large as the baseline's) or "cycle" (none: the smallest file).
             All three compute the same function.
 
@@ -766,7 +767,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
                                    integer_io, allow_flex_ops)
     policies = _compute_policies(model)
     copy = _export_copy(model, lowering)
-    folded, dense_pointwise_layers = _pointwise.fold_pointwise(copy, pointwise)
+    folded, dense_pointwise_layers = _pointwise.fold_pointwise(copy, pointwise, quantization)
     exported = _fixed_size(folded, shape)
     # What the file computes: the model, or its float32 copy.
     reference = copy if policies else model
