@@ -696,8 +696,9 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             one CONV_2D with the cycle's matrix where that matrix has at most
             `64 / group_size` times the cycle's multiply-adds, the factor by
             which XNNPACK runs it faster, and always in "int8", where the
-            matrix was 5-33x faster; as the cycle elsewhere), "dense" (all as matrices: a file
-            as large as the baseline's) or "cycle" (none: the smallest file).
+            matrix was 5-33x faster; as the cycle elsewhere), "dense" (all as
+            matrices: a file as large as the baseline's) or "cycle" (none: the
+            smallest file).
             All three compute the same function.
 
     Returns:
