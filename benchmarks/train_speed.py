@@ -101,14 +101,16 @@ def _layer_group(width, group_sizes):
     }
 
 
-def _model_group(name, factory, input_shape, **kwargs):
-    def build(multigrid):
+def _model_group(name, factory, input_shape, variants=(("", {}),), **kwargs):
+    """The baseline and one multigrid row per `(name suffix, factory arguments)` of `variants`."""
+    def build(multigrid, **variant):
         return factory(input_shape=input_shape, classes=CLASSES,
-                       multigrid=multigrid, **kwargs)
+                       multigrid=multigrid, **kwargs, **variant)
 
     return {
         "baseline": ("baseline", lambda: build(False)),
-        "rows": [(name, lambda: build(True))],
+        "rows": [(name + suffix, lambda variant=variant: build(True, **variant))
+                 for suffix, variant in variants],
         "input_shape": input_shape,
         "loss": "sparse_categorical_crossentropy",
     }
@@ -119,8 +121,13 @@ def benchmark_groups():
     groups = [_layer_group(width, LAYER_GROUP_SIZES) for width in LAYER_WIDTHS]
     for depth, factory in ((20, models.ResNet20), (56, models.ResNet56)):
         for width in (1, 2, 4):
+            # At 1x also group size 8, with and without dense layers of 32
+            # channels or fewer (as in the authors' code; benchmarks/accuracy.py).
+            variants = (("", {}),) + ((" s=8", {"group_size": 8}),
+                                      (" s=8 c=32", {"group_size": 8, "coarsest_channels": 32})
+                                      ) * (width == 1)
             groups.append(_model_group(
-                f"ResNet{depth} {width}x", factory, (32, 32, 3), width=width))
+                f"ResNet{depth} {width}x", factory, (32, 32, 3), variants, width=width))
     groups.append(_model_group("ResNet18 32x32", models.ResNet18, (32, 32, 3)))
     groups.append(_model_group("MobileNetV2 1.0 96x96", models.MobileNetV2,
                                (96, 96, 3), alpha=1.0))
