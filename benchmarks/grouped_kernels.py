@@ -17,7 +17,6 @@ kernels).
 Writes benchmarks/results/grouped_kernels.json and .md.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 from keras_mgconv._keras import keras
 from keras_mgconv.export import export_tflite
 from keras_mgconv.layers import GroupedConv2D
-from machine import cpu_description
+from machine import cpu_description, write_results
 from tflite_latency import time_in_child
 
 # (channels, image size): ResNet20/56's three stages at 32 x 32 inputs, the
@@ -80,14 +79,7 @@ def main():
             f"| {row['quantization']} | {kernel} | {row['channels']} | {row['image_size']} "
             f"| {row['group_size']} | {row['ms']:.3f} | {row['time_ratio']:.2f} "
             f"| {row['multiply_add_ratio']:.3f} | {row['cost_per_multiply_add']:.1f} |")
-    output = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                          "grouped_kernels")
-    with open(output + ".json", "w") as file:
-        json.dump({"cpu": cpu_description(), "rows": rows}, file, indent=2)
-        file.write("\n")
-    with open(output + ".md", "w") as file:
-        file.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("grouped_kernels", rows, lines)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The CPU a benchmark ran on, as its results files name it."""
+"""The CPU a benchmark ran on, and the results files that name it."""
 
+import json
 import os
 import platform
 
@@ -23,3 +24,14 @@ def cpu_description():
         pass
     present = " ".join(flag for flag in _FLAGS if flag in flags) or "flags unknown"
     return f"{name}, {os.cpu_count()} cores, {present}"
+
+
+def write_results(name, rows, lines):
+    """Writes benchmarks/results/`name`.json (the CPU and `rows`) and .md (`lines`), and prints the lines."""
+    output = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    with open(output + ".json", "w") as file:
+        json.dump({"cpu": cpu_description(), "rows": rows}, file, indent=2)
+        file.write("\n")
+    with open(output + ".md", "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -18,7 +18,6 @@ ratio is below it.
 Writes benchmarks/results/pointwise_export.json and .md.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from keras_mgconv._keras import keras
 from keras_mgconv.complexity import multiply_adds_per_position
 from keras_mgconv.export import export_tflite
 from keras_mgconv.models import common
-from machine import cpu_description
+from machine import cpu_description, write_results
 from tflite_latency import time_in_child
 
 # (input channels, filters, image size): MobileNetV2's block-13 expansion and
@@ -86,14 +85,7 @@ def main():
             f"| {row['image_size']} | {row['levels']} | {row['multiply_add_ratio']:.2f} "
             f"| {row['time_ratio']:.2f} ({row['dense_ms']:.3f} / {row['cycle_ms']:.3f} ms) "
             f"| {row['slowdown']:.1f} |")
-    output = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                          "pointwise_export")
-    with open(output + ".json", "w") as file:
-        json.dump({"cpu": cpu_description(), "rows": rows}, file, indent=2)
-        file.write("\n")
-    with open(output + ".md", "w") as file:
-        file.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("pointwise_export", rows, lines)
 
 
 if __name__ == "__main__":
