@@ -82,6 +82,11 @@ from machine import cpu_description  # noqa: E402
 LAYER_WIDTHS = (128, 256, 512)
 LAYER_GROUP_SIZES = (8, 16, 32)
 CLASSES = 10
+# The ResNets at 1x are also timed at group size 8, with and without dense
+# layers of 32 channels or fewer (as in the authors' code; benchmarks/accuracy.py
+# measures the accuracy of both).
+GROUP_SIZE_8 = ((" s=8", {"group_size": 8}),
+                (" s=8 c=32", {"group_size": 8, "coarsest_channels": 32}))
 
 
 def _layer_group(width, group_sizes):
@@ -101,8 +106,14 @@ def _layer_group(width, group_sizes):
     }
 
 
-def _model_group(name, factory, input_shape, variants=(("", {}),), **kwargs):
-    """The baseline and one multigrid row per `(name suffix, factory arguments)` of `variants`."""
+def _model_group(name, factory, input_shape, variants=(("", {}),), steps_per_execution=1,
+                 **kwargs):
+    """The baseline and one multigrid row per `(name suffix, factory arguments)` of `variants`.
+
+    With `steps_per_execution` > 1 each timing is one `fit` epoch of that many
+    steps in one call of the compiled function, as `keras_mgconv.training.train`
+    runs them, divided by the steps.
+    """
     def build(multigrid, **variant):
         return factory(input_shape=input_shape, classes=CLASSES,
                        multigrid=multigrid, **kwargs, **variant)
@@ -113,6 +124,7 @@ def _model_group(name, factory, input_shape, variants=(("", {}),), **kwargs):
                  for suffix, variant in variants],
         "input_shape": input_shape,
         "loss": "sparse_categorical_crossentropy",
+        "steps_per_execution": steps_per_execution,
     }
 
 
@@ -121,25 +133,36 @@ def benchmark_groups():
     groups = [_layer_group(width, LAYER_GROUP_SIZES) for width in LAYER_WIDTHS]
     for depth, factory in ((20, models.ResNet20), (56, models.ResNet56)):
         for width in (1, 2, 4):
-            # At 1x also group size 8, with and without dense layers of 32
-            # channels or fewer (as in the authors' code; benchmarks/accuracy.py).
-            variants = (("", {}),) + ((" s=8", {"group_size": 8}),
-                                      (" s=8 c=32", {"group_size": 8, "coarsest_channels": 32})
-                                      ) * (width == 1)
+            variants = (("", {}),) + GROUP_SIZE_8 * (width == 1)
             groups.append(_model_group(
                 f"ResNet{depth} {width}x", factory, (32, 32, 3), variants, width=width))
+    # The 8x8 digits' shape, where per-step overhead rather than arithmetic dominates.
+    groups.append(_model_group("ResNet20 1x 8x8", models.ResNet20, (8, 8, 1),
+                               (("", {}),) + GROUP_SIZE_8, steps_per_execution=20))
     groups.append(_model_group("ResNet18 32x32", models.ResNet18, (32, 32, 3)))
     groups.append(_model_group("MobileNetV2 1.0 96x96", models.MobileNetV2,
                                (96, 96, 3), alpha=1.0))
     return groups
 
 
-def _compiled(build, loss):
+def _compiled(build, loss, steps_per_execution=1):
     model = build()
+    # Only the training steps are timed: no statistics recomputed after `fit`.
+    model.batch_norm_statistics_batches = 0
     model.compile(
         optimizer=training._optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4),
-        loss=loss, jit_compile=False)
+        loss=loss, jit_compile=False, steps_per_execution=steps_per_execution)
     return model
+
+
+def _step(model, inputs, targets, steps_per_execution):
+    """One timed unit: a `train_on_batch`, or a `fit` epoch of `steps_per_execution` steps."""
+    if steps_per_execution == 1:
+        model.train_on_batch(inputs, targets)
+    else:
+        model.fit(np.concatenate([inputs] * steps_per_execution),
+                  np.concatenate([targets] * steps_per_execution),
+                  batch_size=len(inputs), epochs=1, shuffle=False, verbose=0)
 
 
 def _batch(group, batch_size, model):
@@ -156,19 +179,20 @@ def _batch(group, batch_size, model):
 def time_group(group, names, batch_size, repeats, warmup, profile=False):
     """Median step times of the group's baseline and of its rows named in `names`."""
     entries = [group["baseline"], *[row for row in group["rows"] if row[0] in names]]
-    compiled = [_compiled(build, group["loss"]) for _, build in entries]
+    steps = group.get("steps_per_execution", 1)
+    compiled = [_compiled(build, group["loss"], steps) for _, build in entries]
     inputs, targets = _batch(group, batch_size, compiled[0])
     for model in compiled:
         for _ in range(warmup):
-            model.train_on_batch(inputs, targets)
+            _step(model, inputs, targets, steps)
     times = [[] for _ in compiled]
     cpu_times = [[] for _ in compiled]
     for _ in range(repeats):
         for model, model_times, model_cpu_times in zip(compiled, times, cpu_times):
             start, cpu_start = time.perf_counter(), time.process_time()
-            model.train_on_batch(inputs, targets)
-            model_cpu_times.append(time.process_time() - cpu_start)
-            model_times.append(time.perf_counter() - start)
+            _step(model, inputs, targets, steps)
+            model_cpu_times.append((time.process_time() - cpu_start) / steps)
+            model_times.append((time.perf_counter() - start) / steps)
     figures = [{
         "params": model.count_params(),
         "multiply_adds": keras_mgconv.count_multiply_adds(model),
