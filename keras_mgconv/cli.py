@@ -120,8 +120,8 @@ def _train(args):
         batch_size=args.batch_size, learning_rate=args.learning_rate,
         schedule=args.schedule, optimizer=args.optimizer, momentum=args.momentum,
         weight_decay=args.weight_decay, multigrid=multigrid,
-        group_size=args.group_size, width=args.width, image_size=args.image_size,
-        output_dir=output_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
+        group_size=args.group_size, coarsest_channels=args.coarsest_channels,
+        width=args.width, image_size=args.image_size, output_dir=output_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
         strategy=args.strategy, batch_norm_momentum=args.batch_norm_momentum,
         validation_fraction=args.validation_fraction, seed=args.seed,
         warmup_epochs=args.warmup_epochs,
@@ -416,6 +416,9 @@ def _parser():
                             "residual block (ResNets)")
     train.add_argument("--group-size", type=int, default=None,
                        help="multigrid group size (default: the factory's)")
+    train.add_argument("--coarsest-channels", type=int, default=None,
+                       help="widest coarsest level of the multigrid layers (default: the "
+                            "group size); 32 keeps layers of 32 channels or fewer dense")
     train.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     train.add_argument("--image-size", type=int, default=None,
                        help="resize images to this square size")

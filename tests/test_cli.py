@@ -106,6 +106,22 @@ def test_train_command_chooses_the_design_and_reports_both_test_figures(
             "(10% of 'train', stratified: accuracy 0.9500).") in printed
 
 
+def test_train_command_passes_the_coarsest_channels(monkeypatch):
+    from keras_mgconv import training
+
+    received = {}
+
+    def train(**kwargs):
+        received.update(kwargs)
+        return dict(_SUMMARY, multigrid=kwargs["multigrid"])
+
+    monkeypatch.setattr(training, "train", train)
+    assert cli.main(["train", "--group-size", "8", "--coarsest-channels", "32"]) == 0
+    assert (received["group_size"], received["coarsest_channels"]) == (8, 32)
+    assert cli.main(["train"]) == 0
+    assert received["coarsest_channels"] is None
+
+
 @pytest.fixture
 def small_model_path(tmp_path):
     """A small untrained multigrid classifier for the digits' 8x8x1 images, saved."""

@@ -186,6 +186,35 @@ def test_plan_settles_data_and_steps_before_anything_is_built():
         training._plan(config, replicas=3, data_dir=None, manual_dir=None)
 
 
+def test_coarsest_channels_reach_the_factory_and_are_checked():
+    import types
+
+    import keras_mgconv
+
+    arguments = dict(epochs=2, batch_size=64, learning_rate=0.1, schedule="cosine",
+                     optimizer="sgd", momentum=0.9, weight_decay=0.0, multigrid=True,
+                     group_size=8, width=1.0, image_size=None, batch_norm_momentum=None,
+                     validation_fraction=0.1, seed=0, warmup_epochs=None)
+    info = types.SimpleNamespace(num_classes=10, name="digits")
+
+    def coarsest_levels(coarsest_channels):
+        config = training._config("ResNet20", "digits", coarsest_channels=coarsest_channels,
+                                  **arguments)
+        assert config["coarsest_channels"] == coarsest_channels
+        network = training._build_model(
+            "ResNet20", info, (8, 8, 1), lambda x: x, config["multigrid"],
+            config["group_size"], config["width"], 0.9, config["coarsest_channels"])
+        return {(layer.filters, layer.levels[-1]) for layer in network._flatten_layers()
+                if isinstance(layer, keras_mgconv.MultigridConv2D)}
+
+    # ResNet20's 16-, 32- and 64-channel layers: cycles down to 8 channels by
+    # default; with 32, the layers of 16 and 32 channels are dense convolutions.
+    assert coarsest_levels(None) == {(16, 8), (32, 8), (64, 8)}
+    assert coarsest_levels(32) == {(64, 32)}
+    with pytest.raises(ValueError, match=r"Received: coarsest_channels=0\."):
+        training._config("ResNet20", "digits", coarsest_channels=0, **arguments)
+
+
 class _Interrupt(Exception):
     pass
 
