@@ -155,14 +155,12 @@ def _compiled(build, loss, steps_per_execution=1):
     return model
 
 
-def _step(model, inputs, targets, steps_per_execution):
-    """One timed unit: a `train_on_batch`, or a `fit` epoch of `steps_per_execution` steps."""
-    if steps_per_execution == 1:
+def _step(model, inputs, targets, batch_size):
+    """One timed unit: a `train_on_batch`, or a `fit` epoch over `inputs` in batches of `batch_size`."""
+    if len(inputs) == batch_size:
         model.train_on_batch(inputs, targets)
     else:
-        model.fit(np.concatenate([inputs] * steps_per_execution),
-                  np.concatenate([targets] * steps_per_execution),
-                  batch_size=len(inputs), epochs=1, shuffle=False, verbose=0)
+        model.fit(inputs, targets, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
 
 
 def _batch(group, batch_size, model):
@@ -182,15 +180,17 @@ def time_group(group, names, batch_size, repeats, warmup, profile=False):
     steps = group.get("steps_per_execution", 1)
     compiled = [_compiled(build, group["loss"], steps) for _, build in entries]
     inputs, targets = _batch(group, batch_size, compiled[0])
+    # A fit epoch of `steps` batches, built once, outside the timings.
+    epoch = (np.concatenate([inputs] * steps), np.concatenate([targets] * steps))
     for model in compiled:
         for _ in range(warmup):
-            _step(model, inputs, targets, steps)
+            _step(model, *epoch, batch_size)
     times = [[] for _ in compiled]
     cpu_times = [[] for _ in compiled]
     for _ in range(repeats):
         for model, model_times, model_cpu_times in zip(compiled, times, cpu_times):
             start, cpu_start = time.perf_counter(), time.process_time()
-            _step(model, inputs, targets, steps)
+            _step(model, *epoch, batch_size)
             model_cpu_times.append((time.process_time() - cpu_start) / steps)
             model_times.append((time.perf_counter() - start) / steps)
     figures = [{
