@@ -188,14 +188,15 @@ def _export(args):
         representative = first_images(info.train_split)
         verification = first_images(info.test_split)
     suffix = args.quantization + "".join(
-        f".{value}" for value, default in [(args.lowering, "grouped"), (args.pointwise, "auto")]
-        if value != default)
+        f".{part}" for part, default in [(args.lowering, "grouped"), (args.pointwise, "auto"),
+                                         (f"g{args.min_group_filters}", "gauto")]
+        if part != default)
     output = args.output or f"{os.path.splitext(args.model)[0]}.{suffix}.tflite"
     report = export_tflite(
         model, output, None if args.quantization == "float32" else args.quantization,
         representative_data=representative, verification_data=verification,
         integer_io=args.integer_io, lowering=args.lowering, pointwise=args.pointwise,
-        allow_flex_ops=args.allow_flex_ops,
+        min_group_filters=args.min_group_filters, allow_flex_ops=args.allow_flex_ops,
         input_shape=None if args.image_size is None else image_shape)
     print(report)
 
@@ -334,6 +335,16 @@ def _add_quantize_command(commands):
     quantize.set_defaults(run=_quantize)
 
 
+def _auto_or_int(value):
+    """An argparse type: "auto" or an int (export_tflite checks its range)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int, got {value!r}") from None
+
+
 def _add_export_commands(commands):
     export = commands.add_parser(
         "export", help="convert a .keras model to TFLite, verify it against Keras, report")
@@ -348,12 +359,16 @@ def _add_export_commands(commands):
                         help="images taken from each split (default 500)")
     export.add_argument("--output", default=None,
                         help="the .tflite file (default: MODEL's name with "
-                             ".QUANTIZATION[.split][.POINTWISE].tflite)")
+                             ".QUANTIZATION[.split][.POINTWISE][.gMIN_GROUP_FILTERS].tflite)")
     export.add_argument("--lowering", default="grouped", choices=["grouped", "split"],
                         help="split: per-group CONV_2Ds, for runtimes without XNNPACK")
     export.add_argument("--pointwise", default="auto", choices=["auto", "dense", "cycle"],
                         help="1x1 multigrid layers as their cycle's matrix where it runs faster "
                              "(auto), always (dense), or never (cycle: the smallest file)")
+    export.add_argument("--min-group-filters", type=_auto_or_int, default="auto",
+                        help="merge neighbouring groups of grouped convolutions until each has "
+                             "this many filters: the same function, faster in int8 on x86 "
+                             "(default auto: 16 in int8, else 1, the groups as trained)")
     export.add_argument("--integer-io", action="store_true",
                         help="with int8: int8 inputs and outputs instead of float32")
     export.add_argument("--allow-flex-ops", action="store_true",

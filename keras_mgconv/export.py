@@ -18,11 +18,16 @@ optimized kernels every runtime has.
 A 1 x 1 MultigridConv2D is one matrix. Where that matrix costs less than the
 cycle's small grouped convolutions take, it is exported as one CONV_2D with it
 (`pointwise="auto"`, see keras_mgconv._pointwise): MobileNetV2's 6x expansions.
+In int8, neighbouring groups of 8 or fewer filters are merged into groups of
+16 with zeros between them (`min_group_filters`, see
+`keras_mgconv.layers.grouped_conv.merge_groups`): the same function, which
+XNNPACK's int8 kernels run faster in fewer groups.
 """
 
 import collections
 import dataclasses
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -46,6 +51,15 @@ from keras_mgconv.layers.grouped_conv import (
 QUANTIZATIONS = (None, "float16", "dynamic_range", "int8")
 LOWERINGS = ("grouped", "split")
 POINTWISE = _pointwise.POINTWISE
+
+# XNNPACK's int8 convolutions on x86 take about as long for a group of 4 or 8
+# filters as for one of 16 (benchmarks/grouped_kernels.py). Merged to 16
+# filters, a 3x3 grouped convolution of groups of 8 ran 1.2-1.5x faster
+# (AVX-512 with VNNI) or 2x (AMX), and ResNet20 and ResNet56 at group size 8
+# 1.3x and 1.5x (AVX-512; benchmarks/tflite_latency.py); merging further was
+# slower there. In float32 the same merge gained 0-6% for up to 1.7x the file
+# size: "auto" keeps float32 groups as trained.
+_INT8_MIN_GROUP_FILTERS = 16
 
 # Float32's unit roundoff: one rounding changes a value by at most this, relatively.
 _UNIT_ROUNDOFF = 2.0 ** -24
@@ -97,6 +111,8 @@ class ExportReport:
         pointwise: "auto", "dense" or "cycle", as passed to `export_tflite`.
         dense_pointwise_layers: the 1 x 1 MultigridConv2D layers exported as
             one CONV_2D with their cycle's matrix.
+        min_group_filters: the fewest filters a group of the file's grouped
+            convolutions has where groups were merged (1: groups as trained).
         input_dtype, output_dtype: the model's input and output types, e.g.
             "float32" or "int8".
         op_counts: dict of op name (TFLite builtin names such as "CONV_2D";
@@ -130,6 +146,7 @@ class ExportReport:
     converted_from: str = "float32"
     pointwise: str = "auto"
     dense_pointwise_layers: int = 0
+    min_group_filters: int = 1
 
     def to_dict(self):
         """The report as a dict of plain values, for JSON."""
@@ -147,6 +164,9 @@ class ExportReport:
         if self.dense_pointwise_layers:
             lines.append(f"{self.dense_pointwise_layers} 1x1 multigrid layers exported as "
                          f"their cycle's matrix, one CONV_2D each (pointwise={self.pointwise!r})")
+        if self.min_group_filters > 1:
+            lines.append(f"grouped convolutions merged to groups of at least "
+                         f"{self.min_group_filters} filters (same function)")
         if None in self.keras_input_shape[1:]:
             lines.append(f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
                          f"the Keras model takes {tuple(self.keras_input_shape[1:])}")
@@ -619,7 +639,20 @@ def float32_tolerance(model, input_shape=None):
     return 2 * _summed_terms(model, input_shape) * _UNIT_ROUNDOFF
 
 
-def _convert(model, path, settings, name, lowering):
+def _min_group_filters(value, quantization, lowering):
+    """`export_tflite`'s `min_group_filters` as an int, "auto" resolved; raises for others."""
+    if value == "auto":
+        return (_INT8_MIN_GROUP_FILTERS if quantization == "int8" and lowering == "grouped"
+                else 1)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(
+            f"`min_group_filters` must be 'auto' or a positive int (the fewest filters "
+            f"per group after merging; 1 keeps the groups as trained). "
+            f"Received: min_group_filters={value!r}.")
+    return int(value)
+
+
+def _convert(model, path, settings, name, lowering, min_group_filters):
     """Writes `model` converted with `settings` to `path`, or says which ops TFLite lacks."""
     failed = False
 
@@ -628,7 +661,8 @@ def _convert(model, path, settings, name, lowering):
         return failed or _converter_chatter(record)
 
     try:
-        with traced_implementation(lowering), _tensorflow_logs.hidden(hidden):
+        with (traced_implementation(lowering, min_group_filters),
+              _tensorflow_logs.hidden(hidden)):
             try:
                 model.export(path, format="litert", verbose=False, **settings)
             except ConverterError:
@@ -647,7 +681,8 @@ def _convert(model, path, settings, name, lowering):
 
 def export_tflite(model, path, quantization=None, representative_data=None,
                   verification_data=None, integer_io=False, lowering="grouped",
-                  allow_flex_ops=False, input_shape=None, pointwise="auto"):
+                  allow_flex_ops=False, input_shape=None, pointwise="auto",
+                  min_group_filters="auto"):
     """Exports a Keras model to a `.tflite` file and checks it against the model.
 
     Converts through `model.export(format="litert")` (Keras' route for Keras
@@ -700,6 +735,13 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             matrices: a file as large as the baseline's) or "cycle" (none: the
             smallest file).
             All three compute the same function.
+        min_group_filters: "auto" or an int: grouped convolutions whose groups
+            have fewer filters than this are exported with neighbouring groups
+            merged (block-diagonal kernels, zeros between the groups) until they
+            have as many: the same function with more multiply-adds, which
+            XNNPACK's int8 kernels on x86 run faster (benchmarks/grouped_kernels.py).
+            "auto": 16 in "int8" with the "grouped" lowering, else 1 (groups as
+            trained). The file grows by the zeros.
 
     Returns:
         An `ExportReport`.
@@ -707,7 +749,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
     Raises:
         ValueError: before anything is written, for a bad argument: `path` not
             ending in ".tflite" or not in a writable directory, an unknown
-            `quantization`, `lowering` or `pointwise`, "int8" without
+            `quantization`, `lowering` or `pointwise`, a `min_group_filters`
+            neither "auto" nor a positive int, "int8" without
             `representative_data` or with `representative_data` unlike the
             inputs that the model's input Normalization layer (where it has
             one) describes, data of the wrong shape or with NaN or infinite
@@ -736,6 +779,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
     _arguments.choice("quantization", quantization, QUANTIZATIONS)
     _arguments.choice("lowering", lowering, LOWERINGS)
     _arguments.choice("pointwise", pointwise, POINTWISE)
+    min_group_filters = _min_group_filters(min_group_filters, quantization, lowering)
     if integer_io and quantization != "int8":
         raise ValueError(
             f"`integer_io` needs quantization='int8': only fully quantized models have "
@@ -777,7 +821,7 @@ def export_tflite(model, path, quantization=None, representative_data=None,
 
     def write(temporary):
         nonlocal report
-        _convert(exported, temporary, settings, model.name, lowering)
+        _convert(exported, temporary, settings, model.name, lowering, min_group_filters)
         with open(temporary, "rb") as file:
             contents = _inspect(file.read())
         # ai_edge_litert has no Flex delegate: such a model cannot be run here.
@@ -788,7 +832,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             size_bytes=os.path.getsize(temporary), verification=verification,
             input_shape=(1, *shape), keras_input_shape=tuple(model_shape),
             converted_from="/".join(policies) or "float32", pointwise=pointwise,
-            dense_pointwise_layers=dense_pointwise_layers, **contents)
+            dense_pointwise_layers=dense_pointwise_layers,
+            min_group_filters=min_group_filters, **contents)
         if verification is not None and not np.isfinite(verification.max_abs_diff):
             raise RuntimeError(
                 f"The export could not be verified: its outputs or the Keras model's "

@@ -225,6 +225,8 @@ def test_flex_ops_when_allowed_are_reported_and_not_verified(tmp_path):
     ({"quantization": "int4"}, r"Received: quantization='int4'\."),
     ({"lowering": "fused"}, r"Received: lowering='fused'\."),
     ({"pointwise": "folded"}, r"Received: pointwise='folded'\."),
+    ({"min_group_filters": 0}, r"'auto' or a positive int.*Received: min_group_filters=0\."),
+    ({"min_group_filters": "wide"}, r"Received: min_group_filters='wide'\."),
     ({"integer_io": True}, r"Received: integer_io=True, quantization=None\."),
     ({"representative_data": np.zeros((4, 8, 8, 3), np.float32)},
      r"input shape \(8, 8, 16\)\. Received: representative_data of shape \(4, 8, 8, 3\)\."),

@@ -8,7 +8,8 @@ import keras_mgconv
 from keras_mgconv import _keras
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import _tensorflow_ops
-from keras_mgconv.layers.grouped_conv import grouped_conv2d, grouped_gradient_supported
+from keras_mgconv.layers.grouped_conv import (
+    grouped_conv2d, grouped_gradient_supported, merge_groups)
 
 from grouped_reference import block_diagonal_kernel, diagonal_blocks
 from float32_rounding import assert_within_rounding
@@ -135,6 +136,24 @@ def test_split_fallback_says_why_and_what_it_costs(monkeypatch):
             assert _tensorflow_ops.auto_implementation(tf.float16) == "split"
     finally:
         _tensorflow_ops._warn_split_fallback.cache_clear()
+
+
+@pytest.mark.parametrize("kernel_shape,groups,min_group_filters,merged_groups", [
+    ((3, 3, 8, 64), 8, 16, 4),  # a smoother at group size 8: groups of 8 filters, merged in pairs
+    ((1, 1, 8, 32), 8, 16, 2),  # its restriction: 4 filters a group, merged in fours
+    ((1, 1, 4, 64), 8, 16, 4),  # its prolongation: 4 inputs and 8 filters a group
+    ((3, 3, 8, 24), 3, 32, 1),  # no merge reaches 32 filters: a full convolution
+    ((3, 3, 8, 64), 8, 8, 8),  # wide enough already: as it was
+])
+def test_merged_groups_are_the_same_convolution(kernel_shape, groups, min_group_filters,
+                                                merged_groups):
+    kernel = np.random.default_rng(0).normal(size=kernel_shape).astype("float32")
+    merged, count = merge_groups(tf.constant(kernel), groups, min_group_filters)
+    assert count == merged_groups
+    assert merged.shape == (*kernel_shape[:2], kernel_shape[2] * groups // count, kernel_shape[3])
+    # The same full kernel: the same function, whatever the strides or padding.
+    np.testing.assert_array_equal(block_diagonal_kernel(merged, count),
+                                  block_diagonal_kernel(kernel, groups))
 
 
 def test_grouped_conv2d_rejects_unknown_implementation():
