@@ -16,7 +16,10 @@ the multiply-add ratio, the speed-up that equally efficient kernels would give
 (the model's multiply-adds: a 1 x 1 layer exported as its matrix computes more).
 Networks with 1 x 1 multigrid layers are also timed with those exported as
 their cycles (`pointwise="cycle"`), where the default exports the ones that
-run faster as their matrix (see benchmarks/pointwise_export.py).
+run faster as their matrix (see benchmarks/pointwise_export.py). The ResNets
+are also timed with their groups as trained (`min_group_filters=1`), where
+the default int8 export merges groups of fewer than 16 filters (see
+benchmarks/grouped_kernels.py); the float32 export is the same in both.
 
 `--profile` shows where the time goes: it also exports every variant's float32
 model cut after each stage (the layers before each change of the image size,
@@ -66,36 +69,42 @@ DENSE_UP_TO = 32
 
 
 def variants(group_sizes, pointwise_layers):
-    """(label, factory arguments, export_tflite's `pointwise`) of every network timed.
+    """(label, factory arguments, export_tflite options) of every network timed.
 
     Networks with 1 x 1 multigrid layers (`pointwise_layers`) are also timed
     at the first group size, 1x, with every 1 x 1 layer exported as its cycle
     (`pointwise="cycle"`, the smallest file) instead of where it runs faster as
     its matrix (the default). The others (the ResNets) are also timed at the
-    first group size with layers of 32 channels or fewer dense
-    (`coarsest_channels=32`, as in the authors' code): a different network,
-    whose accuracy benchmarks/accuracy.py measures beside the default's.
+    first group size, 1x, with the groups as trained (`min_group_filters=1`)
+    instead of merged in int8 (the default), and at the first group size
+    with layers of 32 channels or fewer dense (`coarsest_channels=32`, as in
+    the authors' code): a different network, whose accuracy
+    benchmarks/accuracy.py measures beside the default's.
     """
-    yield "baseline", {"multigrid": False}, "auto"
+    yield "baseline", {"multigrid": False}, {}
     for width in (1, 2):
         for group_size in group_sizes:
             arguments = {"group_size": group_size, "width": width}
-            yield f"multigrid s={group_size} {width}x", arguments, "auto"
+            yield f"multigrid s={group_size} {width}x", arguments, {}
             if group_size != group_sizes[0]:
                 continue
             if pointwise_layers and width == 1:
-                yield f"multigrid s={group_size} {width}x, 1x1 cycles", arguments, "cycle"
+                yield (f"multigrid s={group_size} {width}x, 1x1 cycles", arguments,
+                       {"pointwise": "cycle"})
+            if not pointwise_layers and width == 1:
+                yield (f"multigrid s={group_size} {width}x, groups as trained", arguments,
+                       {"min_group_filters": 1})
             if not pointwise_layers:
                 yield (f"multigrid s={group_size} c={DENSE_UP_TO} {width}x",
-                       {**arguments, "coarsest_channels": DENSE_UP_TO}, "auto")
+                       {**arguments, "coarsest_channels": DENSE_UP_TO}, {})
 
 
-def export(model, images, directory, label, pointwise):
+def export(model, images, directory, label, options):
     """Parameters, multiply-adds, and per quantization the exported file and its size."""
     result = {"params": model.count_params(), "multiply_adds": count_multiply_adds(model)}
     for name, quantization in QUANTIZATIONS.items():
         report = export_tflite(model, os.path.join(directory, f"{label}.{name}.tflite"),
-                               quantization, representative_data=images, pointwise=pointwise)
+                               quantization, representative_data=images, **options)
         result[name] = {"path": report.path, "size_bytes": report.size_bytes,
                         "ops": sum(report.op_counts.values()),
                         "dense_pointwise_layers": report.dense_pointwise_layers}
@@ -140,7 +149,7 @@ def stage_ends(model):
             if following is None or size(following) != size(layer)]
 
 
-def profile(model, directory, label, pointwise):
+def profile(model, directory, label, options):
     """Exports `model` cut after each stage: (stage names, paths, ops, multiply-adds)."""
     from keras_mgconv._keras import keras
 
@@ -148,7 +157,7 @@ def profile(model, directory, label, pointwise):
     for index, layer in enumerate(stage_ends(model)):
         prefix = keras.Model(model.inputs, layer.output)
         path = os.path.join(directory, f"{label}.stage{index}.tflite")
-        report = export_tflite(prefix, path, pointwise=pointwise)
+        report = export_tflite(prefix, path, **options)
         names.append(layer.name)
         paths.append(path)
         ops.append(sum(report.op_counts.values()))
@@ -238,19 +247,19 @@ def main(argv=None):
             factory, input_shape, classes, arguments, pointwise_layers = NETWORKS[network]
             images = rng.random((CALIBRATION_IMAGES, *input_shape), np.float32)
             network_rows = []
-            for variant, variant_arguments, pointwise in variants(args.group_sizes,
-                                                                  pointwise_layers):
+            for variant, variant_arguments, options in variants(args.group_sizes,
+                                                                pointwise_layers):
                 model = factory(input_shape=input_shape, classes=classes, **arguments,
                                 **variant_arguments)
                 network_rows.append({
                     "network": network, "variant": variant, **variant_arguments,
-                    "pointwise": pointwise,
+                    "export_options": options,
                     **export(model, images, directory, f"{network}-{len(network_rows)}",
-                             pointwise)})
+                             options)})
                 if args.profile:
                     row = network_rows[-1]
                     row["stages"], row["stage_paths"], row["stage_ops"], row["stage_macs"] = (
-                        profile(model, directory, f"{network}-{len(network_rows)}", pointwise))
+                        profile(model, directory, f"{network}-{len(network_rows)}", options))
             time_interleaved(network_rows, args.repeats, args.warmup, args.rounds)
             baseline = network_rows[0]
             for row in network_rows:

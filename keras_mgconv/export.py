@@ -56,7 +56,7 @@ POINTWISE = _pointwise.POINTWISE
 # filters as for one of 16 (benchmarks/grouped_kernels.py). Merged to 16
 # filters, a 3x3 grouped convolution of groups of 8 ran 1.2-1.5x faster
 # (AVX-512 with VNNI) or 2x (AMX), and ResNet20 and ResNet56 at group size 8
-# 1.3x and 1.5x (AVX-512; benchmarks/tflite_latency.py); merging further was
+# 1.2x and 1.5x (AVX-512; benchmarks/tflite_latency.py); merging further was
 # slower there. In float32 the same merge gained 0-6% for up to 1.7x the file
 # size: "auto" keeps float32 groups as trained.
 _INT8_MIN_GROUP_FILTERS = 16
