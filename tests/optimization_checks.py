@@ -11,7 +11,7 @@ one to two minutes on a 2-core CPU.
     TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR
     TF_USE_LEGACY_KERAS=1 python tests/optimization_checks.py OUTPUT_DIR FLOAT_MODEL
 
-The second form runs only QAT, from the float model a first run saved
+The second form runs only QAT (one epoch), from the float model a first run saved
 (OUTPUT_DIR/float.keras): test_optimization.py repeats it with oneDNN off.
 """
 
@@ -247,10 +247,10 @@ def tflite_report(tflite_model, test):
     }
 
 
-def check_quantization(model, output_dir, train, test, steps_per_epoch):
+def check_quantization(model, output_dir, train, test, steps_per_epoch, epochs=QAT_EPOCHS):
     qat_model = optimization.quantize_model(model, calibration_data=train.take(8))
-    compile_for_training(qat_model, 1e-4, QAT_EPOCHS, steps_per_epoch)
-    qat_model.fit(train, epochs=QAT_EPOCHS, verbose=0)
+    compile_for_training(qat_model, 1e-4, epochs, steps_per_epoch)
+    qat_model.fit(train, epochs=epochs, verbose=0)
     # tfmot cannot reload its QuantizeLayer from .keras files; HDF5 works.
     qat_model.save(f"{output_dir}/qat.h5")
     with optimization.quantize_scope():
@@ -380,7 +380,10 @@ def main(output_dir, float_model=None):
     else:
         model, report["float_accuracy"] = train_float_model(train, test, steps_per_epoch)
         model.save(f"{output_dir}/float.keras")
-    report.update(check_quantization(model, output_dir, train, test, steps_per_epoch))
+    # The QAT-only run (oneDNN off) checks the gradient path and the export,
+    # which one epoch of fine-tuning from the same float model exercises.
+    report.update(check_quantization(model, output_dir, train, test, steps_per_epoch,
+                                     epochs=1 if float_model else QAT_EPOCHS))
     if not float_model:
         # Pruning changes the weights of the model it wraps: prune a fresh copy.
         report.update(check_pruning(keras.models.load_model(f"{output_dir}/float.keras"),

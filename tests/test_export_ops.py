@@ -27,6 +27,7 @@ def test_a_cycle_exports_to_its_convolutions_and_one_addition_and_subtraction_a_
     assert layer.levels == (32, 16, 8)
     report = export_tflite(model, str(tmp_path / "cycle.tflite"))
     assert report.op_counts == {"CONV_2D": connectors + 7, "ADD": 2, "SUB": 1}
+    assert report.min_group_filters == 1  # float32: the groups as trained
     assert report.verification.max_rel_diff <= float32_tolerance(model)
 
 
@@ -67,8 +68,7 @@ def test_int8_export_merges_narrow_groups_into_the_same_function(tmp_path):
     # The same function: with the same calibration, the same int8 outputs.
     np.testing.assert_array_equal(predict_tflite(reports["auto"].path, images),
                                   predict_tflite(reports[1].path, images))
-    # float32 keeps its groups unless asked, and merged computes the same to rounding.
-    assert _conv_groups(export_tflite(model, tmp_path / "float.tflite").path) == as_trained
+    # On request float32 merges too, and computes the same to rounding.
     report = export_tflite(model, tmp_path / "merged.tflite", min_group_filters=16)
     assert _conv_groups(report.path) == merged
     assert report.verification.max_rel_diff <= float32_tolerance(model)
