@@ -18,8 +18,8 @@ optimized kernels every runtime has.
 A 1 x 1 MultigridConv2D is one matrix. Where that matrix costs less than the
 cycle's small grouped convolutions take, it is exported as one CONV_2D with it
 (`pointwise="auto"`, see keras_mgconv._pointwise): MobileNetV2's 6x expansions.
-In int8, neighbouring groups of 8 or fewer filters are merged into groups of
-16 with zeros between them (`min_group_filters`, see
+In int8, neighbouring groups of fewer than 16 filters are merged until they
+have 16, with zeros between them (`min_group_filters`, see
 `keras_mgconv.layers.grouped_conv.merge_groups`): the same function, which
 XNNPACK's int8 kernels run faster in fewer groups.
 """
