@@ -165,8 +165,10 @@ class ExportReport:
             lines.append(f"{self.dense_pointwise_layers} 1x1 multigrid layers exported as "
                          f"their cycle's matrix, one CONV_2D each (pointwise={self.pointwise!r})")
         if self.min_group_filters > 1:
-            lines.append(f"grouped convolutions merged to groups of at least "
-                         f"{self.min_group_filters} filters (same function)")
+            # What the export did to any narrow groups, also where a model has none.
+            lines.append(f"grouped convolutions with groups of fewer than "
+                         f"{self.min_group_filters} filters merged up to "
+                         f"{self.min_group_filters} (same function)")
         if None in self.keras_input_shape[1:]:
             lines.append(f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
                          f"the Keras model takes {tuple(self.keras_input_shape[1:])}")

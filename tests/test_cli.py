@@ -146,12 +146,12 @@ def test_export_int8_on_dataset_prints_report(capsys, small_model_path):
     assert f"{output}: {output.stat().st_size:,} bytes, int8 (input float32, " in out
     assert "all TFLite builtins" in out
     assert "on 100 examples (verification_data)" in out
-    assert "merged to groups of at least 16 filters" in out
+    assert "groups of fewer than 16 filters merged up to 16" in out
 
 
 def test_export_min_group_filters_is_passed_named_and_checked(capsys, small_model_path):
     assert cli.main(["export", str(small_model_path), "--min-group-filters", "16"]) == 0
-    assert "merged to groups of at least 16 filters" in capsys.readouterr().out
+    assert "groups of fewer than 16 filters merged up to 16" in capsys.readouterr().out
     assert (small_model_path.parent / "model.float32.g16.tflite").exists()
     with pytest.raises(SystemExit):
         cli.main(["export", str(small_model_path), "--min-group-filters", "wide"])
