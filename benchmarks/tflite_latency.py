@@ -19,7 +19,8 @@ their cycles (`pointwise="cycle"`), where the default exports the ones that
 run faster as their matrix (see benchmarks/pointwise_export.py). The ResNets
 are also timed with their groups as trained (`min_group_filters=1`), where
 the default int8 export merges groups of fewer than 16 filters (see
-benchmarks/grouped_kernels.py); the float32 export is the same in both.
+benchmarks/grouped_kernels.py), and with them merged in float32 as well
+(`min_group_filters=16`), which the default leaves as trained.
 
 `--profile` shows where the time goes: it also exports every variant's float32
 model cut after each stage (the layers before each change of the image size,
@@ -76,7 +77,8 @@ def variants(group_sizes, pointwise_layers):
     (`pointwise="cycle"`, the smallest file) instead of where it runs faster as
     its matrix (the default). The others (the ResNets) are also timed at the
     first group size, 1x, with the groups as trained (`min_group_filters=1`)
-    instead of merged in int8 (the default), and at the first group size
+    instead of merged in int8 (the default), with them merged in float32 too
+    (`min_group_filters=16`; its int8 file is the default's), and at the first group size
     with layers of 32 channels or fewer dense (`coarsest_channels=32`, as in
     the authors' code): a different network, whose accuracy
     benchmarks/accuracy.py measures beside the default's.
@@ -94,6 +96,8 @@ def variants(group_sizes, pointwise_layers):
             if not pointwise_layers and width == 1:
                 yield (f"multigrid s={group_size} {width}x, groups as trained", arguments,
                        {"min_group_filters": 1})
+                yield (f"multigrid s={group_size} {width}x, groups merged to 16", arguments,
+                       {"min_group_filters": 16})
             if not pointwise_layers:
                 yield (f"multigrid s={group_size} c={DENSE_UP_TO} {width}x",
                        {**arguments, "coarsest_channels": DENSE_UP_TO}, {})

@@ -57,8 +57,10 @@ POINTWISE = _pointwise.POINTWISE
 # filters, a 3x3 grouped convolution of groups of 8 ran 1.2-1.5x faster
 # (AVX-512 with VNNI) or 2x (AMX), and ResNet20 and ResNet56 at group size 8
 # 1.2x and 1.5x (AVX-512; benchmarks/tflite_latency.py); merging further was
-# slower there. In float32 the same merge gained 0-6% for up to 1.7x the file
-# size: "auto" keeps float32 groups as trained.
+# slower there. In float32 the same merge gained 0-6% on AMD Zen 4 and 16-20%
+# on Zen 5 (the ResNets at group size 8), for 1.7x the file size; XNNPACK's
+# float32 kernels for ARM are 8 channels wide (4x8 and 6x8 tiles), a group of
+# 8's width: "auto" keeps float32 groups as trained.
 _INT8_MIN_GROUP_FILTERS = 16
 
 # Float32's unit roundoff: one rounding changes a value by at most this, relatively.
