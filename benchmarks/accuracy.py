@@ -332,8 +332,14 @@ def aggregate(runs):
             row["moving_average_gap"], row["moving_average_gap_se"] = _mean_se(
                 [run["test_accuracy_recomputed"] - run["test_accuracy_moving_averages"]
                  for run in mine.values()])
-            for name, width in (("same_width", config["width"]), ("1x", 1)):
-                base = by_key.get((setting, label(config["model"], width, "baseline", None)), {})
+            references = {"same_width": label(config["model"], config["width"], "baseline"),
+                          "1x": label(config["model"], 1, "baseline")}
+            if config["coarsest_channels"] is not None:
+                # The same design with the default coarsest level (the group size).
+                references["default_coarsest"] = label(
+                    config["model"], config["width"], config["design"], config["group_size"])
+            for name, reference in references.items():
+                base = by_key.get((setting, reference), {})
                 common = sorted(set(mine) & set(base))
                 if len(common) >= 2:
                     row[f"difference_{name}"], row[f"difference_{name}_se"] = _mean_se(
@@ -374,6 +380,14 @@ def markdown(rows):
                 f"{100 * r['inference_gap']:+.2f} ± {100 * r['inference_gap_se']:.2f} | "
                 f"{r['step_time']:.3f} |")
         lines.append("")
+        against_default = [r for r in mine if "difference_default_coarsest" in r]
+        if against_default:
+            lines += ["Against the same design with the default coarsest level (the group size), "
+                      "paired:", ""]
+            lines += [f"- {r['model']} {r['width']}x "
+                      f"{design_label(r['design'], r['group_size'], r['coarsest_channels'])}: "
+                      f"{_difference(r, 'default_coarsest')}" for r in against_default]
+            lines.append("")
     lines.append(
         "Accuracies: mean ± std over runs. Paired differences: mean ± standard error over "
         "the runs both configurations finished, in points. Moving averages: the same weights "
