@@ -78,8 +78,8 @@ def variants(group_sizes, pointwise_layers):
     its matrix (the default). The others (the ResNets) are also timed at the
     first group size, 1x, with the groups as trained (`min_group_filters=1`)
     instead of merged in int8 (the default), with them merged in float32 too
-    (`min_group_filters=16`; its int8 file is the default's), and at the first group size
-    with layers of 32 channels or fewer dense (`coarsest_channels=32`, as in
+    (`min_group_filters=16`; its int8 file is the default's), and at the first
+    group size with layers of 32 channels or fewer dense (`coarsest_channels=32`, as in
     the authors' code): a different network, whose accuracy
     benchmarks/accuracy.py measures beside the default's.
     """
