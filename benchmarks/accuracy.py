@@ -19,15 +19,16 @@ the standard error of that mean difference (std / sqrt(runs)); a design with
 a coarsest level of its own (c=32) is also paired against the same design
 with the default one.
 
-Networks: CIFAR ResNet20 at widths 1x, 2x and 4x, ResNet56 at 1x; designs:
-the baseline, the layer design (`MultigridConv2D`) at group sizes 8 and 16,
-the block design at group size 8, and the layer design at group size 8 with
-the layers of 32 channels or fewer dense (`coarsest_channels=32`). Training
-is the plain Keras route a user takes: the factory model, `compile` with Adam (learning rate 1e-3, cosine
-decay to 0 over the run, which settles the weights and so the seed-to-seed
-spread), sparse categorical cross-entropy, `fit` with batch 64 and shuffling,
-Keras' default BatchNormalization momentum. Not `keras_mgconv.training.train`:
-it trains on TFDS splits, not on the folds of a cross-validation.
+Networks: CIFAR ResNet20 at widths 1x, 2x and 4x, ResNet56 at 1x; designs: the
+baseline, the layer design (`MultigridConv2D`) at group sizes 8 and 16, the
+block design at group size 8, and the layer design at group size 8 with the
+layers of 32 channels or fewer dense (`coarsest_channels=32`). Training is the
+plain Keras route a user takes: the factory model, `compile` with Adam
+(learning rate 1e-3, cosine decay to 0 over the run, which settles the weights
+and so the seed-to-seed spread), sparse categorical cross-entropy, `fit` with
+batch 64 and shuffling, Keras' default BatchNormalization momentum. Not
+`keras_mgconv.training.train`: it trains on TFDS splits, not on the folds of a
+cross-validation.
 
 Each run records the test accuracy of plain `evaluate` after `fit` (the
 factories' `PreciseBatchNormModel` recomputes the BatchNormalization
