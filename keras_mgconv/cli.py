@@ -432,8 +432,8 @@ def _parser():
     train.add_argument("--group-size", type=int, default=None,
                        help="multigrid group size (default: the factory's)")
     train.add_argument("--coarsest-channels", type=int, default=None,
-                       help="widest coarsest level of the multigrid layers (default: the "
-                            "group size); 32 keeps layers of 32 channels or fewer dense")
+                       help="widest coarsest level of the multigrid layers, and widest "
+                            "block convolution that stays dense (default: the factory's, 32)")
     train.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     train.add_argument("--image-size", type=int, default=None,
                        help="resize images to this square size")

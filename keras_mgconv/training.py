@@ -853,9 +853,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
             Without it the block design at SGD's 0.1 can fail to learn at all
             (the digits: 18.9% test accuracy).
         coarsest_channels: the widest coarsest level of the multigrid layers
-            (None: the factory's default, the group size). 32 keeps the layers
-            of 32 channels or fewer dense, as the authors' code does: more
-            parameters, and on CPUs faster (README, "Speed on CPU").
+            and widest block convolution that stays dense (None: the
+            factory's default, 32). 8 gives the smallest networks, slower on
+            CPUs (README, "Speed on CPU").
 
     Returns:
         The summary dict, also written to `output_dir/summary.json`.
@@ -868,7 +868,7 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
     Example:
 
     >>> from keras_mgconv import training
-    >>> summary = training.train(epochs=1, width=0.5, output_dir=tmp_dir + "/run", verbose=0)
+    >>> summary = training.train(epochs=1, output_dir=tmp_dir + "/run", verbose=0)
     >>> summary["epochs"], summary["replicas"], summary["image_shape"], summary["selected_by"]
     (1, 1, [8, 8, 1], "10% of 'train', stratified")
     """

@@ -36,6 +36,8 @@ from quantization_aware_training import tflite_accuracy  # noqa: E402
 
 DEPTH = 8
 GROUP_SIZE = 8
+# Every level down to the group size (the factories keep 32 channels dense).
+COARSEST_CHANNELS = 8
 BATCH_SIZE = 64
 FLOAT_EPOCHS = 10
 QAT_EPOCHS = 3
@@ -221,7 +223,7 @@ def train_float_model(train, test, steps_per_epoch):
     inputs = keras.Input(data.image_dataset_info("digits").image_shape)
     model = models.CIFARResNet(
         DEPTH, input_tensor=data.normalization_layer("digits")(inputs), classes=10,
-        group_size=GROUP_SIZE,
+        group_size=GROUP_SIZE, coarsest_channels=COARSEST_CHANNELS,
         batch_norm_momentum=training.auto_batch_norm_momentum(steps_per_epoch))
     compile_for_training(model, 3e-3, FLOAT_EPOCHS, steps_per_epoch)
     model.fit(train, epochs=FLOAT_EPOCHS, verbose=0)
@@ -337,7 +339,7 @@ def check_structured_pruning(rng):
 def check_structured_pruning_of_the_block_design():
     """Refused: it used to wrap none of the block design's layers, and say nothing."""
     model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE,
-                               multigrid="block")
+                               coarsest_channels=COARSEST_CHANNELS, multigrid="block")
     try:
         optimization.prune_low_magnitude(
             model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0), structured=True)
@@ -348,7 +350,8 @@ def check_structured_pruning_of_the_block_design():
 
 def check_tfmot_directly():
     """tfmot's own prune_low_magnitude takes a multigrid factory model whole."""
-    model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE)
+    model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE,
+                               coarsest_channels=COARSEST_CHANNELS)
     pruned = tfmot.sparsity.keras.prune_low_magnitude(
         model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0))
     return {"tfmot_multigrid_kernels": sum(

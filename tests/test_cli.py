@@ -270,7 +270,7 @@ def test_train_prints_a_line_per_epoch_and_records_the_group_size(digits_run):
     with open(os.path.join(output_dir, "summary.json")) as file:
         summary = json.load(file)
     # ResNet20's default: the summary records what the run used, not the argument (None).
-    assert summary["group_size"] == 16
+    assert summary["group_size"] == 8
     with open(os.path.join(output_dir, "config.json")) as file:
         assert json.load(file)["group_size"] is None
     # Trained 20 steps per execution, saved with 1: a loaded model's first predict
@@ -396,7 +396,8 @@ def test_test_accuracy_with_batch_statistics_leaves_a_factory_model_as_it_was():
     from keras_mgconv import models
     from keras_mgconv._keras import keras
 
-    model = models.ResNet20((8, 8, 1), width=0.25, group_size=4, batch_norm_momentum=0.99)
+    model = models.ResNet20((8, 8, 1), width=0.25, group_size=4, coarsest_channels=4,
+                            batch_norm_momentum=0.99)
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     images = np.random.default_rng(0).uniform(0, 255, (16, 8, 8, 1)).astype("float32")
     test_data = tf.data.Dataset.from_tensor_slices((images, np.arange(16) % 10)).batch(8)

@@ -45,16 +45,24 @@ def _small(**kwargs):
 
 
 def test_multigrid_swaps_exactly_the_expansions_and_projections():
-    multigrid, baseline = _small(), _small(multigrid=False)
+    multigrid, baseline = _small(coarsest_channels=8), _small(multigrid=False)
     assert ([layer.name for layer in multigrid.layers[1:]]
             == [layer.name for layer in baseline.layers[1:]])
-    swapped = {layer.name for layer in multigrid.layers
-               if isinstance(layer, keras_mgconv.MultigridConv2D)}
+
+    def swapped_layers(model):
+        return {layer.name for layer in model.layers
+                if isinstance(layer, keras_mgconv.MultigridConv2D)}
+
+    def wider_than(channels):
+        return {layer.name for layer in baseline.layers
+                if layer.name.endswith(("expand", "project")) and layer.filters > channels}
+
+    swapped = swapped_layers(multigrid)
     # Every expansion and projection wider than the coarsest width 8: all ten
     # expansions (the first block has none) and eleven projections.
-    expected = {layer.name for layer in baseline.layers
-                if layer.name.endswith(("expand", "project")) and layer.filters > 8}
-    assert swapped == expected and len(swapped) == 21
+    assert swapped == wider_than(8) and len(swapped) == 21
+    # By default those of 32 channels or fewer stay dense.
+    assert swapped_layers(_small()) == wider_than(32) != swapped
     for layer in baseline.layers[1:]:
         if layer.name not in swapped:  # Depthwise, squeeze-and-excitation, stem, head.
             other = multigrid.get_layer(layer.name)

@@ -93,7 +93,7 @@ def test_multigrid_true_is_the_layer_design():
 
 def test_baseline_and_multigrid_share_the_graph():
     baseline = models.ResNet20(multigrid=False)
-    multigrid = models.ResNet20(group_size=8)
+    multigrid = models.ResNet20(group_size=8, coarsest_channels=8)
     assert ([layer.name for layer in baseline.layers[1:]]
             == [layer.name for layer in multigrid.layers[1:]])
     # Every block convolution above the coarsest width became multigrid; the stem stayed.
@@ -102,10 +102,33 @@ def test_baseline_and_multigrid_share_the_graph():
     assert len(swapped) == 18
 
 
+def test_by_default_layers_of_32_channels_or_fewer_stay_dense():
+    # ResNet20's 16- and 32-channel stages stay Conv2D; the 64-channel one
+    # (6 convolutions) becomes cycles of groups of 8 that stop at 32 channels.
+    model = models.ResNet20()
+    swapped = _multigrid_layers(model)
+    assert len(swapped) == 6
+    assert {(layer.group_size, layer.levels) for layer in swapped} == {(8, (64, 32))}
+    assert type(model.get_layer("conv3_block1_1_conv")) is keras.layers.Conv2D
+    # A group size above 32 is its own coarsest width: 64 channels stay dense.
+    assert {layer.levels for layer in _multigrid_layers(models.ResNet20(
+        width=4, group_size=64))} == {(128, 64), (256, 128, 64)}
+    # MobileNetV2's 16-, 24- and 32-channel projections stay dense too.
+    mobile = models.MobileNetV2((32, 32, 3))
+    assert type(mobile.get_layer("block_2_project")) is keras.layers.Conv2D
+    assert mobile.get_layer("block_6_project").levels == (64, 32)
+    with pytest.raises(ValueError, match=r"smaller `coarsest_channels`.*coarsest_channels=32\."):
+        models.ResNet20(width=0.5)
+    assert len(_multigrid_layers(models.ResNet20(width=0.5, coarsest_channels=8))) == 12
+
+
 def test_widened_multigrid_network_is_smaller_than_the_baseline():
-    # The paper's point: 2x wider and still fewer parameters than the 1x baseline.
-    assert (models.ResNet56(width=2, group_size=8).count_params()
-            < models.ResNet56(multigrid=False).count_params())
+    # The paper's point: 2x wider and still fewer parameters than the 1x
+    # baseline, with every level down to the group size; with the default
+    # dense 32-channel stage the 2x network has about as many.
+    baseline = models.ResNet56(multigrid=False).count_params()
+    assert models.ResNet56(width=2, coarsest_channels=8).count_params() < 0.75 * baseline
+    assert models.ResNet56(width=2).count_params() < 1.05 * baseline
 
 
 def test_width_multiplies_block_channels():

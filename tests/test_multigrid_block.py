@@ -147,9 +147,9 @@ def test_every_output_channel_depends_on_every_input_channel():
 
 def test_factories_build_the_block_design_where_widths_allow():
     model = models.ResNet20(input_shape=(8, 8, 3), multigrid="block", group_size=16,
-                            batch_norm_momentum=0.9)
+                            coarsest_channels=16, batch_norm_momentum=0.9)
     names = {layer.name for layer in model.layers}
-    # 16 channels at group size 16 is a single level: the baseline block, shortcut and all.
+    # 16 channels at coarsest width 16 is a single level: the baseline block, shortcut and all.
     assert isinstance(model.get_layer("conv2_block1_1_conv"), keras.layers.Conv2D)
     assert "conv2_block1_add" in names
     # Wider stages: V-cycles, their width and stride change by the connector, no shortcut.

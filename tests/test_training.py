@@ -207,10 +207,10 @@ def test_coarsest_channels_reach_the_factory_and_are_checked():
         return {(layer.filters, layer.levels[-1]) for layer in network._flatten_layers()
                 if isinstance(layer, keras_mgconv.MultigridConv2D)}
 
-    # ResNet20's 16-, 32- and 64-channel layers: cycles down to 8 channels by
-    # default; with 32, the layers of 16 and 32 channels are dense convolutions.
-    assert coarsest_levels(None) == {(16, 8), (32, 8), (64, 8)}
-    assert coarsest_levels(32) == {(64, 32)}
+    # ResNet20's 16-, 32- and 64-channel layers: by default (32) the layers of
+    # 16 and 32 channels are dense convolutions; with 8, cycles down to 8 channels.
+    assert coarsest_levels(None) == {(64, 32)}
+    assert coarsest_levels(8) == {(16, 8), (32, 8), (64, 8)}
     with pytest.raises(ValueError, match=r"Received: coarsest_channels=0\."):
         training._config("ResNet20", "digits", coarsest_channels=0, **arguments)
 
@@ -222,7 +222,7 @@ class _Interrupt(Exception):
 def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     # Stopped after the learning rate's warm-up epoch: the schedule is saved
     # with the optimizer, and the resumed run goes on into its cosine decay.
-    args = dict(epochs=2, width=0.5, verbose=0, warmup_epochs=1)
+    args = dict(epochs=2, width=0.5, coarsest_channels=8, verbose=0, warmup_epochs=1)
     uninterrupted = training.train(output_dir=str(tmp_path / "whole"), **args)
 
     output_dir = str(tmp_path / "resumed")
@@ -401,7 +401,7 @@ _MIRRORED = textwrap.dedent("""
         lambda timer, logs=None: setattr(timer, "initial_weights", weights(timer)))
     training._EpochTimer.on_train_batch_end = save_first_step
     arguments = dict(epochs=1, batch_size=64, learning_rate=0.002, schedule="constant",
-                     width=0.5, verbose=0)
+                     width=0.5, coarsest_channels=8, verbose=0)
     # Callbacks see a step only at the end of its execution: the one-device
     # reference takes one step per execution to show its first; two replicas
     # take one per execution anyway (train's rule).

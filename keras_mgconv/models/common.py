@@ -16,6 +16,14 @@ from keras_mgconv.batch_norm import PreciseBatchNormModel
 
 
 DESIGNS = ("layer", "block")
+# The factories keep block convolutions of at most this many channels dense
+# and stop their hierarchies there, as the authors' training script does by
+# default (groups of 32 channels, so levels of 32 or fewer are dense).
+# Narrower multigrid layers ran slower than the convolutions they replace
+# (LiteRT and training, benchmarks/), and on the digits of
+# benchmarks/accuracy.py the networks that keep them dense scored higher at
+# 1x (ResNet56 +2.9 and +2.2 points), a third of a point lower at 4x.
+DENSE_CHANNELS = 32
 
 
 def multigrid_design(multigrid):
@@ -44,7 +52,9 @@ class ConvSettings:
             "layer" makes block convolutions MultigridConv2D; "block" makes
             whole residual blocks V-cycles (`models.multigrid_block`).
         group_size: channels per group of the multigrid layers.
-        coarsest_channels: the widest coarsest level (default `group_size`).
+        coarsest_channels: the widest coarsest level, and the widest block
+            convolution that stays dense (default `DENSE_CHANNELS`, 32, or
+            `group_size` where that is larger).
         use_bias: whether block convolutions have a bias (keras.applications'
             ResNet does, MobileNetV2 does not).
     """
@@ -54,7 +64,7 @@ class ConvSettings:
         self.multigrid = self.design is not None
         self.group_size = _arguments.group_size(group_size)
         self.coarsest_channels = (
-            self.group_size if coarsest_channels is None
+            max(DENSE_CHANNELS, self.group_size) if coarsest_channels is None
             else _arguments.positive_int("coarsest_channels", coarsest_channels))
         self.use_bias = use_bias
 
@@ -82,7 +92,9 @@ class ConvSettings:
             raise ValueError(
                 f"{model_name}: `group_size` must divide the block widths "
                 f"{sorted(set(widths))} above `coarsest_channels`, or the network "
-                f"would have no multigrid layer. Received: group_size="
+                f"would have no multigrid layer: a narrow network needs a smaller "
+                f"`coarsest_channels` (the default keeps widths up to "
+                f"{DENSE_CHANNELS} dense). Received: group_size="
                 f"{self.group_size}, coarsest_channels={self.coarsest_channels}."
             )
 

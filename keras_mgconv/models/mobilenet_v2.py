@@ -99,7 +99,9 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
             no channels), and all its channel mixing is in the 1x1 expansion
             and projection, which the layer design makes multigrid.
         group_size: channels per group of the multigrid layers (default 8).
-        coarsest_channels: widest coarsest level (default `group_size`).
+        coarsest_channels: widest coarsest level, and widest block
+            convolution that stays dense (default 32, as in the authors' code,
+            or `group_size` where that is larger).
         width: a multiplier on the blocks' channels only (stem and head keep
             `alpha`'s), for widened networks.
         batch_norm_momentum: momentum of every BatchNormalization (0.999 as

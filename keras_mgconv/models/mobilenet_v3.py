@@ -266,7 +266,9 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
             multigrid one. There is no block design (`multigrid="block"`): see
             the module's docstring.
         group_size: channels per group of the multigrid layers (default 8).
-        coarsest_channels: widest coarsest level (default `group_size`).
+        coarsest_channels: widest coarsest level, and widest block
+            convolution that stays dense (default 32, as in the authors' code,
+            or `group_size` where that is larger).
         width: a multiplier on the blocks' channels only (stem and head keep
             `alpha`'s), for widened networks.
         batch_norm_momentum: momentum of every BatchNormalization (0.999 as

@@ -88,7 +88,7 @@ bottleneck_block.expansion = 4
 def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
            weights=None, input_tensor=None, pooling=None, classes=1000,
            classifier_activation="softmax", name="resnet", multigrid=True,
-           group_size=16, coarsest_channels=None, width=1.0,
+           group_size=8, coarsest_channels=None, width=1.0,
            batch_norm_momentum=0.99):
     """Builds a ResNet from its block function and stage specification.
 
@@ -114,8 +114,10 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
             `group_size` above `coarsest_channels`) one V-cycle, without
             shortcut or convolution biases; blocks of other widths stay
             standard in both designs.
-        group_size: channels per group of the multigrid layers.
-        coarsest_channels: widest coarsest level (default `group_size`).
+        group_size: channels per group of the multigrid layers (default 8).
+        coarsest_channels: widest coarsest level, and widest block
+            convolution that stays dense (default 32, as in the authors' code,
+            or `group_size` where that is larger).
         width: multiplier on every stage's channels (and the stem's).
         batch_norm_momentum: momentum of every BatchNormalization; lower it
             (e.g. 0.9) for runs of a few hundred steps.
@@ -172,7 +174,7 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
 def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
                 input_tensor=None, pooling=None, classes=10,
                 classifier_activation="softmax", name=None, multigrid=True,
-                group_size=16, coarsest_channels=None, width=1.0,
+                group_size=8, coarsest_channels=None, width=1.0,
                 batch_norm_momentum=0.99):
     """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
 
@@ -184,16 +186,27 @@ def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
 
     Example:
 
-    >>> model = keras_mgconv.models.CIFARResNet(20, group_size=8)
+    >>> model = keras_mgconv.models.CIFARResNet(20)
     >>> model.count_params() < keras_mgconv.models.CIFARResNet(
     ...     20, multigrid=False).count_params()
     True
+    >>> model.get_layer("conv4_block1_1_conv").levels  # 64 channels, groups of 8
+    (64, 32)
+
+    The 16- and 32-channel stages stay standard, as `coarsest_channels=32`
+    (the default) keeps them; `coarsest_channels=8` makes them multigrid too:
+
+    >>> type(model.get_layer("conv3_block1_1_conv")).__name__
+    'Conv2D'
+    >>> keras_mgconv.models.CIFARResNet(20, coarsest_channels=8).get_layer(
+    ...     "conv3_block1_1_conv").levels
+    (32, 16, 8)
 
     The authors' block design, one V-cycle per residual block:
 
-    >>> blocks = keras_mgconv.models.CIFARResNet(20, group_size=8, multigrid="block")
-    >>> blocks.get_layer("conv4_block1_level2_1_conv").groups  # level 2 (16 channels)
-    2
+    >>> blocks = keras_mgconv.models.CIFARResNet(20, multigrid="block")
+    >>> blocks.get_layer("conv4_block1_level0_1_conv").groups  # level 0 (64 channels)
+    8
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(
@@ -210,7 +223,7 @@ def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
 def _cifar_resnet(depth):
     def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
                 pooling=None, classes=10, classifier_activation="softmax", name=None,
-                multigrid=True, group_size=16, coarsest_channels=None, width=1.0,
+                multigrid=True, group_size=8, coarsest_channels=None, width=1.0,
                 batch_norm_momentum=0.99):
         return CIFARResNet(depth, input_shape, include_top, weights, input_tensor,
                            pooling, classes, classifier_activation, name, multigrid,
@@ -225,7 +238,7 @@ def _cifar_resnet(depth):
 def _imagenet_resnet(block, blocks_per_stage, depth):
     def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
                 pooling=None, classes=1000, classifier_activation="softmax", name=None,
-                multigrid=True, group_size=16, coarsest_channels=None, width=1.0,
+                multigrid=True, group_size=8, coarsest_channels=None, width=1.0,
                 batch_norm_momentum=0.99):
         stages = [(filters, blocks, 1 if index == 0 else 2) for index, (filters, blocks)
                   in enumerate(zip((64, 128, 256, 512), blocks_per_stage))]
