@@ -1,12 +1,15 @@
 """Parameters and multiply-adds of every model factory, baseline against multigrid.
 
 For each factory and width multiplier (1x, 2x, 4x) it builds the baseline
-(`multigrid=False`) and the multigrid network at group sizes 8, 16 and 32, and
-counts parameters (`count_params`) and multiply-adds per image
+(`multigrid=False`) and the multigrid network at group sizes 8 (the default),
+16 and 32 with the factories' default coarsest level (block convolutions of
+32 channels or fewer dense), and at group size 8 with the coarsest level at
+the group size (`coarsest_channels=8`, the smallest network), and counts
+parameters (`count_params`) and multiply-adds per image
 (`keras_mgconv.count_multiply_adds`). CIFAR ResNets at 32x32 with 10 classes,
 ImageNet ResNets, MobileNetV2 and MobileNetV3 Small and Large (alpha 1.0) at
 224x224 with 1000 classes.
-A cell is "n/a" where the group size divides none of the model's widths.
+A cell is "n/a" where no width of the model can be multigrid.
 
 It also plots parameters against width for one layer (Conv2D against
 MultigridConv2D) and for a whole network (CIFAR ResNet56):
@@ -44,7 +47,9 @@ FACTORIES = {
     "MobileNetV3Small": (models.MobileNetV3Small, {"input_shape": (224, 224, 3)}),
     "MobileNetV3Large": (models.MobileNetV3Large, {"input_shape": (224, 224, 3)}),
 }
-GROUP_SIZES = (8, 16, 32)
+# (column label, factory arguments) of the multigrid networks.
+VARIANTS = (("s=8", {"group_size": 8}), ("s=8 c=8", {"group_size": 8, "coarsest_channels": 8}),
+            ("s=16", {"group_size": 16}), ("s=32", {"group_size": 32}))
 
 
 def measure(factory, **kwargs):
@@ -67,16 +72,16 @@ def _millions(value):
 def table(rows):
     lines = [
         "| model | width | baseline params | baseline MACs | "
-        + " | ".join(f"multigrid s={s} params (ratio) | MACs (ratio)" for s in GROUP_SIZES)
+        + " | ".join(f"multigrid {label} params (ratio) | MACs (ratio)" for label, _ in VARIANTS)
         + " |",
-        "|---|---:|---:|---:|" + "---:|---:|" * len(GROUP_SIZES),
+        "|---|---:|---:|---:|" + "---:|---:|" * len(VARIANTS),
     ]
     for row in rows:
         base = row["baseline"]
         cells = [row["model"], f"{row['width']}x", _millions(base["params"]),
                  _millions(base["multiply_adds"])]
-        for group_size in GROUP_SIZES:
-            result = row["multigrid"][str(group_size)]
+        for label, _ in VARIANTS:
+            result = row["multigrid"][label]
             if "error" in result:
                 cells += ["n/a", "n/a"]
                 continue
@@ -111,9 +116,9 @@ def plot(rows, path):
     network_widths = [row["width"] for row in resnet]
     right.plot(network_widths, [row["baseline"]["params"] for row in resnet],
                marker="o", label="baseline")
-    for group_size in GROUP_SIZES:
-        values = [row["multigrid"][str(group_size)].get("params") for row in resnet]
-        right.plot(network_widths, values, marker="o", label=f"multigrid s={group_size}")
+    for label, _ in VARIANTS:
+        values = [row["multigrid"][label].get("params") for row in resnet]
+        right.plot(network_widths, values, marker="o", label=f"multigrid {label}")
     right.axhline(resnet[0]["baseline"]["params"], color="grey", linestyle=":",
                   label="baseline at 1x")
     right.set(yscale="log", xlabel="width multiplier", ylabel="parameters",
@@ -137,13 +142,13 @@ def main(argv=None):
         for width in args.widths:
             row = {"model": name, "width": width,
                    "baseline": measure(factory, multigrid=False, width=width, **kwargs),
-                   "multigrid": {str(s): measure(factory, group_size=s, width=width, **kwargs)
-                                 for s in GROUP_SIZES}}
+                   "multigrid": {label: measure(factory, width=width, **kwargs, **variant)
+                                 for label, variant in VARIANTS}}
             rows.append(row)
             print(f"{name} {width}x: baseline {row['baseline']['params']:,}, multigrid "
-                  + ", ".join(f"s={s} {row['multigrid'][str(s)].get('params', 'n/a'):,}"
-                              if "params" in row["multigrid"][str(s)] else f"s={s} n/a"
-                              for s in GROUP_SIZES), flush=True)
+                  + ", ".join(f"{label} {result['params']:,}" if "params" in result
+                              else f"{label} n/a" for label, result in row["multigrid"].items()),
+                  flush=True)
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "model_table.json"), "w") as f:
