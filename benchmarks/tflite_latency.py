@@ -65,23 +65,22 @@ NETWORKS = {
 QUANTIZATIONS = {"float32": None, "int8": "int8"}
 THREADS = (1, 2)
 CALIBRATION_IMAGES = 16
-# The widest layer the authors' code keeps dense (coarsest_channels).
-DENSE_UP_TO = 32
 
 
 def variants(group_sizes, pointwise_layers):
     """(label, factory arguments, export_tflite options) of every network timed.
 
-    Networks with 1 x 1 multigrid layers (`pointwise_layers`) are also timed
-    at the first group size, 1x, with every 1 x 1 layer exported as its cycle
-    (`pointwise="cycle"`, the smallest file) instead of where it runs faster as
-    its matrix (the default). The others (the ResNets) are also timed at the
-    first group size, 1x, with the groups as trained (`min_group_filters=1`)
-    instead of merged in int8 (the default), with them merged in float32 too
-    (`min_group_filters=16`; its int8 file is the default's), and at the first
-    group size with layers of 32 channels or fewer dense (`coarsest_channels=32`, as in
-    the authors' code): a different network, whose accuracy
-    benchmarks/accuracy.py measures beside the default's.
+    Beside the factories' defaults (block convolutions of 32 channels or fewer
+    dense, as in the authors' code), every network is timed at the first group
+    size with its coarsest level at the group size (`c=` the group size: the
+    smaller network, the factories' default before). Networks with 1 x 1
+    multigrid layers (`pointwise_layers`) are also timed at the first group
+    size, 1x, with every 1 x 1 layer exported as its cycle (`pointwise="cycle"`,
+    the smallest file) instead of where it runs faster as its matrix (the
+    default). The others (the ResNets) are also timed at the first group size,
+    1x, with the groups as trained (`min_group_filters=1`) instead of merged in
+    int8 (the default), and with them merged in float32 too
+    (`min_group_filters=16`; its int8 file is the default's).
     """
     yield "baseline", {"multigrid": False}, {}
     for width in (1, 2):
@@ -98,9 +97,8 @@ def variants(group_sizes, pointwise_layers):
                        {"min_group_filters": 1})
                 yield (f"multigrid s={group_size} {width}x, groups merged to 16", arguments,
                        {"min_group_filters": 16})
-            if not pointwise_layers:
-                yield (f"multigrid s={group_size} c={DENSE_UP_TO} {width}x",
-                       {**arguments, "coarsest_channels": DENSE_UP_TO}, {})
+            yield (f"multigrid s={group_size} c={group_size} {width}x",
+                   {**arguments, "coarsest_channels": group_size}, {})
 
 
 def export(model, images, directory, label, options):
