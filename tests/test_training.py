@@ -222,7 +222,7 @@ class _Interrupt(Exception):
 def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     # Stopped after the learning rate's warm-up epoch: the schedule is saved
     # with the optimizer, and the resumed run goes on into its cosine decay.
-    args = dict(epochs=2, width=0.5, coarsest_channels=8, verbose=0, warmup_epochs=1)
+    args = dict(epochs=2, verbose=0, warmup_epochs=1)
     uninterrupted = training.train(output_dir=str(tmp_path / "whole"), **args)
 
     output_dir = str(tmp_path / "resumed")
