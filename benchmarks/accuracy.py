@@ -97,10 +97,14 @@ def design_label(design, group_size=None, coarsest_channels=None):
             + ("" if coarsest_channels is None else f" c={coarsest_channels}"))
 
 
+def coarsest_channels(config):
+    """The coarsest width a configuration's network was built with: None is the group size."""
+    return config["coarsest_channels"] or config["group_size"]
+
+
 def shown_design(row):
     """A row's design as the report shows it, its coarsest level always named ("layer s=8 c=8")."""
-    return design_label(row["design"], row["group_size"],
-                        row["coarsest_channels"] or row["group_size"])
+    return design_label(row["design"], row["group_size"], coarsest_channels(row))
 
 
 def label(model, width, design, group_size=None, coarsest_channels=None):
@@ -189,8 +193,7 @@ def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
 
     factory = getattr(keras_mgconv.models, config["model"])
     extra = {} if config["group_size"] is None else {
-        "group_size": config["group_size"],
-        "coarsest_channels": config["coarsest_channels"] or config["group_size"]}
+        "group_size": config["group_size"], "coarsest_channels": coarsest_channels(config)}
     fresh = factory(input_shape=input_shape, classes=10, classifier_activation=None,
                     multigrid=config["multigrid"], width=config["width"], **extra)
     key = (config["label"], input_shape, steps_per_epoch, steps, warmup_steps)
