@@ -449,7 +449,9 @@ def _parser():
     train.add_argument("--output-dir", default=None,
                        help="default: runs/MODEL-multigrid|multigrid-block|baseline-DATASET")
     train.add_argument("--overwrite", action="store_true",
-                       help="discard a finished or unfinished run in --output-dir")
+                       help="discard a finished or unfinished run in --output-dir: its "
+                            "files and the .tflite files exported from its models (other "
+                            "files stay)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved .keras classifier")

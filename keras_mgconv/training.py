@@ -37,6 +37,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import glob
 import inspect
 import json
 import math
@@ -384,12 +385,28 @@ def _resumable(output_dir, config, overwrite):
 
 
 def _clear_run(output_dir):
-    for name in _CHECKPOINT_NAMES:
-        path = os.path.join(output_dir, name)
+    """Removes the files of the run in `output_dir`, and nothing else.
+
+    Only where a run was (it has `config.json`): its checkpoints, history,
+    config and summary; its TensorBoard event files, which TensorBoard would
+    show beside the new run's; and the files exported from its models
+    (`best.*.tflite`, `last.*.tflite`, as `keras-mgconv export` and `quantize`
+    name them), which the new models would not match. Other files stay.
+    """
+    if not os.path.exists(os.path.join(output_dir, "config.json")):
+        return
+    exported = [path for model in ("best", "last")
+                for path in glob.glob(os.path.join(glob.escape(output_dir), f"{model}.*.tflite"))]
+    events = glob.glob(os.path.join(glob.escape(output_dir), _LOGS_NAME, "*",
+                                    "events.out.tfevents.*"))
+    for path in (*(os.path.join(output_dir, name) for name in _CHECKPOINT_NAMES),
+                 *exported, *events):
         if os.path.exists(path):
             os.remove(path)
-    # TensorBoard would show the old run's curves beside the new one's.
-    shutil.rmtree(os.path.join(output_dir, _LOGS_NAME), ignore_errors=True)
+    for folder in (*sorted({os.path.dirname(path) for path in events}),
+                   os.path.join(output_dir, _LOGS_NAME)):
+        with contextlib.suppress(OSError):  # Not empty: it holds other files.
+            os.rmdir(folder)
 
 
 def _image_shape(info, image_size):
@@ -843,7 +860,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
         validation_fraction: the stratified share of the train split that
             validates, where the dataset has no validation split of its own.
         seed: seeds weights, shuffling and augmentation.
-        overwrite: discard a finished or unfinished run in `output_dir`.
+        overwrite: discard a finished or unfinished run in `output_dir`: its
+            files and those exported from its models (`best.*.tflite`,
+            `last.*.tflite`); other files in `output_dir` stay.
         verbose: `model.fit`'s verbosity. "auto" shows the progress bar where it
             moves at least 10 times an epoch, else one line per epoch (2), as
             on the digits, whose 20-step epoch is one execution.

@@ -308,6 +308,28 @@ def test_train_into_a_folder_that_cannot_be_created_says_nothing_of_resuming(cap
     assert error[0].endswith("Received: output_dir='/proc/forbidden_dir'.")
 
 
+def test_overwrite_removes_the_run_and_its_exports_and_nothing_else(tmp_path):
+    def plant(folder, names):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("")
+
+    user_files = ["notes.txt", "logs/notes.txt", "other.int8.tflite"]
+    run = ["config.json", "summary.json", "history.csv", "best.keras", "last.keras",
+           "best.int8.tflite", "best.qat.int8.tflite", "last.float32.g16.tflite",
+           "logs/train/events.out.tfevents.1.host.1.0.v2",
+           "logs/validation/events.out.tfevents.1.host.1.1.v2"]
+    plant(tmp_path / "run", user_files + run)
+    # A folder that never held a run (no config.json): nothing of it is the tool's.
+    plant(tmp_path / "not_a_run", user_files + ["best.int8.tflite"])
+    for folder in ("run", "not_a_run"):
+        training._clear_run(str(tmp_path / folder))
+    assert sorted(str(path.relative_to(tmp_path / "run"))
+                  for path in (tmp_path / "run").rglob("*")) == ["logs", *sorted(user_files)]
+    assert (tmp_path / "not_a_run" / "logs" / "notes.txt").exists()
+    assert (tmp_path / "not_a_run" / "best.int8.tflite").exists()
+
+
 def _stopped_train(monkeypatch, stop, epochs_done):
     """Makes `training.train` stop with `stop` after writing `epochs_done` epochs' last.keras."""
     from keras_mgconv import training
