@@ -23,6 +23,7 @@ and warning lines are left out unless TF_CPP_MIN_LOG_LEVEL is set.
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -227,6 +228,10 @@ def _check_quantize_arguments(args):
                          f"Received: learning_rate={args.learning_rate!r}.")
 
 
+# What `quantize` needs of keras-mgconv[optimization]: tfmot, and the Keras 2 it runs on.
+_OPTIMIZATION_PACKAGES = ("tf_keras", "tensorflow_model_optimization")
+
+
 def _quantize_argv(args):
     """The command line of `args`, for the tf_keras process."""
     argv = ["quantize", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
@@ -243,6 +248,14 @@ def _quantize_argv(args):
 def _quantize(args):
     _check_quantize_arguments(args)
     if not _environment.uses_legacy_keras():
+        from keras_mgconv import training
+
+        # Read here, where Keras 3 reads it as `evaluate` and `export` do: a damaged
+        # file is one line, before the other process starts.
+        training.load_model(args.model, "model")
+        for package in _OPTIMIZATION_PACKAGES:
+            if importlib.util.find_spec(package) is None:
+                raise ModuleNotFoundError(f"No module named {package!r}", name=package)
         # tfmot runs only on tf_keras, which TensorFlow selects when it is
         # imported: the work runs in a process of its own that selects it.
         environment = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
@@ -517,9 +530,15 @@ def main(argv=None):
     except ModuleNotFoundError as error:
         # Keras imports the package of the backend KERAS_BACKEND names, e.g. jax.
         backend = os.environ.get("KERAS_BACKEND")
-        cause = (f" KERAS_BACKEND={backend!r} selects Keras' backend of that name: install "
-                 f"it, or unset KERAS_BACKEND to use TensorFlow."
-                 if error.name and error.name.split(".")[0] == backend else "")
+        package = (error.name or "").split(".")[0]
+        cause = ""
+        if package == backend:
+            cause = (f" KERAS_BACKEND={backend!r} selects Keras' backend of that name: "
+                     f"install it, or unset KERAS_BACKEND to use TensorFlow.")
+        elif package in _OPTIMIZATION_PACKAGES:
+            cause = (" `quantize` runs tensorflow-model-optimization under tf_keras: "
+                     "install keras-mgconv[optimization] "
+                     "(pip install \"keras-mgconv[optimization]\").")
         parser.exit(1, f"keras-mgconv {args.command}: error: the Python package "
                        f"{error.name!r} is not installed.{cause}\n")
     except OSError as error:

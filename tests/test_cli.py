@@ -202,17 +202,43 @@ def test_benchmark_prints_latency_table(capsys, small_model_path, tmp_path):
     (["export", "{model}", "--quantization", "int8"], "Received: representative_data=None."),
     (["export", "{model}", "--output", "missing/model.tflite"], "Received: path="),
     (["benchmark", "missing.tflite"], "Received: path='missing.tflite'."),
+    # quantize's tf_keras process read these into a 28-line zipfile.BadZipFile.
+    (["quantize", "{cut}"], "cut.keras is not a readable Keras model (not a zip archive)"),
+    (["quantize", "{damaged}"], "damaged.keras is not a readable Keras model (BadZipFile: "),
 ])
-def test_export_and_benchmark_errors_exit_2(capsys, small_model_path, arguments, message):
+def test_export_benchmark_and_quantize_errors_exit_2(capsys, small_model_path, arguments,
+                                                     message):
+    content = small_model_path.read_bytes()
     cut = small_model_path.parent / "cut.keras"
-    cut.write_bytes(small_model_path.read_bytes()[:1000])
-    arguments = [argument.format(model=small_model_path, cut=cut) for argument in arguments]
+    cut.write_bytes(content[:1000])
+    # A zip archive whose members' bytes are overwritten in the middle: their CRCs fail.
+    damaged = small_model_path.parent / "damaged.keras"
+    middle = len(content) // 2
+    damaged.write_bytes(content[:middle] + bytes(1000) + content[middle + 1000:])
+    arguments = [argument.format(model=small_model_path, cut=cut, damaged=damaged)
+                 for argument in arguments]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(arguments)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"keras-mgconv {arguments[0]}: error:")
     assert message in error[0]
+
+
+def test_quantize_without_the_optimization_extra_says_what_to_install(
+        capsys, small_model_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in (
+        "tf_keras", "tensorflow_model_optimization") else find_spec(name, *args))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quantize", str(small_model_path)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "keras-mgconv quantize: error: the Python package 'tf_keras' is not installed. "
+        "`quantize` runs tensorflow-model-optimization under tf_keras: install "
+        "keras-mgconv[optimization] (pip install \"keras-mgconv[optimization]\").\n")
 
 
 def test_interrupted_export_says_nothing_of_epochs(capsys, small_model_path, monkeypatch):
