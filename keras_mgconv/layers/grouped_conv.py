@@ -324,8 +324,8 @@ class GroupedConv2D(GroupedConvBase):
             format set to it) is supported.
         activation: activation applied to the output, or None.
         use_bias: whether to add a bias.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, kernel_constraint, bias_constraint: as in `Conv2D`.
+        kernel_initializer, bias_initializer: as in `Conv2D`.
+        kernel_regularizer, bias_regularizer, kernel_constraint, bias_constraint: as in `Conv2D`.
         implementation: `"auto"` (default), `"grouped"` or `"split"`; see
             `grouped_conv2d`. All three compute the same outputs.
         residual: if True, returns `activation(inputs + conv(inputs) + bias)`,

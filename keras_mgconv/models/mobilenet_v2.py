@@ -85,8 +85,8 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
     Args:
         input_shape: (height, width, channels), default (224, 224, 3); at least 32x32.
         alpha: width multiplier of every layer, as in keras.applications.
-        include_top, weights, input_tensor, pooling, classes,
-        classifier_activation, name: as in keras.applications; `weights` is
+        include_top, weights, input_tensor, pooling, classes, classifier_activation, name:
+            as in keras.applications; `weights` is
             None or the path of a weights file ("imagenet" is refused: there
             are no pretrained multigrid weights).
         multigrid: False builds the standard MobileNetV2; True or "layer"

@@ -200,8 +200,8 @@ def multigrid_bottleneck_block(x, filters, strides=1, group_size=16,
         x: 4D channels-last Keras tensor with known channels.
         filters: the bottleneck width; the block outputs `4 * filters`
             channels. A multiple of `group_size` above `coarsest_channels`.
-        strides, group_size, coarsest_channels, batch_norm_momentum,
-        batch_norm_epsilon, name: as in `multigrid_basic_block`.
+        strides, group_size, coarsest_channels, batch_norm_momentum, batch_norm_epsilon, name:
+            as in `multigrid_basic_block`.
 
     Returns:
         The block's output tensor, `(batch, height / strides, width / strides,

@@ -102,10 +102,10 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
             (7x7 stride-2 convolution and 3x3 stride-2 max-pool).
         shortcut: `"zero_pad"` (parameter-free, option A) or `"projection"`
             (1x1 convolution and batch norm) where the shape changes.
-        input_shape, include_top, weights, input_tensor, pooling, classes,
-        classifier_activation, name: as in `keras.applications.ResNet50`;
-            `weights` is None or the path of a weights file ("imagenet" is
-            refused: there are no pretrained multigrid weights).
+        input_shape, include_top, input_tensor, pooling, classes, classifier_activation, name: as
+            in `keras.applications.ResNet50`.
+        weights: None or the path of a weights file ("imagenet" is refused: there are no
+            pretrained multigrid weights).
         multigrid: False builds the standard network. True or "layer" (the
             layer design) replaces every block convolution of a multigrid
             width by a MultigridConv2D. "block" (the authors' block design,
