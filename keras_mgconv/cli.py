@@ -35,6 +35,8 @@ from keras_mgconv import _environment, _tensorflow_logs
 
 def _summary(args):
     # Imported here so that `keras-mgconv --help` answers without loading TensorFlow.
+    import tensorflow as tf
+
     from keras_mgconv._keras import keras
     from keras_mgconv.layers import MultigridConv2D, _arguments
 
@@ -44,9 +46,13 @@ def _summary(args):
     input_channels = args.filters if args.input_channels is None else args.input_channels
     _arguments.positive_int("input_channels", input_channels)
     input_shape = (None, None, None, input_channels)
-    layer.build(input_shape)
     conv = keras.layers.Conv2D(args.filters, args.kernel_size, strides=args.strides)
-    conv.build(input_shape)
+    # Built in a graph of their own, whose variables are never initialized: the
+    # weights are counted from their shapes, none allocated (a Conv2D of 2**20
+    # filters would need 40 TB).
+    with tf.Graph().as_default():
+        layer.build(input_shape)
+        conv.build(input_shape)
     print(f"MultigridConv2D({args.filters}, {args.kernel_size}, "
           f"group_size={args.group_size}) on {input_channels} input channels")
     print(f"  levels (channels, finest first): {', '.join(map(str, layer.levels))}")

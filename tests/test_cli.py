@@ -17,6 +17,13 @@ def test_summary_reports_levels_and_parameters(capsys):
     assert "parameters: 79,360 (Conv2D: 590,080, ratio 0.134)" in out
 
 
+def test_summary_counts_parameters_without_allocating_them(capsys):
+    # Built for real, the Conv2D it is compared with failed after 67 s and 3 GB.
+    assert cli.main(["summary", "--filters", str(2**20)]) == 0
+    assert ("parameters: 336,590,080 (Conv2D: 9,895,605,698,560, ratio 0.000)"
+            in capsys.readouterr().out)
+
+
 def test_summary_shows_connector_for_width_change(capsys):
     cli.main(["summary", "--filters", "64", "--input-channels", "32", "--group-size", "8"])
     assert "connector: 4 group(s)" in capsys.readouterr().out
