@@ -117,8 +117,22 @@ def recompute_batch_norm_statistics(model, data, steps=None):
     layers = _batch_norm_layers(model)
     _check_steps(steps)
     if layers:
-        _update(_BatchMoments(model, layers), data, steps)
+        _update(_BatchMoments(model, layers), _inputs(model, data), steps)
     return len(layers)
+
+
+def _inputs(model, data):
+    """The inputs of `data` where it is an `(inputs, targets[, sample_weights])` tuple.
+
+    `predict` would take its targets for a second input. A tuple is inputs
+    only for a model of several inputs, and then not one of nested inputs.
+    """
+    inputs = getattr(model, "inputs", None)  # None for a subclassed model.
+    if (isinstance(data, tuple) and len(data) in (2, 3)
+            and (not inputs or len(inputs) == 1
+                 or isinstance(data[0], (tuple, list, dict)))):
+        return data[0]
+    return data
 
 
 def _check_steps(steps):

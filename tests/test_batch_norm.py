@@ -64,6 +64,18 @@ def test_statistics_are_the_average_batch_statistics_of_the_current_weights():
 
 @pytest.mark.skipif(USE_LEGACY_KERAS, reason="tf_keras' fused batch norm keeps the unbiased "
                     "variance: inference mode divides by it, training mode by the biased one")
+def test_inputs_and_targets_arrays_are_taken_as_inputs_and_targets():
+    # As `fit` takes them: once refused inside Keras ("expects 1 input(s), received 2").
+    images = batches(1, size=32)[0]
+    targets = np.zeros(32, "int32")
+    for data in [(images, targets), (images, targets, np.ones(32, "float32"))]:
+        model = small_network()
+        assert batch_norm.recompute_batch_norm_statistics(model, data) == 2
+        np.testing.assert_allclose(model.get_layer("bn1").moving_mean,
+                                   model.get_layer("conv1")(images).numpy().mean(axis=(0, 1, 2)),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_inference_then_matches_batch_statistics_on_the_same_batch():
     # Stale moving averages (here: Keras' initial ones) make inference mode
     # compute another function than training did; recomputed on the batch
