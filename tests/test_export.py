@@ -280,6 +280,57 @@ def test_int8_calibration_unlike_the_training_inputs_is_refused(tmp_path, scale,
     export._check_representative(_normalized_model(), typical)
 
 
+@pytest.fixture(scope="module")
+def small_trained_models():
+    """{batch_norm: a small CNN trained briefly on the digits (90% test accuracy), with
+    a BatchNormalization after its convolution or without}, and (train, test) images
+    in [0, 1]. No input normalisation: as a factory model trained by the user."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = (digits.images / 16).astype(np.float32)[..., None], digits.target
+    trained = {}
+    for batch_norm in (True, False):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, padding="same"),
+            *([keras.layers.BatchNormalization(momentum=0.9)] if batch_norm else []),
+            keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(10)])
+        model.compile(keras.optimizers.Adam(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(images[:1500], labels[:1500], epochs=3, batch_size=64, verbose=0)
+        trained[batch_norm] = model
+    return trained, (images[:1500], images[1500:])
+
+
+def test_int8_calibration_far_from_the_batch_norm_statistics_is_refused(
+        tmp_path, small_trained_models):
+    # Calibrated on the digits scaled by 50, a factory ResNet20 without an input
+    # normalisation agreed with Keras on 9% of them, and the export passed.
+    models_by_batch_norm, (train_images, _) = small_trained_models
+    model = models_by_batch_norm[True]
+    with pytest.raises(ValueError, match=re.escape(
+            "does not look like the inputs the model was trained on, as its first "
+            f"BatchNormalization layer {model.layers[1].name!r} describes them: in the "
+            "median channel, its standard deviation is ") + r"4\d\.\d and"):
+        export_tflite(model, tmp_path / "model.tflite", "int8",
+                      representative_data=train_images[:200] * 50)
+    assert os.listdir(tmp_path) == []
+    export._check_representative(model, train_images[:200])
+
+
+def test_int8_export_whose_top1_agreement_collapses_raises(tmp_path, small_trained_models):
+    models_by_batch_norm, (train_images, test_images) = small_trained_models
+    # Nothing in the model tells how its inputs were spread: the check falls to the file.
+    with pytest.raises(RuntimeError, match=r"The int8 export agrees with the Keras model on "
+                                           r"the top class of only 2\d\.\d% of 297 examples "
+                                           r"\(verification_data\), fewer than 50%"):
+        export_tflite(models_by_batch_norm[False], tmp_path / "model.tflite", "int8",
+                      representative_data=train_images[:200] * 0.02,
+                      verification_data=test_images)
+    assert os.listdir(tmp_path) == []
+
+
 def test_float32_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     def broken_verify(*args):
         return export.Verification(examples=8, data="random", max_abs_diff=0.5,
