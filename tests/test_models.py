@@ -244,3 +244,13 @@ def test_classifier_computes_in_float32_under_mixed_precision(policy):
             np.ones(4), model(images, training=True)) * 32768.0  # Keras' first loss scale.
     gradient = tape.gradient(loss, predictions.kernel)
     assert np.all(np.isfinite(gradient.numpy()))
+
+
+def test_imagenet_weights_for_a_baseline_say_where_to_get_them():
+    # The baseline is keras.applications' ResNet50: "no weights exist for
+    # multigrid networks" was all it said.
+    with pytest.raises(ValueError, match=r"build keras\.applications' model with "
+                                         r"weights='imagenet' and copy its weights into the "
+                                         r"baseline layer by layer\. "
+                                         r"Received: weights='imagenet'\.$"):
+        models.ResNet50(multigrid=False, weights="imagenet")

@@ -114,9 +114,13 @@ def check_factory_arguments(weights, include_top, pooling, classes, width):
     """keras.applications' checks, plus ours; raises ValueError naming the argument."""
     if weights == "imagenet":
         raise ValueError(
-            "No pretrained ImageNet weights exist for multigrid networks: pass "
-            "weights=None to start from random weights, or the path of a weights "
-            "file you trained. Received: weights='imagenet'."
+            "No pretrained ImageNet weights exist for multigrid networks, and none are "
+            "downloaded for the baselines: pass weights=None to start from random "
+            "weights, or the path of a weights file you trained. The baselines "
+            "(multigrid=False) of ResNet50, MobileNetV2 and MobileNetV3 are "
+            "keras.applications' networks, with the same layer names: for ImageNet "
+            "weights, build keras.applications' model with weights='imagenet' and copy "
+            "its weights into the baseline layer by layer. Received: weights='imagenet'."
         )
     if weights is not None and not (isinstance(weights, (str, os.PathLike))
                                     and os.path.exists(weights)):
