@@ -29,10 +29,12 @@ import contextlib
 import fcntl
 import functools
 import io
+import logging
 import math
 import numbers
 import os
 import sys
+import textwrap
 from unittest import mock
 
 import numpy as np
@@ -42,7 +44,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader
 from tensorflow_datasets.core.utils import tqdm_utils
 
-import keras_mgconv.digits  # Also registers the embedded `digits` dataset with TFDS.
+import keras_mgconv.digits  # noqa: F401 (registers the embedded `digits` dataset with TFDS)
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import _arguments
 
@@ -66,6 +68,10 @@ _CENTER_CROP_FRACTION = 0.875
 # minutes before an offline machine learns that it is offline. It has no
 # setting for that, so `_prepare` lowers its module constant while it runs.
 _DOWNLOAD_RETRIES = 2
+
+# The most characters of a cause that an error quotes: requests' say which host
+# could not be reached, and why, in about 300.
+_CAUSE_LENGTH = 400
 
 
 ImageDatasetInfo = collections.namedtuple(
@@ -238,14 +244,24 @@ def _entries(top):
 
 @contextlib.contextmanager
 def _quietly():
-    """Hides TFDS' size lines and progress bars: news for a download, not for `digits`."""
-    with mock.patch.object(tqdm_utils, "_active", False), \
-            contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """Hides TFDS' size lines and progress bars, and urllib3's warnings of retries.
+
+    A download that fails says why in one line (`_prepare`); drawn before it,
+    a dozen lines of empty progress bars and retries hid that line.
+    """
+    urllib3 = logging.getLogger("urllib3")
+    level = urllib3.level
+    urllib3.setLevel(logging.ERROR)
+    try:
+        with mock.patch.object(tqdm_utils, "_active", False), \
+                contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        urllib3.setLevel(level)
 
 
-def _prepare(builder, manual_dir, announce_new_folder):
-    """Downloads and prepares `builder`'s data, or says why it cannot.
+def _prepare(builder, name, manual_dir, announce_new_folder):
+    """Downloads and prepares `builder`'s data (dataset `name`), quietly, or says why it cannot.
 
     One process or thread at a time prepares a dataset in a `data_dir`; the
     others wait and find it prepared. A failed preparation leaves nothing
@@ -255,7 +271,6 @@ def _prepare(builder, manual_dir, announce_new_folder):
     root = os.fspath(builder.data_dir_root)
     where = builder.data_dir
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    quiet = isinstance(builder, keras_mgconv.digits.Digits)
     # A lock file needs a local folder; in a bucket (gs://...) there is none.
     local = "://" not in root
     lock = _preparation_lock(root, builder.name) if local else contextlib.nullcontext()
@@ -267,8 +282,7 @@ def _prepare(builder, manual_dir, announce_new_folder):
                 _removing_new_empty_folders([dataset_folder, os.path.join(root, "downloads")]):
             if _is_prepared(builder):
                 return
-            with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES), \
-                    _quietly() if quiet else contextlib.nullcontext():
+            with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES), _quietly():
                 builder.download_and_prepare(download_config=config)
         if created and announce_new_folder:
             # As TFDS does for a first download, a `data_dir` that does not
@@ -279,32 +293,34 @@ def _prepare(builder, manual_dir, announce_new_folder):
         if "manual" not in str(error).lower():
             raise
         raise ValueError(
-            f"Dataset {builder.name!r} must be downloaded by hand: TFDS cannot "
+            f"Dataset {name!r} must be downloaded by hand: TFDS cannot "
             f"fetch it. Put its files in a folder and pass that as `manual_dir` "
             f"(`--manual-dir`), or prepare it once into `data_dir` "
             f"(`--data-dir`). Instructions: "
             f"{' '.join(str(builder.MANUAL_DOWNLOAD_INSTRUCTIONS).split())} "
-            f"Received: dataset={builder.name!r}, manual_dir={manual_dir!r}."
+            f"Received: dataset={name!r}, manual_dir={manual_dir!r}."
         ) from None
     except (requests.RequestException, tfds.download.DownloadError) as error:
         raise ValueError(
-            f"Dataset {builder.name!r} is not prepared in {where} and cannot be "
+            f"Dataset {name!r} is not prepared in {where} and cannot be "
             f"downloaded ({_first_line(error)}). Prepare it on a machine with "
-            f"network access (`tfds.load({builder.name!r}, data_dir=...)`) and "
+            f"network access (`tfds.load({name!r}, data_dir=...)`) and "
             f"pass that directory as `data_dir` (`--data-dir`), or put manually "
             f"downloaded files in `manual_dir` (`--manual-dir`). "
-            f"Received: dataset={builder.name!r}."
+            f"Received: dataset={name!r}."
         ) from None
     except OSError as error:
         raise ValueError(
-            f"Dataset {builder.name!r} could not be prepared in {where}: "
-            f"{_first_line(error)}. Received: dataset={builder.name!r}, data_dir={root!r}."
+            f"Dataset {name!r} could not be prepared in {where}: "
+            f"{_first_line(error)}. Received: dataset={name!r}, data_dir={root!r}."
         ) from None
 
 
 def _first_line(error):
-    """`error`'s type and the first line of its message."""
-    return ": ".join([type(error).__name__, *(line[:200] for line in str(error).splitlines()[:1])])
+    """`error`'s type and the first line of its message, shortened at a word if long."""
+    return ": ".join([type(error).__name__, *(
+        textwrap.shorten(line, _CAUSE_LENGTH, placeholder=" ...")
+        for line in str(error).splitlines()[:1])])
 
 
 def image_dataset_info(name, data_dir=None, manual_dir=None):
@@ -339,7 +355,7 @@ def image_dataset_info(name, data_dir=None, manual_dir=None):
     builder = _builder(name, data_dir)
     _image_and_label(builder)
     if not _is_prepared(builder):
-        _prepare(builder, manual_dir, announce_new_folder=data_dir is not None)
+        _prepare(builder, name, manual_dir, announce_new_folder=data_dir is not None)
         # Read afresh: another process may have prepared it while this one waited.
         builder = _builder(name, data_dir)
     image, label = _image_and_label(builder)
