@@ -44,6 +44,7 @@ import math
 import numbers
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -61,7 +62,7 @@ from keras_mgconv._keras import keras
 from keras_mgconv.batch_norm import PreciseBatchNormalization
 from keras_mgconv.complexity import count_multiply_adds
 from keras_mgconv.layers import _arguments
-from keras_mgconv.models.common import multigrid_design
+from keras_mgconv.models.common import ConvSettings, multigrid_design
 from keras_mgconv.schedules import LinearWarmup
 
 MODELS = {
@@ -766,7 +767,7 @@ def _report(network, plan, run_dir, strategy):
     history = _read_history(os.path.join(run_dir, "history.csv"), epochs)
     return {
         **plan.config,
-        "group_size": _group_size_used(plan.config),
+        **_multigrid_settings_used(plan.config),
         "batch_norm_momentum": plan.batch_norm_momentum,
         "parameters": network.count_params(),
         "multiply_adds": count_multiply_adds(network),
@@ -798,17 +799,19 @@ def _learned(history, num_classes):
             "learned": learned_anything(accuracy, num_classes)}
 
 
-def _group_size_used(config):
-    """The group size of the run's multigrid layers: the factory's default where none was given.
+def _multigrid_settings_used(config):
+    """The group size and coarsest width of the run's multigrid layers, as the factory used them.
 
-    None for a baseline, which has none, and for a factory without the argument.
+    The factory's defaults where none was given; None for a baseline, which
+    has neither.
     """
     if not config["multigrid"]:
-        return None
-    if config["group_size"] is not None:
-        return config["group_size"]
-    parameter = inspect.signature(MODELS[config["model"]]).parameters.get("group_size")
-    return None if parameter is None else parameter.default
+        return {"group_size": None, "coarsest_channels": None}
+    group_size = config["group_size"]
+    if group_size is None:
+        group_size = inspect.signature(MODELS[config["model"]]).parameters["group_size"].default
+    settings = ConvSettings(config["multigrid"], group_size, config["coarsest_channels"])
+    return {"group_size": settings.group_size, "coarsest_channels": settings.coarsest_channels}
 
 
 def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,
@@ -990,7 +993,8 @@ def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=25
         batch_size: examples per batch.
         data_dir: TFDS data directory.
         manual_dir: folder of manually downloaded dataset files.
-        verbose: `model.evaluate`'s verbosity.
+        verbose: `model.evaluate`'s verbosity; "auto": its progress bar on a
+            terminal, else one line (2), free of the bar's colour codes.
 
     Returns:
         A dict with "loss", "accuracy" and the "split".
@@ -1011,6 +1015,8 @@ def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=25
     images = data.image_pipeline(dataset, split, batch_size, image_shape=network.input_shape[1:],
                                  data_dir=data_dir, manual_dir=manual_dir)
     network.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
     results = network.evaluate(images, verbose=verbose, return_dict=True)
     return {"loss": float(results["loss"]), "accuracy": float(results["accuracy"]),
             "split": split}

@@ -303,7 +303,7 @@ def test_train_prints_a_line_per_epoch_and_records_the_group_size(digits_run):
     with open(os.path.join(output_dir, "summary.json")) as file:
         summary = json.load(file)
     # ResNet20's default: the summary records what the run used, not the argument (None).
-    assert summary["group_size"] == 8
+    assert (summary["group_size"], summary["coarsest_channels"]) == (8, 32)
     with open(os.path.join(output_dir, "config.json")) as file:
         assert json.load(file)["group_size"] is None
     # Trained 20 steps per execution, saved with 1: a loaded model's first predict
@@ -311,6 +311,26 @@ def test_train_prints_a_line_per_epoch_and_records_the_group_size(digits_run):
     from keras_mgconv._keras import keras
 
     assert keras.models.load_model(os.path.join(output_dir, "best.keras")).steps_per_execution == 1
+
+
+@pytest.mark.parametrize("multigrid, group_size, coarsest_channels, used", [
+    ("layer", None, None, (8, 32)),  # ResNet20's defaults: summary.json said null.
+    ("block", 64, None, (64, 64)),
+    ("layer", 16, 8, (16, 8)),
+    (False, None, None, (None, None)),
+])
+def test_summary_records_the_group_size_and_coarsest_channels_used(
+        multigrid, group_size, coarsest_channels, used):
+    config = {"model": "ResNet20", "multigrid": multigrid, "group_size": group_size,
+              "coarsest_channels": coarsest_channels}
+    assert training._multigrid_settings_used(config) == dict(
+        zip(["group_size", "coarsest_channels"], used))
+
+
+def test_evaluate_into_a_file_writes_no_colour_codes(capsys, small_model_path):
+    assert cli.main(["evaluate", str(small_model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "\x1b" not in out
 
 
 def test_progress_bar_where_an_epoch_is_many_executions():
