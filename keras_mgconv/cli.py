@@ -171,12 +171,14 @@ def _add_data_arguments(parser, dataset_default="digits",
 def _export(args):
     _require_tensorflow_backend("export")
     from keras_mgconv import data, training
-    from keras_mgconv.export import export_tflite
+    from keras_mgconv.export import _min_group_filters, export_tflite
     from keras_mgconv.layers import _arguments
 
+    # Checked before the model loads, which takes seconds to minutes.
     _arguments.positive_int("samples", args.samples)
     if args.image_size is not None:
         _arguments.positive_int("image_size", args.image_size)
+    _min_group_filters(args.min_group_filters, args.quantization, args.lowering)
     model = training.load_model(args.model, "model")
     image_shape = model.input_shape[1:]
     if args.image_size is not None:

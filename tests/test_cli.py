@@ -209,6 +209,9 @@ def test_benchmark_prints_latency_table(capsys, small_model_path, tmp_path):
     (["export", "{model}", "--quantization", "int8"], "Received: representative_data=None."),
     (["export", "{model}", "--output", "missing/model.tflite"], "Received: path="),
     (["benchmark", "missing.tflite"], "Received: path='missing.tflite'."),
+    # Checked before the model (here unreadable) loads.
+    (["export", "{cut}", "--min-group-filters", "0"], "Received: min_group_filters=0."),
+    (["export", "{cut}", "--image-size", "0"], "Received: image_size=0."),
     # quantize's tf_keras process read these into a 28-line zipfile.BadZipFile.
     (["quantize", "{cut}"], "cut.keras is not a readable Keras model (not a zip archive)"),
     (["quantize", "{damaged}"], "damaged.keras is not a readable Keras model (BadZipFile: "),
