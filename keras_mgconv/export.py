@@ -804,8 +804,8 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             `quantization`, `lowering` or `pointwise`, a `min_group_filters`
             neither "auto" nor a positive int, "int8" without
             `representative_data` or with `representative_data` unlike the
-            inputs that the model's input Normalization layer (where it has
-            one) describes, data of the wrong shape or with NaN or infinite
+            inputs that the model's input Normalization layer, or else its
+            first trained BatchNormalization layer, describes, data of the wrong shape or with NaN or infinite
             values, a model that takes inputs of any size with neither
             `input_shape` nor data, or a `model` that needs Flex ops without
             `allow_flex_ops`.
