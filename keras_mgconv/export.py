@@ -174,9 +174,14 @@ class ExportReport:
                          f"their cycle's matrix, one CONV_2D each (pointwise={self.pointwise!r})")
         if self.min_group_filters > 1:
             # What the export did to any narrow groups, also where a model has none.
-            lines.append(f"grouped convolutions with groups of fewer than "
-                         f"{self.min_group_filters} filters merged up to "
-                         f"{self.min_group_filters} (same function)")
+            # A group cannot outgrow its layer: `merge_groups` joins all of a
+            # narrower layer's groups into one, and joins whole groups, so a
+            # merged group may pass the minimum.
+            n = self.min_group_filters
+            lines.append(f"grouped convolutions with groups of fewer than {n} filters "
+                         f"merged up to {n} (at least {n} filters a group; layers of fewer "
+                         f"than {n} filters into one group, a full convolution), "
+                         f"the same function")
         if None in self.keras_input_shape[1:]:
             lines.append(f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
                          f"the Keras model takes {tuple(self.keras_input_shape[1:])}")

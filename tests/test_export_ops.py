@@ -72,3 +72,19 @@ def test_int8_export_merges_narrow_groups_into_the_same_function(tmp_path):
     report = export_tflite(model, tmp_path / "merged.tflite", min_group_filters=16)
     assert _conv_groups(report.path) == merged
     assert report.verification.max_rel_diff <= float32_tolerance(model)
+
+
+def test_merging_past_a_layers_width_reports_one_group(tmp_path):
+    """Issue 34, item 12: a group cannot outgrow its layer, and the report says what was done.
+
+    16 filters in 4 groups, `min_group_filters=1000`: all 4 are merged into one
+    group of 16 filters, which the report must not call a merge "up to 1000"
+    alone.
+    """
+    inputs = keras.Input((6, 6, 16))
+    model = keras.Model(inputs, keras_mgconv.GroupedConv2D(16, 3, groups=4)(inputs))
+    report = export_tflite(model, tmp_path / "wide.tflite", min_group_filters=1000)
+    assert _conv_groups(report.path) == [(1, 16)]
+    text = str(report)
+    assert "layers of fewer than 1000 filters into one group, a full convolution" in text
+    assert "merged up to 1000 (same function)" not in text
