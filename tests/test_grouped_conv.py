@@ -1,3 +1,4 @@
+import logging
 import math
 
 import numpy as np
@@ -249,3 +250,50 @@ def test_input_smaller_than_a_valid_kernel_is_refused_like_conv2d(use_bias):
             keras_mgconv.GroupedConv2D(16, 3, groups=4, use_bias=use_bias)(inputs)
     assert keras_mgconv.GroupedConv2D(16, 3, groups=4, use_bias=use_bias, padding="same")(
         images).shape == (1, 2, 2, 16)
+
+
+@pytest.mark.skipif(not _tensorflow_ops.onednn_kernels_work(tf.float32),
+                    reason="a TensorFlow build without oneDNN kernels (x86 builds have them)")
+@pytest.mark.parametrize("layer_class,kwargs,channels", [
+    ("GroupedConv2D", {"filters": 16, "kernel_size": 3, "groups": 4, "padding": "same"}, 16),
+    ("MultigridConv2D", {"filters": 16, "kernel_size": 3, "padding": "same",
+                         "group_size": 4}, 16),
+    ("ChannelRestriction", {"group_size": 4}, 16),
+    ("ChannelProlongation", {"group_size": 4}, 8),
+])
+def test_layers_called_eagerly_at_several_shapes_do_not_retrace_warn(
+        monkeypatch, layer_class, kwargs, channels):
+    """Issue 34, item 12: no "triggered tf.function retracing" warnings from eager calls.
+
+    The layers train through TensorFlow's oneDNN kernels called directly
+    wherever TensorFlow's oneDNN is off (`TF_ENABLE_ONEDNN_OPTS=0`), in
+    `tf.function`s; that path is taken here whatever the setting, and each
+    layer is called (and differentiated) eagerly at 6 image sizes.
+    """
+    if not keras_mgconv.layers._ops.TENSORFLOW:
+        pytest.skip("the TensorFlow ops only")
+    monkeypatch.setattr(_tensorflow_ops, "_gradient_source", lambda dtype: "onednn")
+    # TensorFlow warns at most twice per function and process: a fresh count,
+    # so that a warning an earlier test drew cannot hide one here.
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+    monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
+                        polymorphic_function._FrequentTracingDetectorManager())
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    tensorflow_logger = logging.getLogger("tensorflow")  # tf_logging.warning's logger
+    tensorflow_logger.addHandler(handler)
+    try:
+        layer = getattr(keras_mgconv, layer_class)(**kwargs)
+        for size in range(5, 11):
+            inputs = tf.random.normal((2, size, size + 1, channels))
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                outputs = layer(inputs, training=True)
+            assert outputs.shape[1:3] == (size, size + 1)
+            assert all(gradient is not None for gradient in tape.gradient(
+                outputs, [inputs, *layer.trainable_weights]))
+    finally:
+        tensorflow_logger.removeHandler(handler)
+    assert not [record.getMessage() for record in records
+                if "retracing" in record.getMessage()]

@@ -135,7 +135,51 @@ def _onednn_op(op_type, name, **arguments):
     return outputs[0]
 
 
-@tf.function(autograph=False)
+def _graph_function(python_function):
+    """`python_function(*tensors, strides, padding)` as a graph: per input shape, or for any.
+
+    Two `tf.function`s of it (without autograph), for its two kinds of callers:
+
+    - while a graph is traced (`fit`'s training step, other `tf.function`s,
+      SavedModel export), a plain one, traced once per input shape as before:
+      each trace keeps its inputs' static shapes, which the traced step's later
+      layers see in its outputs (a trace for unknown shapes would hide them);
+    - eagerly, one traced once per dtype, rank, strides and padding for inputs
+      of any shape, whose concrete function every eager call runs. Called
+      eagerly as a `tf.function`, it traced anew for every input shape, and
+      TensorFlow warns from the fifth trace in ten calls ("5 out of the last 5
+      calls to <function _onednn_conv> triggered tf.function retracing"): a
+      layer called eagerly at 5 image sizes, or one MultigridConv2D call (its
+      levels are convolutions of 5 shapes); `reduce_retracing=True` still
+      traced 5 times for a MultigridConv2D's first call. Eager results keep
+      their actual shapes all the same, and a concrete function's call skips
+      the `tf.function`'s dispatch.
+
+    TensorFlow counts retracing (and warns) only for eager calls, so the graph
+    callers' per-shape traces never warned and are kept as they were.
+    """
+    in_graphs = tf.function(python_function, autograph=False)
+    eagerly = tf.function(python_function, autograph=False)
+
+    @functools.lru_cache(maxsize=None)
+    def for_any_shape(tensor_types, strides, padding):
+        specs = [tf.TensorSpec([None] * rank, dtype) for dtype, rank in tensor_types]
+        return eagerly.get_concrete_function(*specs, list(strides), padding)
+
+    @functools.wraps(python_function)
+    def call(*arguments):
+        *tensors, strides, padding = arguments
+        if not tf.executing_eagerly():
+            return in_graphs(*tensors, strides, padding)
+        tensors = [tf.convert_to_tensor(tensor) for tensor in tensors]
+        function = for_any_shape(tuple((tensor.dtype, tensor.shape.rank) for tensor in tensors),
+                                 tuple(strides), padding)
+        return function(*tensors, list(strides), padding)
+
+    return call
+
+
+@_graph_function
 def _onednn_conv(inputs, kernel, strides, padding):
     """`tf.nn.conv2d(inputs, kernel, strides, padding)` by TensorFlow's oneDNN kernel.
 
@@ -145,7 +189,7 @@ def _onednn_conv(inputs, kernel, strides, padding):
                       strides=strides, padding=padding, is_filter_const=False)
 
 
-@tf.function(autograph=False)
+@_graph_function
 def _onednn_conv_backprop(inputs, kernel, out_backprop, strides, padding):
     """The gradients of `tf.nn.conv2d(inputs, kernel, strides, padding)` for `out_backprop`.
 
