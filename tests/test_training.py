@@ -468,7 +468,8 @@ def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "keras_mgconv.cli", "train", "--strategy", "multi_worker",
-             "--epochs", "1", "--width", "0.5", "--no-multigrid", "--output-dir", output_dir],
+             "--epochs", "1", "--width", "0.25", "--batch-size", "256", "--no-multigrid",
+             "--output-dir", output_dir],
             env=dict(_QUIET, TF_CONFIG=json.dumps(
                 {"cluster": cluster, "task": {"type": "worker", "index": index}})),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -485,7 +486,7 @@ def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
     assert summary["replicas"] == 2
     assert len(_history(output_dir)) == 1
     assert keras.models.load_model(os.path.join(output_dir, "last.keras")).optimizer.iterations \
-        .numpy() == _fit_steps()
+        .numpy() == _fit_steps(256)
 
 
 @pytest.mark.parametrize("arguments, message", [
