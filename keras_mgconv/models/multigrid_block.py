@@ -54,7 +54,8 @@ from keras_mgconv.models import common
 
 
 def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
-                     batch_norm_momentum, batch_norm_epsilon, expansion, name):
+                     batch_norm_momentum, batch_norm_epsilon, expansion, name,
+                     zero_init_residual):
     strides = _arguments.pair("strides", strides)
     common.batch_norm_momentum(batch_norm_momentum)
     if (isinstance(batch_norm_epsilon, bool) or not isinstance(batch_norm_epsilon, numbers.Real)
@@ -76,16 +77,20 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
             "A multigrid block takes 4D inputs (batch, height, width, channels) "
             f"with known channels. Received: x.shape={tuple(x.shape)}.")
 
-    def batch_norm(tensor, layer_name):
+    def batch_norm(tensor, layer_name, last=False):
+        # The last normalisation of a unit and the correction's start at zero
+        # scale with `zero_init_residual`, so that the block starts as ReLU.
         return keras.layers.BatchNormalization(
             momentum=batch_norm_momentum, epsilon=batch_norm_epsilon,
+            gamma_initializer="zeros" if last and zero_init_residual else "ones",
             name=layer_name)(tensor)
 
-    def conv_bn(tensor, conv_filters, kernel_size, groups, prefix, conv_strides=1):
+    def conv_bn(tensor, conv_filters, kernel_size, groups, prefix, conv_strides=1,
+                last=False):
         tensor = GroupedConv2D(conv_filters, kernel_size, groups=groups,
                                strides=conv_strides, padding="same", use_bias=False,
                                name=f"{prefix}_conv")(tensor)
-        return batch_norm(tensor, f"{prefix}_bn")
+        return batch_norm(tensor, f"{prefix}_bn", last)
 
     def relu(tensor, layer_name):
         return keras.layers.Activation("relu", name=layer_name)(tensor)
@@ -97,7 +102,8 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
         for index, (unit_filters, kernel_size) in enumerate(convolutions, start=1):
             if index > 1:
                 y = relu(y, f"{prefix}_{index - 1}_relu")
-            y = conv_bn(y, unit_filters, kernel_size, groups, f"{prefix}_{index}")
+            y = conv_bn(y, unit_filters, kernel_size, groups, f"{prefix}_{index}",
+                        last=index == len(convolutions))
         y = keras.layers.Add(name=f"{prefix}_add")([z, y])
         return relu(y, output_name)
 
@@ -112,7 +118,7 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
         difference = keras.layers.Subtract(name=f"{prefix}_difference")([solved, coarse])
         correction = ChannelProlongation(
             transfer_group_size, name=f"{prefix}_prolong")(difference)
-        correction = batch_norm(correction, f"{prefix}_prolong_bn")
+        correction = batch_norm(correction, f"{prefix}_prolong_bn", last=True)
         corrected = keras.layers.Add(name=f"{prefix}_correct")([fine, correction])
         return residual_unit(corrected, width, width // group_size, prefix,
                              f"{name}_out" if level == 0 else f"{prefix}_out")
@@ -126,7 +132,7 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
 
 def multigrid_basic_block(x, filters, strides=1, group_size=16, coarsest_channels=None,
                           batch_norm_momentum=0.99, batch_norm_epsilon=1e-3,
-                          name="multigrid_block"):
+                          name="multigrid_block", zero_init_residual=False):
     """A residual basic block as one V-cycle: the authors' block design.
 
     Levels C_0 = `filters`, C_0/2, ..., down to at most `coarsest_channels`.
@@ -156,6 +162,11 @@ def multigrid_basic_block(x, filters, strides=1, group_size=16, coarsest_channel
             `group_size`).
         batch_norm_momentum, batch_norm_epsilon: of every BatchNormalization.
         name: the prefix of every layer name; unique in the model.
+        zero_init_residual: if True, the last BatchNormalization of every
+            unit and the one after every prolongation start at zero scale,
+            so that the block starts as `ReLU` of its input (after the
+            connector): the factories' default for multigrid networks (see
+            `keras_mgconv.models.ResNet`). False starts every scale at 1.
 
     Returns:
         The block's output tensor, `(batch, height / strides, width / strides,
@@ -181,12 +192,14 @@ def multigrid_basic_block(x, filters, strides=1, group_size=16, coarsest_channel
     ['block_level0_restrict', 'block_level1_restrict']
     """
     return _multigrid_block(x, filters, strides, group_size, coarsest_channels,
-                            batch_norm_momentum, batch_norm_epsilon, 1, name)
+                            batch_norm_momentum, batch_norm_epsilon, 1, name,
+                            zero_init_residual)
 
 
 def multigrid_bottleneck_block(x, filters, strides=1, group_size=16,
                                coarsest_channels=None, batch_norm_momentum=0.99,
-                               batch_norm_epsilon=1e-3, name="multigrid_block"):
+                               batch_norm_epsilon=1e-3, name="multigrid_block",
+                               zero_init_residual=False):
     """A bottleneck block as one V-cycle: the block design for ResNet50.
 
     As `multigrid_basic_block`, with `4 * filters` output channels: level l
@@ -202,6 +215,7 @@ def multigrid_bottleneck_block(x, filters, strides=1, group_size=16,
             channels. A multiple of `group_size` above `coarsest_channels`.
         strides, group_size, coarsest_channels, batch_norm_momentum, batch_norm_epsilon, name:
             as in `multigrid_basic_block`.
+        zero_init_residual: as in `multigrid_basic_block`.
 
     Returns:
         The block's output tensor, `(batch, height / strides, width / strides,
@@ -219,4 +233,5 @@ def multigrid_bottleneck_block(x, filters, strides=1, group_size=16,
     (None, 8, 8, 128)
     """
     return _multigrid_block(x, filters, strides, group_size, coarsest_channels,
-                            batch_norm_momentum, batch_norm_epsilon, 4, name)
+                            batch_norm_momentum, batch_norm_epsilon, 4, name,
+                            zero_init_residual)

@@ -24,9 +24,10 @@ from keras_mgconv.models import common, multigrid_block
 _BN_EPSILON = 1.001e-5
 
 
-def _batch_norm(x, name, momentum):
+def _batch_norm(x, name, momentum, gamma_initializer="ones"):
     return keras.layers.BatchNormalization(
-        epsilon=_BN_EPSILON, momentum=momentum, name=name)(x)
+        epsilon=_BN_EPSILON, momentum=momentum, gamma_initializer=gamma_initializer,
+        name=name)(x)
 
 
 def _shortcut(x, filters, stride, option, momentum, name):
@@ -46,13 +47,14 @@ def basic_block(x, filters, stride, settings, shortcut, momentum, name):
     if settings.design == "block" and settings.is_multigrid(filters):
         return multigrid_block.multigrid_basic_block(
             x, filters, stride, settings.group_size, settings.coarsest_width(filters),
-            momentum, _BN_EPSILON, name)
+            momentum, _BN_EPSILON, name, settings.zero_init(True))
     skip = _shortcut(x, filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 3, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
     x = common.conv(settings, filters, 3, name=f"{name}_2_conv")(x)
-    x = _batch_norm(x, f"{name}_2_bn", momentum)
+    x = _batch_norm(x, f"{name}_2_bn", momentum,
+                    settings.residual_gamma(settings.is_multigrid(filters)))
     x = keras.layers.Add(name=f"{name}_add")([skip, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -68,7 +70,7 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
     if settings.design == "block" and settings.is_multigrid(filters):
         return multigrid_block.multigrid_bottleneck_block(
             x, filters, stride, settings.group_size, settings.coarsest_width(filters),
-            momentum, _BN_EPSILON, name)
+            momentum, _BN_EPSILON, name, settings.zero_init(True))
     skip = _shortcut(x, 4 * filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 1, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
@@ -77,7 +79,8 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
     x = _batch_norm(x, f"{name}_2_bn", momentum)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = common.conv(settings, 4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = _batch_norm(x, f"{name}_3_bn", momentum)
+    x = _batch_norm(x, f"{name}_3_bn", momentum, settings.residual_gamma(
+        settings.is_multigrid(filters) or settings.is_multigrid(4 * filters)))
     x = keras.layers.Add(name=f"{name}_add")([skip, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -89,7 +92,7 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
            weights=None, input_tensor=None, pooling=None, classes=1000,
            classifier_activation="softmax", name="resnet", multigrid=True,
            group_size=8, coarsest_channels=None, width=1.0,
-           batch_norm_momentum=0.99):
+           batch_norm_momentum=0.99, zero_init_residual=None):
     """Builds a ResNet from its block function and stage specification.
 
     The named models (`ResNet20` ... `ResNet110`, `ResNet18`, `ResNet34`,
@@ -121,6 +124,18 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
         width: multiplier on every stage's channels (and the stem's).
         batch_norm_momentum: momentum of every BatchNormalization; lower it
             (e.g. 0.9) for runs of a few hundred steps.
+        zero_init_residual: whether the last BatchNormalization of a residual
+            branch starts at zero scale, so that the block starts as the
+            identity (Goyal et al. 2017; in the block design, the last of
+            every unit and the one after every prolongation). None (default):
+            in multigrid blocks only, which then start as the standard ones'
+            identity does not: a V-cycle carries its input through, so a
+            branch of two is correlated with the stream it adds to, and a deep
+            network's stream grows with depth (`benchmarks/depth_diagnosis.py`;
+            the paired rows are the "zero-init" ones of
+            `benchmarks/results/accuracy.md`). The standard blocks keep
+            keras.applications' initialisation. True: every residual block;
+            False: none (every scale starts at 1, as before version 0.2).
 
     Returns:
         A `keras.Model`.
@@ -132,12 +147,14 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
             a `batch_norm_momentum` outside [0, 1), input sizes below the
             network's minimum, an `input_shape` that disagrees with
             `input_tensor`, a `group_size` that is not a positive even int,
-            or one that divides none of the block widths.
+            or one that divides none of the block widths, a
+            `zero_init_residual` other than None, True or False.
     """
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     common.batch_norm_momentum(batch_norm_momentum)
     settings = common.ConvSettings(multigrid, group_size, coarsest_channels,
-                                   use_bias=stem == "imagenet")
+                                   use_bias=stem == "imagenet",
+                                   zero_init_residual=zero_init_residual)
     stage_filters = [max(1, round(filters * width)) for filters, _, _ in stages]
     # A block-design block is multigrid by its `filters`, a layer-design
     # bottleneck by each convolution's width.
@@ -175,7 +192,7 @@ def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
                 input_tensor=None, pooling=None, classes=10,
                 classifier_activation="softmax", name=None, multigrid=True,
                 group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.99):
+                batch_norm_momentum=0.99, zero_init_residual=None):
     """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
 
     n basic blocks per stage of 16/32/64 channels, 32x32 inputs and 10 classes
@@ -217,17 +234,19 @@ def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
     return ResNet(basic_block, [(16, blocks, 1), (32, blocks, 2), (64, blocks, 2)],
                   "cifar", "zero_pad", input_shape, include_top, weights, input_tensor,
                   pooling, classes, classifier_activation, name or f"resnet{depth}",
-                  multigrid, group_size, coarsest_channels, width, batch_norm_momentum)
+                  multigrid, group_size, coarsest_channels, width, batch_norm_momentum,
+                  zero_init_residual)
 
 
 def _cifar_resnet(depth):
     def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
                 pooling=None, classes=10, classifier_activation="softmax", name=None,
                 multigrid=True, group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.99):
+                batch_norm_momentum=0.99, zero_init_residual=None):
         return CIFARResNet(depth, input_shape, include_top, weights, input_tensor,
                            pooling, classes, classifier_activation, name, multigrid,
-                           group_size, coarsest_channels, width, batch_norm_momentum)
+                           group_size, coarsest_channels, width, batch_norm_momentum,
+                           zero_init_residual)
 
     factory.__name__ = f"ResNet{depth}"
     factory.__doc__ = (
@@ -239,13 +258,13 @@ def _imagenet_resnet(block, blocks_per_stage, depth):
     def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
                 pooling=None, classes=1000, classifier_activation="softmax", name=None,
                 multigrid=True, group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.99):
+                batch_norm_momentum=0.99, zero_init_residual=None):
         stages = [(filters, blocks, 1 if index == 0 else 2) for index, (filters, blocks)
                   in enumerate(zip((64, 128, 256, 512), blocks_per_stage))]
         return ResNet(block, stages, "imagenet", "projection", input_shape, include_top,
                       weights, input_tensor, pooling, classes, classifier_activation,
                       name or f"resnet{depth}", multigrid, group_size,
-                      coarsest_channels, width, batch_norm_momentum)
+                      coarsest_channels, width, batch_norm_momentum, zero_init_residual)
 
     factory.__name__ = f"ResNet{depth}"
     factory.__doc__ = (
