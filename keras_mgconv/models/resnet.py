@@ -135,7 +135,7 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
             the paired rows are the "zero-init" ones of
             `benchmarks/results/accuracy.md`). The standard blocks keep
             keras.applications' initialisation. True: every residual block;
-            False: none (every scale starts at 1, as before version 0.2).
+            False: none (every scale starts at 1, the start before this argument).
 
     Returns:
         A `keras.Model`.
