@@ -89,11 +89,13 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # (their `coarsest_channels=None`). The rows without zero-init start every
 # BatchNormalization scale at 1, as the factories did when they were recorded;
 # the zero-init rows start the multigrid residual branches at zero scale, the
-# factories' default since (`zero_init_residual=None`).
+# factories' default since (`zero_init_residual=None`); "baseline zero-init"
+# starts the standard network's branches so too (`zero_init_residual=True`),
+# to tell what the start does for any ResNet from what it does for multigrid.
 DESIGNS = (("baseline", False, None, None, False), ("layer", "layer", 8, None, False),
            ("block", "block", 8, None, False), ("layer", "layer", 16, None, False),
            ("layer", "layer", 8, 32, False), ("layer", "layer", 8, 32, True),
-           ("block", "block", 8, None, True))
+           ("block", "block", 8, None, True), ("baseline", False, None, None, True))
 # The MobileNets' rows: the baseline and the factories' default multigrid network.
 MOBILENET_DESIGNS = (("baseline", False, None, None, None), ("layer", "layer", 8, 32, None))
 SETTINGS = {
