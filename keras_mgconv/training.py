@@ -803,13 +803,17 @@ def _multigrid_settings_used(config):
     """The group size and coarsest width of the run's multigrid layers, as the factory used them.
 
     The factory's defaults where none was given; None for a baseline, which
-    has neither.
+    has neither, and for a factory without multigrid arguments.
     """
+    unknown = {"group_size": None, "coarsest_channels": None}
     if not config["multigrid"]:
-        return {"group_size": None, "coarsest_channels": None}
+        return unknown
     group_size = config["group_size"]
     if group_size is None:
-        group_size = inspect.signature(MODELS[config["model"]]).parameters["group_size"].default
+        parameter = inspect.signature(MODELS[config["model"]]).parameters.get("group_size")
+        if parameter is None:
+            return unknown
+        group_size = parameter.default
     settings = ConvSettings(config["multigrid"], group_size, config["coarsest_channels"])
     return {"group_size": settings.group_size, "coarsest_channels": settings.coarsest_channels}
 

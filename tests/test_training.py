@@ -584,6 +584,7 @@ def test_overwrite_removes_the_old_runs_logs(tmp_path):
     events.parent.mkdir(parents=True)
     events.write_text("")
     (tmp_path / "last.keras").write_text("")
+    (tmp_path / "config.json").write_text("{}")
     training._clear_run(str(tmp_path))
     assert os.listdir(tmp_path) == []
 
