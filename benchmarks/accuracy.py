@@ -76,8 +76,14 @@ from matplotlib import ticker  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Cheapest first, so that partial results cover whole networks.
-NETWORKS = (("ResNet20", 1), ("ResNet20", 2), ("ResNet56", 1), ("ResNet20", 4),
-            ("MobileNetV3Small", 1), ("MobileNetV2", 1))
+NETWORKS = (
+    ("ResNet20", 1),
+    ("ResNet20", 2),
+    ("ResNet56", 1),
+    ("ResNet20", 4),
+    ("MobileNetV3Small", 1),
+    ("MobileNetV2", 1),
+)
 # The MobileNets downsample 32-fold and take at least 32x32 images: they meet
 # the digits upscaled to 32x32 (the same folds as `digits`), the ResNets the
 # 8x8 and 16x16 settings their rows were recorded on.
@@ -92,10 +98,16 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # factories' default since (`zero_init_residual=None`); "baseline zero-init"
 # starts the standard network's branches so too (`zero_init_residual=True`),
 # to tell what the start does for any ResNet from what it does for multigrid.
-DESIGNS = (("baseline", False, None, None, False), ("layer", "layer", 8, None, False),
-           ("block", "block", 8, None, False), ("layer", "layer", 16, None, False),
-           ("layer", "layer", 8, 32, False), ("layer", "layer", 8, 32, True),
-           ("block", "block", 8, None, True), ("baseline", False, None, None, True))
+DESIGNS = (
+    ("baseline", False, None, None, False),
+    ("layer", "layer", 8, None, False),
+    ("block", "block", 8, None, False),
+    ("layer", "layer", 16, None, False),
+    ("layer", "layer", 8, 32, False),
+    ("layer", "layer", 8, 32, True),
+    ("block", "block", 8, None, True),
+    ("baseline", False, None, None, True),
+)
 # The MobileNets' rows: the baseline and the factories' default multigrid network.
 MOBILENET_DESIGNS = (("baseline", False, None, None, None), ("layer", "layer", 8, 32, None))
 SETTINGS = {
@@ -109,6 +121,7 @@ def network_settings(model):
     """The settings a network is measured on: 32x32 images for the MobileNets."""
     return ("digits32",) if model in MOBILENETS else ("digits", "digits16-500")
 
+
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 VALIDATION_FRACTION = 0.1
@@ -121,9 +134,12 @@ MAX_STEPS_PER_EXECUTION = 20
 
 def design_label(design, group_size=None, coarsest_channels=None, zero_init=False):
     """E.g. "layer s=8", "layer s=8 c=32", "layer s=8 c=32 zero-init" or "baseline"."""
-    return (design + ("" if group_size is None else f" s={group_size}")
-            + ("" if coarsest_channels is None else f" c={coarsest_channels}")
-            + (" zero-init" if zero_init else ""))
+    return (
+        design
+        + ("" if group_size is None else f" s={group_size}")
+        + ("" if coarsest_channels is None else f" c={coarsest_channels}")
+        + (" zero-init" if zero_init else "")
+    )
 
 
 def coarsest_channels(config):
@@ -133,24 +149,32 @@ def coarsest_channels(config):
 
 def shown_design(row):
     """A row's design as the report shows it, its coarsest level always named ("layer s=8 c=8")."""
-    return design_label(row["design"], row["group_size"], coarsest_channels(row),
-                        row["zero_init"])
+    return design_label(row["design"], row["group_size"], coarsest_channels(row), row["zero_init"])
 
 
 def label(model, width, design, group_size=None, coarsest_channels=None, zero_init=False):
     """E.g. "ResNet20 2x layer s=8" or "ResNet56 1x baseline"."""
-    return (f"{model} {width}x "
-            f"{design_label(design, group_size, coarsest_channels, zero_init)}")
+    return f"{model} {width}x {design_label(design, group_size, coarsest_channels, zero_init)}"
 
 
 def configurations():
-    return [{"model": model, "width": width, "design": design, "multigrid": multigrid,
-             "group_size": group_size, "coarsest_channels": coarsest,
-             "zero_init_residual": zero_init, "zero_init": bool(zero_init),
-             "label": label(model, width, design, group_size, coarsest, bool(zero_init))}
-            for model, width in NETWORKS
-            for design, multigrid, group_size, coarsest, zero_init in (
-                MOBILENET_DESIGNS if model in MOBILENETS else DESIGNS)]
+    return [
+        {
+            "model": model,
+            "width": width,
+            "design": design,
+            "multigrid": multigrid,
+            "group_size": group_size,
+            "coarsest_channels": coarsest,
+            "zero_init_residual": zero_init,
+            "zero_init": bool(zero_init),
+            "label": label(model, width, design, group_size, coarsest, bool(zero_init)),
+        }
+        for model, width in NETWORKS
+        for design, multigrid, group_size, coarsest, zero_init in (
+            MOBILENET_DESIGNS if model in MOBILENETS else DESIGNS
+        )
+    ]
 
 
 def splits(setting, labels):
@@ -164,18 +188,29 @@ def splits(setting, labels):
             folds = StratifiedKFold(spec["folds"], shuffle=True, random_state=repeat)
             for fold, (training, test) in enumerate(folds.split(everything, labels)):
                 train, validation = train_test_split(
-                    training, test_size=VALIDATION_FRACTION, stratify=labels[training],
-                    random_state=repeat)
-                yield f"repeat{repeat}-fold{fold}", repeat * spec["folds"] + fold, \
-                    train, validation, test
+                    training,
+                    test_size=VALIDATION_FRACTION,
+                    stratify=labels[training],
+                    random_state=repeat,
+                )
+                yield (
+                    f"repeat{repeat}-fold{fold}",
+                    repeat * spec["folds"] + fold,
+                    train,
+                    validation,
+                    test,
+                )
     else:
         for split in range(spec["splits"]):
             training, test = train_test_split(
-                everything, train_size=spec["train_size"], stratify=labels,
-                random_state=split)
+                everything, train_size=spec["train_size"], stratify=labels, random_state=split
+            )
             train, validation = train_test_split(
-                training, test_size=VALIDATION_FRACTION, stratify=labels[training],
-                random_state=split)
+                training,
+                test_size=VALIDATION_FRACTION,
+                stratify=labels[training],
+                random_state=split,
+            )
             yield f"split{split}", split, train, validation, test
 
 
@@ -198,8 +233,13 @@ def protocol(warmup_epochs):
     done nor enter the tables. Steps per execution change no number, so they
     are not part of it.
     """
-    return {"optimizer": "adam", "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE,
-            "schedule": "cosine", "warmup_epochs": warmup_epochs}
+    return {
+        "optimizer": "adam",
+        "learning_rate": LEARNING_RATE,
+        "batch_size": BATCH_SIZE,
+        "schedule": "cosine",
+        "warmup_epochs": warmup_epochs,
+    }
 
 
 def run_protocol(run):
@@ -226,26 +266,39 @@ def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
     from keras_mgconv.training import steps_per_execution
 
     factory = getattr(keras_mgconv.models, config["model"])
-    extra = {} if config["group_size"] is None else {
-        "group_size": config["group_size"], "coarsest_channels": coarsest_channels(config)}
+    extra = (
+        {}
+        if config["group_size"] is None
+        else {"group_size": config["group_size"], "coarsest_channels": coarsest_channels(config)}
+    )
     if config["zero_init_residual"] is not None:
         extra["zero_init_residual"] = config["zero_init_residual"]
     if config["model"].startswith("MobileNetV3"):
         # The images are already in [0, 1]: no rescaling of 0-255 pixels inside.
         extra["include_preprocessing"] = False
-    fresh = factory(input_shape=input_shape, classes=10, classifier_activation=None,
-                    multigrid=config["multigrid"], width=config["width"], **extra)
+    fresh = factory(
+        input_shape=input_shape,
+        classes=10,
+        classifier_activation=None,
+        multigrid=config["multigrid"],
+        width=config["width"],
+        **extra,
+    )
     key = (config["label"], input_shape, steps_per_epoch, steps, warmup_steps)
     model = _COMPILED.get(key)
     if model is None:
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup_steps else LEARNING_RATE, steps - warmup_steps,
-            warmup_target=LEARNING_RATE if warmup_steps else None, warmup_steps=warmup_steps)
-        fresh.compile(keras.optimizers.Adam(learning_rate),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"],
-                      steps_per_execution=steps_per_execution(steps_per_epoch,
-                                                              MAX_STEPS_PER_EXECUTION))
+            0.0 if warmup_steps else LEARNING_RATE,
+            steps - warmup_steps,
+            warmup_target=LEARNING_RATE if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
+        fresh.compile(
+            keras.optimizers.Adam(learning_rate),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            steps_per_execution=steps_per_execution(steps_per_epoch, MAX_STEPS_PER_EXECUTION),
+        )
         _COMPILED[key] = fresh
         return fresh
     model.set_weights(fresh.get_weights())
@@ -254,8 +307,9 @@ def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
     return model
 
 
-def train_one(config, setting, seed, train, validation, test, images, labels,
-              warmup_epochs=WARMUP_EPOCHS):
+def train_one(
+    config, setting, seed, train, validation, test, images, labels, warmup_epochs=WARMUP_EPOCHS
+):
     """Fits one configuration on one split; returns its record.
 
     The record's `time_breakdown` splits the run's wall time into building
@@ -276,13 +330,13 @@ def train_one(config, setting, seed, train, validation, test, images, labels,
     keras.utils.set_random_seed(seed)
     steps_per_epoch = math.ceil(len(train) / BATCH_SIZE)
     steps = spec["epochs"] * steps_per_epoch
-    model = _compiled_model(config, images.shape[1:], steps_per_epoch, steps,
-                            warmup_epochs * steps_per_epoch)
+    model = _compiled_model(
+        config, images.shape[1:], steps_per_epoch, steps, warmup_epochs * steps_per_epoch
+    )
     per_execution = model.steps_per_execution
     # The same seed again: the shuffling of fit draws after the initialisation.
     keras.utils.set_random_seed(seed)
-    layers = [layer for layer in model.layers
-              if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     moving = {}
     times = {"build": clock() - start}
 
@@ -298,19 +352,29 @@ def train_one(config, setting, seed, train, validation, test, images, labels,
         def on_train_end(self, logs=None):
             times["steps"] = clock() - self.begin - times["first_execution"]
             self.end = clock()
-            moving["statistics"] = [(layer.moving_mean.numpy(), layer.moving_variance.numpy())
-                                    for layer in layers]
+            moving["statistics"] = [
+                (layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers
+            ]
 
     timeline = Timeline()
-    history = model.fit(images[train], labels[train], batch_size=BATCH_SIZE,
-                        epochs=spec["epochs"], verbose=0, callbacks=[timeline])
+    history = model.fit(
+        images[train],
+        labels[train],
+        batch_size=BATCH_SIZE,
+        epochs=spec["epochs"],
+        verbose=0,
+        callbacks=[timeline],
+    )
     times["recomputation"] = clock() - timeline.end
     train_time = clock() - timeline.begin
     evaluations = clock()
 
     def accuracy(indices):
-        return float(model.evaluate(images[indices], labels[indices], batch_size=256,
-                                    verbose=0, return_dict=True)["accuracy"])
+        return float(
+            model.evaluate(
+                images[indices], labels[indices], batch_size=256, verbose=0, return_dict=True
+            )["accuracy"]
+        )
 
     record = {"test_accuracy": accuracy(test), "validation_accuracy": accuracy(validation)}
     fitted = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
@@ -319,8 +383,11 @@ def train_one(config, setting, seed, train, validation, test, images, labels,
         layer.moving_variance.assign(variance)
     record["test_accuracy_moving_averages"] = accuracy(test)
     batch_norm.recompute_batch_norm_statistics(
-        model, tf.data.Dataset.from_tensor_slices(images[train])
-        .shuffle(len(train), seed=seed).batch(BATCH_SIZE))
+        model,
+        tf.data.Dataset.from_tensor_slices(images[train])
+        .shuffle(len(train), seed=seed)
+        .batch(BATCH_SIZE),
+    )
     record["test_accuracy_recomputed"] = accuracy(test)
     for layer, (mean, variance) in zip(layers, fitted):
         layer.moving_mean.assign(mean)
@@ -333,9 +400,13 @@ def train_one(config, setting, seed, train, validation, test, images, labels,
         train_accuracy=float(history.history["accuracy"][-1]),
         parameters=model.count_params(),
         multiply_adds=keras_mgconv.count_multiply_adds(model),
-        train_time=train_time, steps=steps, steps_per_execution=per_execution,
+        train_time=train_time,
+        steps=steps,
+        steps_per_execution=per_execution,
         step_time=times["steps"] / steady_steps if steady_steps else float("nan"),
-        time_breakdown=times, protocol=protocol(warmup_epochs))
+        time_breakdown=times,
+        protocol=protocol(warmup_epochs),
+    )
     return record
 
 
@@ -343,8 +414,13 @@ def breakdown(record):
     """One line: where the run's wall time went, in seconds and shares."""
     times = record["time_breakdown"]
     parts = ("build", "first_execution", "steps", "recomputation", "evaluations")
-    return ", ".join(f"{part} {times[part]:.1f} s ({100 * times[part] / times['total']:.0f}%)"
-                     for part in parts) + f"; total {times['total']:.1f} s"
+    return (
+        ", ".join(
+            f"{part} {times[part]:.1f} s ({100 * times[part] / times['total']:.0f}%)"
+            for part in parts
+        )
+        + f"; total {times['total']:.1f} s"
+    )
 
 
 def read_runs(path):
@@ -377,34 +453,51 @@ def aggregate(runs):
             row = {**config, "setting": setting, "runs": len(mine)}
             first = next(iter(mine.values()))
             row.update(parameters=first["parameters"], multiply_adds=first["multiply_adds"])
-            for key in ("test_accuracy", "test_accuracy_moving_averages",
-                        "test_accuracy_recomputed", "validation_accuracy", "step_time",
-                        "train_time"):
+            for key in (
+                "test_accuracy",
+                "test_accuracy_moving_averages",
+                "test_accuracy_recomputed",
+                "validation_accuracy",
+                "step_time",
+                "train_time",
+            ):
                 values = [run[key] for run in mine.values()]
                 row[key] = statistics.mean(values)
                 row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             row["inference_gap"], row["inference_gap_se"] = _mean_se(
-                [run["test_accuracy_recomputed"] - run["test_accuracy"] for run in mine.values()])
+                [run["test_accuracy_recomputed"] - run["test_accuracy"] for run in mine.values()]
+            )
             row["moving_average_gap"], row["moving_average_gap_se"] = _mean_se(
-                [run["test_accuracy_recomputed"] - run["test_accuracy_moving_averages"]
-                 for run in mine.values()])
-            references = {"same_width": label(config["model"], config["width"], "baseline"),
-                          "1x": label(config["model"], 1, "baseline")}
+                [
+                    run["test_accuracy_recomputed"] - run["test_accuracy_moving_averages"]
+                    for run in mine.values()
+                ]
+            )
+            references = {
+                "same_width": label(config["model"], config["width"], "baseline"),
+                "1x": label(config["model"], 1, "baseline"),
+            }
             if config["zero_init"]:
                 # The same design starting every scale at 1.
                 references["without_zero_init"] = label(
-                    config["model"], config["width"], config["design"], config["group_size"],
-                    config["coarsest_channels"])
+                    config["model"],
+                    config["width"],
+                    config["design"],
+                    config["group_size"],
+                    config["coarsest_channels"],
+                )
             elif config["coarsest_channels"] is not None:
                 # The same design with its coarsest level at the group size.
                 references["coarsest_at_group_size"] = label(
-                    config["model"], config["width"], config["design"], config["group_size"])
+                    config["model"], config["width"], config["design"], config["group_size"]
+                )
             for name, reference in references.items():
                 base = by_key.get((setting, reference), {})
                 common = sorted(set(mine) & set(base))
                 if len(common) >= 2:
                     row[f"difference_{name}"], row[f"difference_{name}_se"] = _mean_se(
-                        [mine[s]["test_accuracy"] - base[s]["test_accuracy"] for s in common])
+                        [mine[s]["test_accuracy"] - base[s]["test_accuracy"] for s in common]
+                    )
                     row[f"difference_{name}_runs"] = len(common)
             rows.append(row)
     return rows
@@ -413,8 +506,10 @@ def aggregate(runs):
 def _difference(row, name):
     if f"difference_{name}" not in row:
         return "-"
-    return (f"{100 * row[f'difference_{name}']:+.2f} ± {100 * row[f'difference_{name}_se']:.2f}"
-            f" ({row[f'difference_{name}_runs']})")
+    return (
+        f"{100 * row[f'difference_{name}']:+.2f} ± {100 * row[f'difference_{name}_se']:.2f}"
+        f" ({row[f'difference_{name}_runs']})"
+    )
 
 
 def markdown(rows):
@@ -424,7 +519,8 @@ def markdown(rows):
         if not mine:
             continue
         lines += [
-            f"### {setting}", "",
+            f"### {setting}",
+            "",
             "| network | design | runs | params | MACs | test acc. % (fit + evaluate) | "
             "paired diff. vs same-width baseline (runs) | paired diff. vs 1x baseline (runs) | "
             "moving averages acc. % | gap to recomputed (points) | s/step |",
@@ -438,52 +534,75 @@ def markdown(rows):
                 f"{_difference(r, 'same_width')} | {_difference(r, '1x')} | "
                 f"{100 * r['test_accuracy_moving_averages']:.2f} | "
                 f"{100 * r['inference_gap']:+.2f} ± {100 * r['inference_gap_se']:.2f} | "
-                f"{r['step_time']:.3f} |")
+                f"{r['step_time']:.3f} |"
+            )
         lines.append("")
         against_group_size = [r for r in mine if "difference_coarsest_at_group_size" in r]
         if against_group_size:
-            lines += ["Against the same design with its coarsest level at the group size "
-                      "(the factories' default when these runs were recorded), paired:", ""]
-            lines += [f"- {r['model']} {r['width']}x {shown_design(r)}: "
-                      f"{_difference(r, 'coarsest_at_group_size')}" for r in against_group_size]
+            lines += [
+                "Against the same design with its coarsest level at the group size "
+                "(the factories' default when these runs were recorded), paired:",
+                "",
+            ]
+            lines += [
+                f"- {r['model']} {r['width']}x {shown_design(r)}: "
+                f"{_difference(r, 'coarsest_at_group_size')}"
+                for r in against_group_size
+            ]
             lines.append("")
         against_scale_one = [r for r in mine if "difference_without_zero_init" in r]
         if against_scale_one:
-            lines += ["Zero-init against the same design with every BatchNormalization scale "
-                      "starting at 1, paired:", ""]
-            lines += [f"- {r['model']} {r['width']}x {shown_design(r)}: "
-                      f"{_difference(r, 'without_zero_init')}" for r in against_scale_one]
+            lines += [
+                "Zero-init against the same design with every BatchNormalization scale "
+                "starting at 1, paired:",
+                "",
+            ]
+            lines += [
+                f"- {r['model']} {r['width']}x {shown_design(r)}: "
+                f"{_difference(r, 'without_zero_init')}"
+                for r in against_scale_one
+            ]
             lines.append("")
     lines.append(
         "Accuracies: mean ± std over runs. Paired differences: mean ± standard error over "
         "the runs both configurations finished, in points. Moving averages: the same weights "
         "with the BatchNormalization statistics Keras' `fit` alone leaves. Gap: accuracy "
-        "with statistics recomputed on the whole training part minus fit + evaluate.")
+        "with statistics recomputed on the whole training part minus fit + evaluate."
+    )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows, path):
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
-    figure, all_axes = plt.subplots(1, max(1, len(settings)), figsize=(7 * max(1, len(settings)), 5),
-                                    squeeze=False)
+    figure, all_axes = plt.subplots(
+        1, max(1, len(settings)), figsize=(7 * max(1, len(settings)), 5), squeeze=False
+    )
     for axes, setting in zip(all_axes[0], settings):
         lines = {}
         for r in rows:
             if r["setting"] == setting:
                 lines.setdefault((r["model"], r["design"], shown_design(r)), []).append(r)
         for (model, design, name), points in sorted(
-                lines.items(), key=lambda item: tuple(map(str, item[0]))):
+            lines.items(), key=lambda item: tuple(map(str, item[0]))
+        ):
             points.sort(key=lambda r: r["parameters"])
-            axes.errorbar([r["parameters"] for r in points],
-                          [100 * r["test_accuracy"] for r in points],
-                          yerr=[100 * r["test_accuracy_std"] / math.sqrt(r["runs"])
-                                for r in points],
-                          marker="o" if model == "ResNet20" else "s", capsize=3,
-                          linestyle="--" if design == "baseline" else "-",
-                          label=f"{model} {name}")
+            axes.errorbar(
+                [r["parameters"] for r in points],
+                [100 * r["test_accuracy"] for r in points],
+                yerr=[100 * r["test_accuracy_std"] / math.sqrt(r["runs"]) for r in points],
+                marker="o" if model == "ResNet20" else "s",
+                capsize=3,
+                linestyle="--" if design == "baseline" else "-",
+                label=f"{model} {name}",
+            )
             for r in points:
-                axes.annotate(f"{r['width']}x", (r["parameters"], 100 * r["test_accuracy"]),
-                              textcoords="offset points", xytext=(4, -10), fontsize=7)
+                axes.annotate(
+                    f"{r['width']}x",
+                    (r["parameters"], 100 * r["test_accuracy"]),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                )
         axes.set_xscale("log")
         millions = ticker.FuncFormatter(lambda value, _: f"{value / 1e6:g}M")
         axes.xaxis.set_major_formatter(millions)
@@ -522,16 +641,29 @@ def write_results(runs, output, current):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
-                        help="configurations whose label matches one of these regexes")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="configurations whose label matches one of these regexes",
+    )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS,
-                        help="epochs of linear learning-rate warm-up (a protocol of its own)")
-    parser.add_argument("--profile", action="store_true",
-                        help="print where each run's wall time goes")
+    parser.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=WARMUP_EPOCHS,
+        help="epochs of linear learning-rate warm-up (a protocol of its own)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print where each run's wall time goes"
+    )
     parser.add_argument("--report", action="store_true", help="rewrite the results only")
-    parser.add_argument("--output", default=os.path.join(RESULTS, "accuracy"),
-                        help="path prefix of the .json/.md/.png results and the runs file")
+    parser.add_argument(
+        "--output",
+        default=os.path.join(RESULTS, "accuracy"),
+        help="path prefix of the .json/.md/.png results and the runs file",
+    )
     args = parser.parse_args(argv)
     if args.warmup_epochs < 0:
         parser.error(f"--warmup-epochs must be >= 0. Received: {args.warmup_epochs}")
@@ -541,8 +673,11 @@ def main(argv=None):
     if args.report:
         print(write_results(runs, args.output, current))
         return
-    selected = [c for c in configurations()
-                if not args.only or any(re.search(p, c["label"]) for p in args.only)]
+    selected = [
+        c
+        for c in configurations()
+        if not args.only or any(re.search(p, c["label"]) for p in args.only)
+    ]
     if not selected:
         parser.error(f"no configuration matches --only {args.only}")
     os.makedirs(os.path.dirname(os.path.abspath(runs_path)), exist_ok=True)
@@ -553,21 +688,43 @@ def main(argv=None):
             images, labels = load_images(SETTINGS[setting]["image_size"])
             for split, seed, train, validation, test in splits(setting, labels):
                 for config in selected:
-                    if ((config["model"], config["width"]) != network
-                            or (setting, config["label"], split) in done):
+                    if (config["model"], config["width"]) != network or (
+                        setting,
+                        config["label"],
+                        split,
+                    ) in done:
                         continue
-                    print(f"{setting} {split} {config['label']} "
-                          f"({time.perf_counter() - start:.0f} s so far)", flush=True)
-                    record = {"setting": setting, "label": config["label"], "split": split,
-                              "seed": seed, **train_one(config, setting, seed, train,
-                                                        validation, test, images, labels,
-                                                        args.warmup_epochs)}
+                    print(
+                        f"{setting} {split} {config['label']} "
+                        f"({time.perf_counter() - start:.0f} s so far)",
+                        flush=True,
+                    )
+                    record = {
+                        "setting": setting,
+                        "label": config["label"],
+                        "split": split,
+                        "seed": seed,
+                        **train_one(
+                            config,
+                            setting,
+                            seed,
+                            train,
+                            validation,
+                            test,
+                            images,
+                            labels,
+                            args.warmup_epochs,
+                        ),
+                    }
                     with open(runs_path, "a") as file:
                         file.write(json.dumps(record) + "\n")
                     runs.append(record)
-                    print(f"  test {record['test_accuracy']:.4f}, moving averages "
-                          f"{record['test_accuracy_moving_averages']:.4f}, "
-                          f"{record['step_time']:.3f} s/step", flush=True)
+                    print(
+                        f"  test {record['test_accuracy']:.4f}, moving averages "
+                        f"{record['test_accuracy_moving_averages']:.4f}, "
+                        f"{record['step_time']:.3f} s/step",
+                        flush=True,
+                    )
                     if args.profile:
                         print(f"  {breakdown(record)}", flush=True)
                     write_results(runs, args.output, current)

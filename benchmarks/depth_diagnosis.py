@@ -58,8 +58,12 @@ REPORT = os.path.join(RESULTS, "depth_diagnosis.md")
 
 NETWORKS = ("ResNet20", "ResNet56")
 # (label, multigrid, group size, coarsest channels)
-DESIGNS = (("baseline", False, None, None), ("layer s=8 c=32", "layer", 8, 32),
-           ("layer s=8 c=8", "layer", 8, 8), ("block s=8 c=8", "block", 8, 8))
+DESIGNS = (
+    ("baseline", False, None, None),
+    ("layer s=8 c=32", "layer", 8, 32),
+    ("layer s=8 c=8", "layer", 8, 8),
+    ("block s=8 c=8", "block", 8, 8),
+)
 VARIANTS = ("scale-1", "zero-init", "random-transfers")
 
 
@@ -69,12 +73,15 @@ def build(network, design, variant, input_shape, seed):
 
     _, multigrid, group_size, coarsest = next(d for d in DESIGNS if d[0] == design)
     keras.utils.set_random_seed(seed)
-    extra = {} if group_size is None else {"group_size": group_size,
-                                           "coarsest_channels": coarsest}
+    extra = {} if group_size is None else {"group_size": group_size, "coarsest_channels": coarsest}
     model = getattr(keras_mgconv.models, network)(
-        input_shape=input_shape, classes=10, classifier_activation=None,
-        multigrid=multigrid, zero_init_residual=None if variant == "zero-init" else False,
-        **extra)
+        input_shape=input_shape,
+        classes=10,
+        classifier_activation=None,
+        multigrid=multigrid,
+        zero_init_residual=None if variant == "zero-init" else False,
+        **extra,
+    )
     if variant == "random-transfers":
         initializer = keras.initializers.HeNormal(seed=seed)
         for layer in _sublayers(model):
@@ -93,8 +100,11 @@ def _sublayers(model):
 
 
 def block_names(model):
-    return [layer.name[:-len("_out")] for layer in model.layers
-            if layer.name.endswith("_out") and "level" not in layer.name]
+    return [
+        layer.name[: -len("_out")]
+        for layer in model.layers
+        if layer.name.endswith("_out") and "level" not in layer.name
+    ]
 
 
 def block_scales(model, images, labels):
@@ -114,8 +124,15 @@ def block_scales(model, images, labels):
         pairs[name] = len(outputs)
         outputs += list(add.input)
     probe = keras.Model(model.input, outputs + [model.output])
-    variables = {name: [v for layer in model.layers if layer.name.startswith(name + "_")
-                        for v in layer.trainable_weights] for name in names}
+    variables = {
+        name: [
+            v
+            for layer in model.layers
+            if layer.name.startswith(name + "_")
+            for v in layer.trainable_weights
+        ]
+        for name in names
+    }
     flat = [v for name in names for v in variables[name]]
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
@@ -125,16 +142,21 @@ def block_scales(model, images, labels):
     rows, start = [], 0
     for index, name in enumerate(names):
         count = len(variables[name])
-        grads = [g for g in gradients[start:start + count] if g is not None]
+        grads = [g for g in gradients[start : start + count] if g is not None]
         weights = variables[name][:count]
         start += count
         grad_norm = math.sqrt(sum(float(tf.reduce_sum(g * g)) for g in grads))
         weight_norm = math.sqrt(sum(float(tf.reduce_sum(tf.square(w))) for w in weights))
-        row = {"block": name, "stream_std": float(np.std(values[index].numpy())),
-               "relative_gradient": grad_norm / max(weight_norm, 1e-12)}
+        row = {
+            "block": name,
+            "stream_std": float(np.std(values[index].numpy())),
+            "relative_gradient": grad_norm / max(weight_norm, 1e-12),
+        }
         if name in pairs:
-            skip, branch = (values[pairs[name]].numpy().ravel(),
-                            values[pairs[name] + 1].numpy().ravel())
+            skip, branch = (
+                values[pairs[name]].numpy().ravel(),
+                values[pairs[name] + 1].numpy().ravel(),
+            )
             row["branch_correlation"] = float(np.corrcoef(skip, branch)[0, 1])
             row["branch_std"] = float(np.std(branch))
         rows.append(row)
@@ -158,15 +180,30 @@ def measure_init(networks, designs, variants, seed):
         for design in designs:
             for variant in variants:
                 if (variant != "scale-1" and design == "baseline") or (
-                        "init", network, design, variant) in done:
+                    "init",
+                    network,
+                    design,
+                    variant,
+                ) in done:
                     continue
                 model = build(network, design, variant, images.shape[1:], seed)
                 rows, loss = block_scales(model, images[batch], labels[batch])
-                append({"kind": "init", "network": network, "design": design,
-                        "variant": variant, "seed": seed, "loss": loss, "blocks": rows,
-                        "parameters": model.count_params()})
-                print(f"init {network} {design} {variant}: last stream "
-                      f"{rows[-1]['stream_std']:.2f}", flush=True)
+                append(
+                    {
+                        "kind": "init",
+                        "network": network,
+                        "design": design,
+                        "variant": variant,
+                        "seed": seed,
+                        "loss": loss,
+                        "blocks": rows,
+                        "parameters": model.count_params(),
+                    }
+                )
+                print(
+                    f"init {network} {design} {variant}: last stream {rows[-1]['stream_std']:.2f}",
+                    flush=True,
+                )
 
 
 def measure_training(networks, designs, variants, setting, recipe, factor, split_index):
@@ -180,9 +217,19 @@ def measure_training(networks, designs, variants, setting, recipe, factor, split
     split, seed, train, _, test = list(accuracy.splits(setting, labels))[split_index]
     epochs = spec["epochs"] * factor
     steps_per_epoch = math.ceil(len(train) / accuracy.BATCH_SIZE)
-    done = {(r["kind"], r["network"], r["design"], r["variant"], r.get("setting"),
-             r.get("recipe"), r.get("epochs"), r.get("split"))
-            for r in read_runs()}
+    done = {
+        (
+            r["kind"],
+            r["network"],
+            r["design"],
+            r["variant"],
+            r.get("setting"),
+            r.get("recipe"),
+            r.get("epochs"),
+            r.get("split"),
+        )
+        for r in read_runs()
+    }
     for network in networks:
         for design in designs:
             for variant in variants:
@@ -193,19 +240,26 @@ def measure_training(networks, designs, variants, setting, recipe, factor, split
                 model = build(network, design, variant, images.shape[1:], seed)
                 steps = epochs * steps_per_epoch
                 if recipe == "adam":
-                    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-                        accuracy.LEARNING_RATE, steps))
+                    optimizer = keras.optimizers.Adam(
+                        keras.optimizers.schedules.CosineDecay(accuracy.LEARNING_RATE, steps)
+                    )
                 else:
                     # `train`'s recipe: SGD with Nesterov momentum, linear
                     # warm-up over 5% of the steps, cosine decay, weight decay.
                     warmup = max(1, steps // 20)
                     optimizer = keras.optimizers.SGD(
                         keras.optimizers.schedules.CosineDecay(
-                            0.0, steps - warmup, warmup_target=0.1, warmup_steps=warmup),
-                        momentum=0.9, nesterov=True, weight_decay=5e-4)
-                model.compile(optimizer,
-                              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                              metrics=["accuracy"])
+                            0.0, steps - warmup, warmup_target=0.1, warmup_steps=warmup
+                        ),
+                        momentum=0.9,
+                        nesterov=True,
+                        weight_decay=5e-4,
+                    )
+                model.compile(
+                    optimizer,
+                    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"],
+                )
                 curve = []
 
                 class Curve(keras.callbacks.Callback):
@@ -218,39 +272,77 @@ def measure_training(networks, designs, variants, setting, recipe, factor, split
                             return
                         saved = [(v.numpy()) for v in self.model.non_trainable_weights]
                         batch_norm.recompute_batch_norm_statistics(
-                            self.model, tf.data.Dataset.from_tensor_slices(images[train])
-                            .batch(accuracy.BATCH_SIZE))
-                        test_accuracy = float(self.model.evaluate(
-                            images[test], labels[test], batch_size=256, verbose=0,
-                            return_dict=True)["accuracy"])
+                            self.model,
+                            tf.data.Dataset.from_tensor_slices(images[train]).batch(
+                                accuracy.BATCH_SIZE
+                            ),
+                        )
+                        test_accuracy = float(
+                            self.model.evaluate(
+                                images[test],
+                                labels[test],
+                                batch_size=256,
+                                verbose=0,
+                                return_dict=True,
+                            )["accuracy"]
+                        )
                         for variable, value in zip(self.model.non_trainable_weights, saved):
                             variable.assign(value)
-                        self.points.append({"epoch": epoch + 1, "loss": float(logs["loss"]),
-                                            "train_accuracy": float(logs["accuracy"]),
-                                            "test_accuracy": test_accuracy})
+                        self.points.append(
+                            {
+                                "epoch": epoch + 1,
+                                "loss": float(logs["loss"]),
+                                "train_accuracy": float(logs["accuracy"]),
+                                "test_accuracy": test_accuracy,
+                            }
+                        )
 
                 keras.utils.set_random_seed(seed)
-                model.fit(images[train], labels[train], batch_size=accuracy.BATCH_SIZE,
-                          epochs=epochs, verbose=0, callbacks=[Curve(curve)])
+                model.fit(
+                    images[train],
+                    labels[train],
+                    batch_size=accuracy.BATCH_SIZE,
+                    epochs=epochs,
+                    verbose=0,
+                    callbacks=[Curve(curve)],
+                )
                 batch_norm.recompute_batch_norm_statistics(
-                    model, tf.data.Dataset.from_tensor_slices(images[train])
-                    .batch(accuracy.BATCH_SIZE))
+                    model,
+                    tf.data.Dataset.from_tensor_slices(images[train]).batch(accuracy.BATCH_SIZE),
+                )
                 rng = np.random.default_rng(seed)
                 batch = rng.choice(train, 64, replace=False)
                 rows, _ = block_scales(model, images[batch], labels[batch])
-                predictions = [np.argmax(model(images[test[i:i + 64]], training=True)
-                                         .numpy(), -1) for i in range(0, len(test), 64)]
+                predictions = [
+                    np.argmax(model(images[test[i : i + 64]], training=True).numpy(), -1)
+                    for i in range(0, len(test), 64)
+                ]
                 training_mode = float(np.mean(np.concatenate(predictions) == labels[test]))
-                append({"kind": "train", "network": network, "design": design,
-                        "variant": variant, "setting": setting, "recipe": recipe,
-                        "epochs": epochs, "split": split, "seed": seed, "curve": curve,
-                        "blocks": rows, "test_accuracy": curve[-1]["test_accuracy"],
+                append(
+                    {
+                        "kind": "train",
+                        "network": network,
+                        "design": design,
+                        "variant": variant,
+                        "setting": setting,
+                        "recipe": recipe,
+                        "epochs": epochs,
+                        "split": split,
+                        "seed": seed,
+                        "curve": curve,
+                        "blocks": rows,
+                        "test_accuracy": curve[-1]["test_accuracy"],
                         "test_accuracy_training_mode": training_mode,
                         "parameters": model.count_params(),
-                        "time": time.perf_counter() - start})
-                print(f"train {network} {design} {variant} {setting} {recipe} x{factor}: "
-                      f"test {curve[-1]['test_accuracy']:.4f} (training mode "
-                      f"{training_mode:.4f})", flush=True)
+                        "time": time.perf_counter() - start,
+                    }
+                )
+                print(
+                    f"train {network} {design} {variant} {setting} {recipe} x{factor}: "
+                    f"test {curve[-1]['test_accuracy']:.4f} (training mode "
+                    f"{training_mode:.4f})",
+                    flush=True,
+                )
 
 
 def _three(rows, key):
@@ -271,45 +363,55 @@ def report():
     init = [r for r in runs if r["kind"] == "init"]
     if init:
         lines += [
-            "## At initialisation", "",
+            "## At initialisation",
+            "",
             "One batch of 64 `digits16` training images, training mode, seeded. Stream: std of "
             "the residual stream after the first / middle / last block. Correlation: between "
             "a block's residual branch and its shortcut (mean over blocks with a shortcut). "
             "Gradient: norm of the loss's gradient over a block's weights relative to their "
-            "norm, first / middle / last block.", "",
+            "norm, first / middle / last block.",
+            "",
             "| network | design | variant | params | stream std | mean branch correlation "
             "| relative gradient |",
-            "|---|---|---|---:|---|---:|---|"]
+            "|---|---|---|---:|---|---:|---|",
+        ]
         for r in init:
             lines.append(
                 f"| {r['network']} | {r['design']} | {r['variant']} | {r['parameters']:,} | "
                 f"{_three(r['blocks'], 'stream_std')} | "
                 f"{_mean_of(r['blocks'], 'branch_correlation'):.2f} | "
-                f"{_three(r['blocks'], 'relative_gradient')} |")
+                f"{_three(r['blocks'], 'relative_gradient')} |"
+            )
         lines.append("")
     trained = [r for r in runs if r["kind"] == "train"]
     if trained:
         lines += [
-            "## Trained", "",
+            "## Trained",
+            "",
             "Split 0 of each setting (`accuracy.py`). Test accuracy in inference mode with "
             "the BatchNormalization statistics recomputed on the training images; in training "
             "mode (batch statistics, batches of 64). Curve: test accuracy at a tenth, half "
-            "and the end of the run.", "",
+            "and the end of the run.",
+            "",
             "| setting | recipe | epochs | network | design | variant | test % | training "
             "mode % | curve (test %) | stream std after training | mean branch correlation "
             "| s |",
-            "|---|---|---:|---|---|---|---:|---:|---|---|---:|---:|"]
-        for r in sorted(trained, key=lambda r: (r["setting"], r["recipe"], r["epochs"],
-                                                r["network"])):
+            "|---|---|---:|---|---|---|---:|---:|---|---|---:|---:|",
+        ]
+        for r in sorted(
+            trained, key=lambda r: (r["setting"], r["recipe"], r["epochs"], r["network"])
+        ):
             curve = r["curve"]
             points = [curve[0], curve[len(curve) // 2], curve[-1]]
             lines.append(
                 f"| {r['setting']} | {r['recipe']} | {r['epochs']} | {r['network']} | "
                 f"{r['design']} | {r['variant']} | {100 * r['test_accuracy']:.2f} | "
                 f"{100 * r['test_accuracy_training_mode']:.2f} | "
-                + " / ".join(f"{100 * p['test_accuracy']:.1f}" for p in points) + " | "
+                + " / ".join(f"{100 * p['test_accuracy']:.1f}" for p in points)
+                + " | "
                 f"{_three(r['blocks'], 'stream_std')} | "
-                f"{_mean_of(r['blocks'], 'branch_correlation'):.2f} | {r['time']:.0f} |")
+                f"{_mean_of(r['blocks'], 'branch_correlation'):.2f} | {r['time']:.0f} |"
+            )
         lines.append("")
     from keras_mgconv._files import atomic_write
 
@@ -325,8 +427,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("init", "train", "report"))
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
-    parser.add_argument("--designs", nargs="+", default=[d[0] for d in DESIGNS],
-                        choices=[d[0] for d in DESIGNS])
+    parser.add_argument(
+        "--designs", nargs="+", default=[d[0] for d in DESIGNS], choices=[d[0] for d in DESIGNS]
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--setting", default="digits16-500", choices=list(accuracy.SETTINGS))
     parser.add_argument("--recipe", default="adam", choices=("adam", "sgd"))
@@ -337,8 +440,15 @@ def main(argv=None):
     if args.what == "init":
         measure_init(args.networks, args.designs, args.variants, args.seed)
     elif args.what == "train":
-        measure_training(args.networks, args.designs, args.variants, args.setting,
-                         args.recipe, args.epochs_factor, args.split)
+        measure_training(
+            args.networks,
+            args.designs,
+            args.variants,
+            args.setting,
+            args.recipe,
+            args.epochs_factor,
+            args.split,
+        )
     report()
 
 

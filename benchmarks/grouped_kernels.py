@@ -46,31 +46,51 @@ def main():
                 images = rng.random((8, size, size, channels), np.float32)
                 for group_size in [s for s in GROUP_SIZES if s < channels] + [channels]:
                     inputs = keras.Input((size, size, channels))
-                    layer = GroupedConv2D(channels, kernel_size, groups=channels // group_size,
-                                          padding="same", use_bias=False)
+                    layer = GroupedConv2D(
+                        channels,
+                        kernel_size,
+                        groups=channels // group_size,
+                        padding="same",
+                        use_bias=False,
+                    )
                     model = keras.Model(inputs, layer(inputs))
                     for name, quantization in QUANTIZATIONS.items():
-                        path = os.path.join(directory, f"{kernel_size}-{channels}-{size}-"
-                                                       f"{group_size}.{name}.tflite")
+                        path = os.path.join(
+                            directory, f"{kernel_size}-{channels}-{size}-{group_size}.{name}.tflite"
+                        )
                         export_tflite(model, path, quantization, representative_data=images)
-                        rows.append({"quantization": name, "kernel_size": kernel_size,
-                                     "channels": channels, "image_size": size,
-                                     "group_size": group_size, "path": path})
+                        rows.append(
+                            {
+                                "quantization": name,
+                                "kernel_size": kernel_size,
+                                "channels": channels,
+                                "image_size": size,
+                                "group_size": group_size,
+                                "path": path,
+                            }
+                        )
                         paths.append(path)
         timings = time_in_child(paths, (1,), repeats=100, warmup=10, rounds=5)
     for row in rows:
         row["ms"] = timings[row.pop("path")][0]["cpu_ms"]
-    dense = {(r["quantization"], r["kernel_size"], r["channels"], r["image_size"]): r["ms"]
-             for r in rows if r["group_size"] == r["channels"]}
-    lines = [f"CPU: {cpu_description()}. 1 thread, XNNPACK, batch 1; CPU time of the "
-             f"invoking thread. One C -> C convolution, 'same' padding.", "",
-             "| quantization | kernel | C | image | s | ms | time / dense | MACs / dense "
-             "| cost of a MAC / dense |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    dense = {
+        (r["quantization"], r["kernel_size"], r["channels"], r["image_size"]): r["ms"]
+        for r in rows
+        if r["group_size"] == r["channels"]
+    }
+    lines = [
+        f"CPU: {cpu_description()}. 1 thread, XNNPACK, batch 1; CPU time of the "
+        f"invoking thread. One C -> C convolution, 'same' padding.",
+        "",
+        "| quantization | kernel | C | image | s | ms | time / dense | MACs / dense "
+        "| cost of a MAC / dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     rows.sort(key=lambda row: list(QUANTIZATIONS).index(row["quantization"]))
     for row in rows:
-        reference = dense[row["quantization"], row["kernel_size"], row["channels"],
-                          row["image_size"]]
+        reference = dense[
+            row["quantization"], row["kernel_size"], row["channels"], row["image_size"]
+        ]
         row["time_ratio"] = row["ms"] / reference
         row["multiply_add_ratio"] = row["group_size"] / row["channels"]
         row["cost_per_multiply_add"] = row["time_ratio"] / row["multiply_add_ratio"]
@@ -78,7 +98,8 @@ def main():
         lines.append(
             f"| {row['quantization']} | {kernel} | {row['channels']} | {row['image_size']} "
             f"| {row['group_size']} | {row['ms']:.3f} | {row['time_ratio']:.2f} "
-            f"| {row['multiply_add_ratio']:.3f} | {row['cost_per_multiply_add']:.1f} |")
+            f"| {row['multiply_add_ratio']:.3f} | {row['cost_per_multiply_add']:.1f} |"
+        )
     write_results("grouped_kernels", rows, lines)
 
 

@@ -59,12 +59,18 @@ def time_files(paths, threads, repeats, warmup, rounds):
             samples[key]["p90"].append(np.percentile(wall, 90))
             # thread_time ticks coarsely: the round's total over its invokes.
             samples[key]["cpu"].append(np.sum(cpu) / per_round)
-    return {path: [{"threads": count,
-                    "median_ms": 1000 * float(np.median(samples[path, count]["wall"])),
-                    "p90_ms": 1000 * float(np.median(samples[path, count]["p90"])),
-                    "cpu_ms": 1000 * float(np.median(samples[path, count]["cpu"]))}
-                   for count in threads]
-            for path in paths}
+    return {
+        path: [
+            {
+                "threads": count,
+                "median_ms": 1000 * float(np.median(samples[path, count]["wall"])),
+                "p90_ms": 1000 * float(np.median(samples[path, count]["p90"])),
+                "cpu_ms": 1000 * float(np.median(samples[path, count]["cpu"])),
+            }
+            for count in threads
+        ]
+        for path in paths
+    }
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def cpu_description():
 
 
 def write_results(name, rows, lines):
-    """Writes benchmarks/results/`name`.json (the CPU and `rows`) and .md (`lines`), and prints the lines."""
+    """Writes results/`name`.json (the CPU and `rows`) and .md (`lines`); prints the lines."""
     output = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     with open(output + ".json", "w") as file:
         json.dump({"cpu": cpu_description(), "rows": rows}, file, indent=2)

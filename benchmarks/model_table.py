@@ -48,8 +48,12 @@ FACTORIES = {
     "MobileNetV3Large": (models.MobileNetV3Large, {"input_shape": (224, 224, 3)}),
 }
 # (column label, factory arguments) of the multigrid networks.
-VARIANTS = (("s=8", {"group_size": 8}), ("s=8 c=8", {"group_size": 8, "coarsest_channels": 8}),
-            ("s=16", {"group_size": 16}), ("s=32", {"group_size": 32}))
+VARIANTS = (
+    ("s=8", {"group_size": 8}),
+    ("s=8 c=8", {"group_size": 8, "coarsest_channels": 8}),
+    ("s=16", {"group_size": 16}),
+    ("s=32", {"group_size": 32}),
+)
 
 
 def measure(factory, **kwargs):
@@ -57,8 +61,10 @@ def measure(factory, **kwargs):
         model = factory(**kwargs)
     except ValueError as error:
         return {"error": str(error)}
-    result = {"params": model.count_params(),
-              "multiply_adds": keras_mgconv.count_multiply_adds(model)}
+    result = {
+        "params": model.count_params(),
+        "multiply_adds": keras_mgconv.count_multiply_adds(model),
+    }
     del model
     keras.backend.clear_session()
     gc.collect()
@@ -78,8 +84,12 @@ def table(rows):
     ]
     for row in rows:
         base = row["baseline"]
-        cells = [row["model"], f"{row['width']}x", _millions(base["params"]),
-                 _millions(base["multiply_adds"])]
+        cells = [
+            row["model"],
+            f"{row['width']}x",
+            _millions(base["params"]),
+            _millions(base["multiply_adds"]),
+        ]
         for label, _ in VARIANTS:
             result = row["multigrid"][label]
             if "error" in result:
@@ -98,31 +108,38 @@ def plot(rows, path):
     widths = [64, 128, 256, 512, 1024, 2048]
     layer_params = {"Conv2D": [], "MultigridConv2D (s=16)": []}
     for width in widths:
-        for label, layer in (("Conv2D", keras.layers.Conv2D(width, 3)),
-                             ("MultigridConv2D (s=16)",
-                              keras_mgconv.MultigridConv2D(width, 3, group_size=16))):
+        for label, layer in (
+            ("Conv2D", keras.layers.Conv2D(width, 3)),
+            ("MultigridConv2D (s=16)", keras_mgconv.MultigridConv2D(width, 3, group_size=16)),
+        ):
             layer.build((None, 8, 8, width))
             layer_params[label].append(layer.count_params())
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, values in layer_params.items():
         left.plot(widths, values, marker="o", label=label)
-    left.set(xscale="log", yscale="log", xlabel="channels C (in = out)",
-             ylabel="parameters", title="One 3x3 layer: quadratic against linear")
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="channels C (in = out)",
+        ylabel="parameters",
+        title="One 3x3 layer: quadratic against linear",
+    )
     left.set_xticks(widths, [str(w) for w in widths])
     left.legend()
 
     resnet = [row for row in rows if row["model"] == "ResNet56"]
     network_widths = [row["width"] for row in resnet]
-    right.plot(network_widths, [row["baseline"]["params"] for row in resnet],
-               marker="o", label="baseline")
+    right.plot(
+        network_widths, [row["baseline"]["params"] for row in resnet], marker="o", label="baseline"
+    )
     for label, _ in VARIANTS:
         values = [row["multigrid"][label].get("params") for row in resnet]
         right.plot(network_widths, values, marker="o", label=f"multigrid {label}")
-    right.axhline(resnet[0]["baseline"]["params"], color="grey", linestyle=":",
-                  label="baseline at 1x")
-    right.set(yscale="log", xlabel="width multiplier", ylabel="parameters",
-              title="CIFAR ResNet56")
+    right.axhline(
+        resnet[0]["baseline"]["params"], color="grey", linestyle=":", label="baseline at 1x"
+    )
+    right.set(yscale="log", xlabel="width multiplier", ylabel="parameters", title="CIFAR ResNet56")
     right.set_xticks(network_widths, [f"{w}x" for w in network_widths])
     right.legend()
     figure.tight_layout()
@@ -140,15 +157,24 @@ def main(argv=None):
     for name in args.models:
         factory, kwargs = FACTORIES[name]
         for width in args.widths:
-            row = {"model": name, "width": width,
-                   "baseline": measure(factory, multigrid=False, width=width, **kwargs),
-                   "multigrid": {label: measure(factory, width=width, **kwargs, **variant)
-                                 for label, variant in VARIANTS}}
+            row = {
+                "model": name,
+                "width": width,
+                "baseline": measure(factory, multigrid=False, width=width, **kwargs),
+                "multigrid": {
+                    label: measure(factory, width=width, **kwargs, **variant)
+                    for label, variant in VARIANTS
+                },
+            }
             rows.append(row)
-            print(f"{name} {width}x: baseline {row['baseline']['params']:,}, multigrid "
-                  + ", ".join(f"{label} {result['params']:,}" if "params" in result
-                              else f"{label} n/a" for label, result in row["multigrid"].items()),
-                  flush=True)
+            print(
+                f"{name} {width}x: baseline {row['baseline']['params']:,}, multigrid "
+                + ", ".join(
+                    f"{label} {result['params']:,}" if "params" in result else f"{label} n/a"
+                    for label, result in row["multigrid"].items()
+                ),
+                flush=True,
+            )
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "model_table.json"), "w") as f:

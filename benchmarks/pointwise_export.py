@@ -34,8 +34,14 @@ from tflite_latency import time_in_child
 
 # (input channels, filters, image size): MobileNetV2's block-13 expansion and
 # projection at 28 x 28 (224 inputs), ResNet50's stage-3 and stage-4 1 x 1s.
-SHAPES = [(96, 576, 28), (576, 96, 28), (256, 1024, 14), (1024, 1024, 14),
-          (2048, 512, 7), (512, 2048, 7)]
+SHAPES = [
+    (96, 576, 28),
+    (576, 96, 28),
+    (256, 1024, 14),
+    (1024, 1024, 14),
+    (2048, 512, 7),
+    (512, 2048, 7),
+]
 GROUP_SIZES = (8, 16)
 QUANTIZATIONS = {"float32": None, "int8": "int8"}
 
@@ -50,29 +56,48 @@ def main():
                 # The coarsest level the factories give this width.
                 settings = common.ConvSettings(True, group_size, None)
                 layer = keras_mgconv.MultigridConv2D(
-                    filters, 1, group_size=group_size,
-                    coarsest_channels=settings.coarsest_width(filters))
+                    filters,
+                    1,
+                    group_size=group_size,
+                    coarsest_channels=settings.coarsest_width(filters),
+                )
                 model = keras.Model(inputs, layer(inputs))
                 images = rng.random((8, size, size, channels), np.float32)
                 for name, quantization in QUANTIZATIONS.items():
-                    row = {"quantization": name, "group_size": group_size,
-                           "input_channels": channels, "filters": filters, "image_size": size,
-                           "levels": list(layer.levels), "multiply_add_ratio":
-                               channels * filters / multiply_adds_per_position(layer)}
+                    row = {
+                        "quantization": name,
+                        "group_size": group_size,
+                        "input_channels": channels,
+                        "filters": filters,
+                        "image_size": size,
+                        "levels": list(layer.levels),
+                        "multiply_add_ratio": channels
+                        * filters
+                        / multiply_adds_per_position(layer),
+                    }
                     for pointwise in ("dense", "cycle"):
-                        path = os.path.join(directory, f"{group_size}-{channels}-{filters}."
-                                                       f"{pointwise}.{name}.tflite")
-                        export_tflite(model, path, quantization, representative_data=images,
-                                      pointwise=pointwise)
+                        path = os.path.join(
+                            directory,
+                            f"{group_size}-{channels}-{filters}.{pointwise}.{name}.tflite",
+                        )
+                        export_tflite(
+                            model,
+                            path,
+                            quantization,
+                            representative_data=images,
+                            pointwise=pointwise,
+                        )
                         row[f"{pointwise}_path"] = path
                         paths.append(path)
                     rows.append(row)
         timings = time_in_child(paths, (1,), repeats=100, warmup=10, rounds=5)
-    lines = [f"CPU: {cpu_description()}. 1 thread, XNNPACK, batch 1; CPU time of the "
-             f"invoking thread.", "",
-             "| quantization | s | layer | image | levels | matrix/cycle MACs "
-             "| matrix/cycle time | MAC ratio / time ratio |",
-             "|---|---:|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"CPU: {cpu_description()}. 1 thread, XNNPACK, batch 1; CPU time of the invoking thread.",
+        "",
+        "| quantization | s | layer | image | levels | matrix/cycle MACs "
+        "| matrix/cycle time | MAC ratio / time ratio |",
+        "|---|---:|---|---:|---|---:|---:|---:|",
+    ]
     rows.sort(key=lambda row: list(QUANTIZATIONS).index(row["quantization"]))
     for row in rows:
         for pointwise in ("dense", "cycle"):
@@ -84,7 +109,8 @@ def main():
             f"| {row['input_channels']} -> {row['filters']} "
             f"| {row['image_size']} | {row['levels']} | {row['multiply_add_ratio']:.2f} "
             f"| {row['time_ratio']:.2f} ({row['dense_ms']:.3f} / {row['cycle_ms']:.3f} ms) "
-            f"| {row['slowdown']:.1f} |")
+            f"| {row['slowdown']:.1f} |"
+        )
     write_results("pointwise_export", rows, lines)
 
 

@@ -38,7 +38,6 @@ markdown table next to it (.md).
 """
 
 import argparse
-import collections
 import json
 import os
 import subprocess
@@ -90,36 +89,64 @@ def variants(group_sizes, pointwise_layers):
             if group_size != group_sizes[0]:
                 continue
             if pointwise_layers and width == 1:
-                yield (f"multigrid s={group_size} {width}x, 1x1 cycles", arguments,
-                       {"pointwise": "cycle"})
+                yield (
+                    f"multigrid s={group_size} {width}x, 1x1 cycles",
+                    arguments,
+                    {"pointwise": "cycle"},
+                )
             if not pointwise_layers and width == 1:
-                yield (f"multigrid s={group_size} {width}x, groups as trained", arguments,
-                       {"min_group_filters": 1})
-                yield (f"multigrid s={group_size} {width}x, groups merged to 16", arguments,
-                       {"min_group_filters": 16})
-            yield (f"multigrid s={group_size} c={group_size} {width}x",
-                   {**arguments, "coarsest_channels": group_size}, {})
+                yield (
+                    f"multigrid s={group_size} {width}x, groups as trained",
+                    arguments,
+                    {"min_group_filters": 1},
+                )
+                yield (
+                    f"multigrid s={group_size} {width}x, groups merged to 16",
+                    arguments,
+                    {"min_group_filters": 16},
+                )
+            yield (
+                f"multigrid s={group_size} c={group_size} {width}x",
+                {**arguments, "coarsest_channels": group_size},
+                {},
+            )
 
 
 def export(model, images, directory, label, options):
     """Parameters, multiply-adds, and per quantization the exported file and its size."""
     result = {"params": model.count_params(), "multiply_adds": count_multiply_adds(model)}
     for name, quantization in QUANTIZATIONS.items():
-        report = export_tflite(model, os.path.join(directory, f"{label}.{name}.tflite"),
-                               quantization, representative_data=images, **options)
-        result[name] = {"path": report.path, "size_bytes": report.size_bytes,
-                        "ops": sum(report.op_counts.values()),
-                        "dense_pointwise_layers": report.dense_pointwise_layers}
+        report = export_tflite(
+            model,
+            os.path.join(directory, f"{label}.{name}.tflite"),
+            quantization,
+            representative_data=images,
+            **options,
+        )
+        result[name] = {
+            "path": report.path,
+            "size_bytes": report.size_bytes,
+            "ops": sum(report.op_counts.values()),
+            "dense_pointwise_layers": report.dense_pointwise_layers,
+        }
     return result
 
 
 def time_in_child(paths, threads, repeats, warmup, rounds):
     """`litert_timing.time_files` in a fresh Python process, apart from the exports."""
-    request = json.dumps({"paths": paths, "threads": list(threads), "repeats": repeats,
-                          "warmup": warmup, "rounds": rounds})
+    request = json.dumps(
+        {
+            "paths": paths,
+            "threads": list(threads),
+            "repeats": repeats,
+            "warmup": warmup,
+            "rounds": rounds,
+        }
+    )
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "litert_timing.py")
-    done = subprocess.run([sys.executable, script, request],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, script, request], capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise RuntimeError(f"The timing process failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -147,8 +174,11 @@ def stage_ends(model):
         shape = layer.output.shape
         return tuple(shape[1:3]) if len(shape) == 4 else None
 
-    return [layer for layer, following in zip(layers, layers[1:] + [None])
-            if following is None or size(following) != size(layer)]
+    return [
+        layer
+        for layer, following in zip(layers, layers[1:] + [None])
+        if following is None or size(following) != size(layer)
+    ]
 
 
 def profile(model, directory, label, options):
@@ -168,26 +198,33 @@ def profile(model, directory, label, options):
 
 
 def profile_table(network, rows, threads):
-    """Each stage's time (differences of the prefixes' times), ops and MACs against the baseline's."""
+    """Each stage's time (differences of prefix times), ops and MACs against the baseline's."""
     baseline = rows[0]
-    lines = [f"#### {network}: where the float32 time goes ({threads} thread, "
-             "stage by stage, ms and ratio to the baseline's stage)", "",
-             "| variant | " + " | ".join(f"stage {i}" for i in range(len(baseline["stages"])))
-             + " |", "|---|" + "---:|" * len(baseline["stages"])]
+    lines = [
+        f"#### {network}: where the float32 time goes ({threads} thread, "
+        "stage by stage, ms and ratio to the baseline's stage)",
+        "",
+        "| variant | " + " | ".join(f"stage {i}" for i in range(len(baseline["stages"]))) + " |",
+        "|---|" + "---:|" * len(baseline["stages"]),
+    ]
 
     def stage_figures(row):
         times = [timing[0]["cpu_ms"] for timing in row["stage_latency"]]
-        return ([b - a for a, b in zip([0.0] + times, times)],
-                [b - a for a, b in zip([0] + row["stage_ops"], row["stage_ops"])],
-                [b - a for a, b in zip([0] + row["stage_macs"], row["stage_macs"])])
+        return (
+            [b - a for a, b in zip([0.0] + times, times)],
+            [b - a for a, b in zip([0] + row["stage_ops"], row["stage_ops"])],
+            [b - a for a, b in zip([0] + row["stage_macs"], row["stage_macs"])],
+        )
 
     reference = stage_figures(baseline)
     for row in rows:
         if len(row["stages"]) != len(baseline["stages"]):
             continue
         figures = stage_figures(row)
-        cells = [f"{t:.3f} ms ({t / bt:.2f}), {o} ops, MACs {m / bm:.2f}"
-                 for t, o, m, bt, bm in zip(*figures, reference[0], reference[2])]
+        cells = [
+            f"{t:.3f} ms ({t / bt:.2f}), {o} ops, MACs {m / bm:.2f}"
+            for t, o, m, bt, bm in zip(*figures, reference[0], reference[2])
+        ]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -196,48 +233,89 @@ def markdown(rows):
     header = ["network", "variant", "params", "MACs (ratio)", "ops", "1x1 as matrix"]
     for name in QUANTIZATIONS:
         header.append(f"{name} MB")
-        header += [f"{name} {threads} thread{'s' * (threads > 1)} ms (ratio; CPU-time ratio)"
-                   for threads in THREADS]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+        header += [
+            f"{name} {threads} thread{'s' * (threads > 1)} ms (ratio; CPU-time ratio)"
+            for threads in THREADS
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for row in rows:
-        cells = [row["network"], row["variant"], f"{row['params'] / 1e6:.2f}M",
-                 f"{row['multiply_adds'] / 1e6:.1f}M ({row['multiply_add_ratio']:.2f})",
-                 str(row["float32"]["ops"]), str(row["float32"]["dense_pointwise_layers"])]
+        cells = [
+            row["network"],
+            row["variant"],
+            f"{row['params'] / 1e6:.2f}M",
+            f"{row['multiply_adds'] / 1e6:.1f}M ({row['multiply_add_ratio']:.2f})",
+            str(row["float32"]["ops"]),
+            str(row["float32"]["dense_pointwise_layers"]),
+        ]
         for name in QUANTIZATIONS:
             cells.append(f"{row[name]['size_bytes'] / 2**20:.2f}")
-            cells += [f"{timing['median_ms']:.2f} ({ratio:.2f}; {cpu_ratio:.2f})"
-                      for timing, ratio, cpu_ratio in zip(
-                          row[name]["latency"], row[name]["ratios"], row[name]["cpu_ratios"])]
+            cells += [
+                f"{timing['median_ms']:.2f} ({ratio:.2f}; {cpu_ratio:.2f})"
+                for timing, ratio, cpu_ratio in zip(
+                    row[name]["latency"], row[name]["ratios"], row[name]["cpu_ratios"]
+                )
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=None,
-                        help="default: all")
-    parser.add_argument("--group-sizes", type=int, nargs="+", default=None,
-                        help="multigrid group sizes (default 8 16)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed invokes per measurement (default 100)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed invokes before each timing (default 10)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds the repeats are spread over, variants in turn "
-                             "(default 5)")
-    parser.add_argument("--quick", action="store_true",
-                        help="defaults for a check that the script works: ResNet20 and "
-                             "MobileNetV2 0.5, group size 8, 5 repeats after 1 warm-up")
-    parser.add_argument("--profile", action="store_true",
-                        help="also time every variant stage by stage (float32, 1 thread)")
-    parser.add_argument("--output", default=os.path.join(
-        os.path.dirname(__file__), "results", "tflite_latency.json"))
+    parser.add_argument(
+        "--networks", nargs="+", choices=list(NETWORKS), default=None, help="default: all"
+    )
+    parser.add_argument(
+        "--group-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="multigrid group sizes (default 8 16)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed invokes per measurement (default 100)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed invokes before each timing (default 10)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds the repeats are spread over, variants in turn (default 5)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="defaults for a check that the script works: ResNet20 and "
+        "MobileNetV2 0.5, group size 8, 5 repeats after 1 warm-up",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time every variant stage by stage (float32, 1 thread)",
+    )
+    parser.add_argument(
+        "--output",
+        default=os.path.join(os.path.dirname(__file__), "results", "tflite_latency.json"),
+    )
     args = parser.parse_args(argv)
-    defaults = ({"networks": ["ResNet20", "MobileNetV2-0.5"], "group_sizes": [8],
-                 "repeats": 5, "warmup": 1, "rounds": 1} if args.quick else
-                {"networks": list(NETWORKS), "group_sizes": [8, 16],
-                 "repeats": 100, "warmup": 10, "rounds": 5})
+    defaults = (
+        {
+            "networks": ["ResNet20", "MobileNetV2-0.5"],
+            "group_sizes": [8],
+            "repeats": 5,
+            "warmup": 1,
+            "rounds": 1,
+        }
+        if args.quick
+        else {
+            "networks": list(NETWORKS),
+            "group_sizes": [8, 16],
+            "repeats": 100,
+            "warmup": 10,
+            "rounds": 5,
+        }
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -249,19 +327,26 @@ def main(argv=None):
             factory, input_shape, classes, arguments, pointwise_layers = NETWORKS[network]
             images = rng.random((CALIBRATION_IMAGES, *input_shape), np.float32)
             network_rows = []
-            for variant, variant_arguments, options in variants(args.group_sizes,
-                                                                pointwise_layers):
-                model = factory(input_shape=input_shape, classes=classes, **arguments,
-                                **variant_arguments)
-                network_rows.append({
-                    "network": network, "variant": variant, **variant_arguments,
-                    "export_options": options,
-                    **export(model, images, directory, f"{network}-{len(network_rows)}",
-                             options)})
+            for variant, variant_arguments, options in variants(args.group_sizes, pointwise_layers):
+                model = factory(
+                    input_shape=input_shape, classes=classes, **arguments, **variant_arguments
+                )
+                network_rows.append(
+                    {
+                        "network": network,
+                        "variant": variant,
+                        **variant_arguments,
+                        "export_options": options,
+                        **export(
+                            model, images, directory, f"{network}-{len(network_rows)}", options
+                        ),
+                    }
+                )
                 if args.profile:
                     row = network_rows[-1]
                     row["stages"], row["stage_paths"], row["stage_ops"], row["stage_macs"] = (
-                        profile(model, directory, f"{network}-{len(network_rows)}", options))
+                        profile(model, directory, f"{network}-{len(network_rows)}", options)
+                    )
             time_interleaved(network_rows, args.repeats, args.warmup, args.rounds)
             baseline = network_rows[0]
             for row in network_rows:
@@ -269,27 +354,45 @@ def main(argv=None):
                 for name in QUANTIZATIONS:
                     del row[name]["path"]
                     row[name]["ratios"], row[name]["cpu_ratios"] = (
-                        [timing[key] / reference[key] for timing, reference in zip(
-                            row[name]["latency"], baseline[name]["latency"])]
-                        for key in ("median_ms", "cpu_ms"))
+                        [
+                            timing[key] / reference[key]
+                            for timing, reference in zip(
+                                row[name]["latency"], baseline[name]["latency"]
+                            )
+                        ]
+                        for key in ("median_ms", "cpu_ms")
+                    )
             rows += network_rows
             print("\n".join(markdown(network_rows).splitlines()[2:]), flush=True)
             if args.profile:
                 timings = time_in_child(
-                    [path for row in network_rows for path in row["stage_paths"]], (1,),
-                    args.repeats, args.warmup, args.rounds)
+                    [path for row in network_rows for path in row["stage_paths"]],
+                    (1,),
+                    args.repeats,
+                    args.warmup,
+                    args.rounds,
+                )
                 for row in network_rows:
                     row["stage_latency"] = [timings[path] for path in row.pop("stage_paths")]
                 profiles.append(profile_table(network, network_rows, 1))
                 print(profiles[-1], flush=True)
 
     results = {
-        "settings": {"batch_size": 1, "xnnpack": True, "threads": list(THREADS),
-                     "timed": "in a process of its own, wall and invoking-thread CPU time",
-                     "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
-                     "group_sizes": args.group_sizes},
-        "environment": {"cpu": cpu_description(), "tensorflow": tf.__version__,
-                        "ai_edge_litert": ai_edge_litert.__version__},
+        "settings": {
+            "batch_size": 1,
+            "xnnpack": True,
+            "threads": list(THREADS),
+            "timed": "in a process of its own, wall and invoking-thread CPU time",
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "group_sizes": args.group_sizes,
+        },
+        "environment": {
+            "cpu": cpu_description(),
+            "tensorflow": tf.__version__,
+            "ai_edge_litert": ai_edge_litert.__version__,
+        },
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

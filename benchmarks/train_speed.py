@@ -86,43 +86,54 @@ CLASSES = 10
 # dense), the ResNets at 1x are also timed with their coarsest level at the
 # group size, at group sizes 8 and 16: smaller networks, the factories'
 # defaults before (benchmarks/accuracy.py measures the accuracy of all three).
-COARSEST_AT_GROUP_SIZE = ((" s=8 c=8", {"group_size": 8, "coarsest_channels": 8}),
-                          (" s=16 c=16", {"group_size": 16, "coarsest_channels": 16}))
+COARSEST_AT_GROUP_SIZE = (
+    (" s=8 c=8", {"group_size": 8, "coarsest_channels": 8}),
+    (" s=16 c=16", {"group_size": 16, "coarsest_channels": 16}),
+)
 
 
 def _layer_group(width, group_sizes):
     """Conv2D of `width` and one MultigridConv2D per group size, on 32x32 inputs."""
+
     def layer_model(layer):
         return keras.Sequential([keras.Input((32, 32, width)), layer])
 
     return {
-        "baseline": ("Conv2D", lambda: layer_model(
-            keras.layers.Conv2D(width, 3, padding="same"))),
-        "rows": [(f"MultigridConv2D {width}, group size {s}",
-                  lambda s=s: layer_model(keras_mgconv.MultigridConv2D(
-                      width, 3, padding="same", group_size=s)))
-                 for s in group_sizes if width % s == 0 and width > s],
+        "baseline": ("Conv2D", lambda: layer_model(keras.layers.Conv2D(width, 3, padding="same"))),
+        "rows": [
+            (
+                f"MultigridConv2D {width}, group size {s}",
+                lambda s=s: layer_model(
+                    keras_mgconv.MultigridConv2D(width, 3, padding="same", group_size=s)
+                ),
+            )
+            for s in group_sizes
+            if width % s == 0 and width > s
+        ],
         "input_shape": (32, 32, width),
         "loss": "mse",
     }
 
 
-def _model_group(name, factory, input_shape, variants=(("", {}),), steps_per_execution=1,
-                 **kwargs):
+def _model_group(name, factory, input_shape, variants=(("", {}),), steps_per_execution=1, **kwargs):
     """The baseline and one multigrid row per `(name suffix, factory arguments)` of `variants`.
 
     With `steps_per_execution` > 1 each timing is one `fit` epoch of that many
     steps in one call of the compiled function, as `keras_mgconv.training.train`
     runs them, divided by the steps.
     """
+
     def build(multigrid, **variant):
-        return factory(input_shape=input_shape, classes=CLASSES,
-                       multigrid=multigrid, **kwargs, **variant)
+        return factory(
+            input_shape=input_shape, classes=CLASSES, multigrid=multigrid, **kwargs, **variant
+        )
 
     return {
         "baseline": ("baseline", lambda: build(False)),
-        "rows": [(name + suffix, lambda variant=variant: build(True, **variant))
-                 for suffix, variant in variants],
+        "rows": [
+            (name + suffix, lambda variant=variant: build(True, **variant))
+            for suffix, variant in variants
+        ],
         "input_shape": input_shape,
         "loss": "sparse_categorical_crossentropy",
         "steps_per_execution": steps_per_execution,
@@ -135,14 +146,21 @@ def benchmark_groups():
     for depth, factory in ((20, models.ResNet20), (56, models.ResNet56)):
         for width in (1, 2, 4):
             variants = (("", {}),) + COARSEST_AT_GROUP_SIZE * (width == 1)
-            groups.append(_model_group(
-                f"ResNet{depth} {width}x", factory, (32, 32, 3), variants, width=width))
+            groups.append(
+                _model_group(f"ResNet{depth} {width}x", factory, (32, 32, 3), variants, width=width)
+            )
     # The 8x8 digits' shape, where per-step overhead rather than arithmetic dominates.
-    groups.append(_model_group("ResNet20 1x 8x8", models.ResNet20, (8, 8, 1),
-                               (("", {}),) + COARSEST_AT_GROUP_SIZE, steps_per_execution=20))
+    groups.append(
+        _model_group(
+            "ResNet20 1x 8x8",
+            models.ResNet20,
+            (8, 8, 1),
+            (("", {}),) + COARSEST_AT_GROUP_SIZE,
+            steps_per_execution=20,
+        )
+    )
     groups.append(_model_group("ResNet18 32x32", models.ResNet18, (32, 32, 3)))
-    groups.append(_model_group("MobileNetV2 1.0 96x96", models.MobileNetV2,
-                               (96, 96, 3), alpha=1.0))
+    groups.append(_model_group("MobileNetV2 1.0 96x96", models.MobileNetV2, (96, 96, 3), alpha=1.0))
     return groups
 
 
@@ -152,12 +170,15 @@ def _compiled(build, loss, steps_per_execution=1):
     model.batch_norm_statistics_batches = 0
     model.compile(
         optimizer=training._optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4),
-        loss=loss, jit_compile=False, steps_per_execution=steps_per_execution)
+        loss=loss,
+        jit_compile=False,
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
 def _step(model, inputs, targets, batch_size):
-    """One timed unit: a `train_on_batch`, or a `fit` epoch over `inputs` in batches of `batch_size`."""
+    """One timed unit: a `train_on_batch`, or a `fit` epoch over `inputs` (`batch_size`)."""
     if len(inputs) == batch_size:
         model.train_on_batch(inputs, targets)
     else:
@@ -168,8 +189,7 @@ def _batch(group, batch_size, model):
     rng = np.random.default_rng(0)
     inputs = rng.standard_normal((batch_size, *group["input_shape"]), dtype=np.float32)
     if group["loss"] == "mse":
-        targets = rng.standard_normal((batch_size, *model.output_shape[1:]),
-                                      dtype=np.float32)
+        targets = rng.standard_normal((batch_size, *model.output_shape[1:]), dtype=np.float32)
     else:
         targets = rng.integers(0, CLASSES, batch_size)
     return inputs, targets
@@ -194,20 +214,27 @@ def time_group(group, names, batch_size, repeats, warmup, profile=False):
             _step(model, *epoch, batch_size)
             model_cpu_times.append((time.process_time() - cpu_start) / steps)
             model_times.append((time.perf_counter() - start) / steps)
-    figures = [{
-        "params": model.count_params(),
-        "multiply_adds": keras_mgconv.count_multiply_adds(model),
-        "train_step_s": statistics.median(model_times),
-        "train_step_cpu_s": statistics.median(model_cpu_times),
-        "train_step_times_s": model_times,
-        "forward_ops": forward_ops(model, group["input_shape"]),
-        **({"profile": op_profile(model, inputs, targets)} if profile else {}),
-    } for model, model_times, model_cpu_times in zip(compiled, times, cpu_times)]
+    figures = [
+        {
+            "params": model.count_params(),
+            "multiply_adds": keras_mgconv.count_multiply_adds(model),
+            "train_step_s": statistics.median(model_times),
+            "train_step_cpu_s": statistics.median(model_cpu_times),
+            "train_step_times_s": model_times,
+            "forward_ops": forward_ops(model, group["input_shape"]),
+            **({"profile": op_profile(model, inputs, targets)} if profile else {}),
+        }
+        for model, model_times, model_cpu_times in zip(compiled, times, cpu_times)
+    ]
     baseline = figures[0]
     rows = []
     for (name, _), multigrid in zip(entries[1:], figures[1:]):
-        row = {"name": name, "baseline_name": entries[0][0],
-               "baseline": baseline, "multigrid": multigrid}
+        row = {
+            "name": name,
+            "baseline_name": entries[0][0],
+            "baseline": baseline,
+            "multigrid": multigrid,
+        }
         for key in ("params", "multiply_adds", "train_step_s", "train_step_cpu_s"):
             row[f"{key}_ratio"] = multigrid[key] / baseline[key]
         rows.append(row)
@@ -215,8 +242,16 @@ def time_group(group, names, batch_size, repeats, warmup, profile=False):
 
 
 # Ops that compute nothing: variable reads, constants, identities, placeholders.
-_BOOKKEEPING_OPS = {"Const", "Identity", "ReadVariableOp", "NoOp", "Placeholder",
-                    "VarHandleOp", "IdentityN", "StopGradient"}
+_BOOKKEEPING_OPS = {
+    "Const",
+    "Identity",
+    "ReadVariableOp",
+    "NoOp",
+    "Placeholder",
+    "VarHandleOp",
+    "IdentityN",
+    "StopGradient",
+}
 _ROLES = ("restriction", "prolongation", "smoother", "coarsest", "connector")
 
 
@@ -226,8 +261,11 @@ def forward_ops(model, input_shape):
         return None
     import tensorflow as tf
 
-    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(
-        tf.TensorSpec((None, *input_shape), tf.float32)).graph
+    graph = (
+        tf.function(lambda x: model(x, training=True))
+        .get_concrete_function(tf.TensorSpec((None, *input_shape), tf.float32))
+        .graph
+    )
     return sum(op.type not in _BOOKKEEPING_OPS for op in graph.get_operations())
 
 
@@ -271,8 +309,10 @@ def op_profile(model, inputs, targets, steps=3, top=8):
                 kind = f"{'gradient ' if 'gradient' in path else ''}{role} {op_type}"
                 totals[kind] = totals.get(kind, 0) + event.duration_ps
     everything = sum(totals.values()) or 1
-    return [(kind, duration / 1e9 / steps, duration / everything)
-            for kind, duration in sorted(totals.items(), key=lambda item: -item[1])[:top]]
+    return [
+        (kind, duration / 1e9 / steps, duration / everything)
+        for kind, duration in sorted(totals.items(), key=lambda item: -item[1])[:top]
+    ]
 
 
 def profile_lines(rows):
@@ -282,9 +322,13 @@ def profile_lines(rows):
             if "profile" not in row[side]:
                 continue
             name = row["name"] if side == "multigrid" else f"{row['name']} baseline"
-            lines.append(f"- {name}: " + "; ".join(
-                f"{kind} {ms:.1f} ms ({100 * share:.0f}%)"
-                for kind, ms, share in row[side]["profile"]))
+            lines.append(
+                f"- {name}: "
+                + "; ".join(
+                    f"{kind} {ms:.1f} ms ({100 * share:.0f}%)"
+                    for kind, ms, share in row[side]["profile"]
+                )
+            )
     return "\n".join(lines)
 
 
@@ -301,7 +345,8 @@ def markdown_table(rows):
             f"| {row['train_step_s_ratio']:.2f} | {row['train_step_cpu_s_ratio']:.2f} "
             f"| {row['multiply_adds_ratio']:.3f} "
             f"| {row['params_ratio']:.3f} "
-            f"| {row['multigrid']['forward_ops']} ({row['baseline']['forward_ops']}) |")
+            f"| {row['multigrid']['forward_ops']} ({row['baseline']['forward_ops']}) |"
+        )
     return "\n".join(lines)
 
 
@@ -313,38 +358,66 @@ def machine_description():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", metavar="PATTERN",
-                        help="run only the rows whose name matches one of these "
-                             "regular expressions (case-insensitive)")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 timed steps after 1 warm-up step, for iterating")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PATTERN",
+        help="run only the rows whose name matches one of these "
+        "regular expressions (case-insensitive)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="3 timed steps after 1 warm-up step, for iterating"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--intra-op-threads", type=int, default=0,
-                        help="threads inside one operation (0: TensorFlow's choice; "
-                             "TensorFlow only)")
-    parser.add_argument("--inter-op-threads", type=int, default=0,
-                        help="operations run at once (0: TensorFlow's choice; "
-                             "TensorFlow only)")
-    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow",
-                        help="Keras 3's backend for the whole run (default: tensorflow)")
-    parser.add_argument("--keras-first", action="store_true",
-                        help="import Keras before keras_mgconv (read before any import)")
-    parser.add_argument("--profile", action="store_true",
-                        help="print the kinds of op that take the most time (TensorFlow)")
-    parser.add_argument("--output", help=(
-        "JSON file, the markdown table beside it with the suffix .md (default: "
-        "results/train_speed.json, or train_speed_<backend>.json for another backend)"))
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="threads inside one operation (0: TensorFlow's choice; TensorFlow only)",
+    )
+    parser.add_argument(
+        "--inter-op-threads",
+        type=int,
+        default=0,
+        help="operations run at once (0: TensorFlow's choice; TensorFlow only)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="tensorflow",
+        help="Keras 3's backend for the whole run (default: tensorflow)",
+    )
+    parser.add_argument(
+        "--keras-first",
+        action="store_true",
+        help="import Keras before keras_mgconv (read before any import)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the kinds of op that take the most time (TensorFlow)",
+    )
+    parser.add_argument(
+        "--output",
+        help=(
+            "JSON file, the markdown table beside it with the suffix .md (default: "
+            "results/train_speed.json, or train_speed_<backend>.json for another backend)"
+        ),
+    )
     args = parser.parse_args(argv)
     if keras.backend.backend() != args.backend:
-        parser.error(f"--backend {args.backend} must be chosen before Keras is imported, "
-                     f"on the command line of this script; Keras runs on "
-                     f"{keras.backend.backend()}")
+        parser.error(
+            f"--backend {args.backend} must be chosen before Keras is imported, "
+            f"on the command line of this script; Keras runs on "
+            f"{keras.backend.backend()}"
+        )
     if args.output is None:
         suffix = "" if args.backend == "tensorflow" else f"_{args.backend}"
-        args.output = os.path.join(os.path.dirname(__file__), "results",
-                                   f"train_speed{suffix}.json")
+        args.output = os.path.join(
+            os.path.dirname(__file__), "results", f"train_speed{suffix}.json"
+        )
     repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
     if args.backend == "tensorflow":
         import tensorflow as tf
@@ -354,22 +427,31 @@ def main(argv=None):
     elif args.profile:
         parser.error(f"--profile reads TensorFlow's profiler. Received: --backend {args.backend}.")
     elif args.intra_op_threads or args.inter_op_threads:
-        parser.error("--intra-op-threads and --inter-op-threads set TensorFlow's thread "
-                     f"pools; Received: --backend {args.backend}.")
+        parser.error(
+            "--intra-op-threads and --inter-op-threads set TensorFlow's thread "
+            f"pools; Received: --backend {args.backend}."
+        )
 
     rows = []
     for group in benchmark_groups():
-        names = [name for name, _ in group["rows"] if not args.only or any(
-            re.search(pattern, name, re.IGNORECASE) for pattern in args.only)]
+        names = [
+            name
+            for name, _ in group["rows"]
+            if not args.only
+            or any(re.search(pattern, name, re.IGNORECASE) for pattern in args.only)
+        ]
         if not names:
             continue
         for row in time_group(group, names, args.batch_size, repeats, warmup, args.profile):
             rows.append(row)
-            print(f"{row['name']}: {row['multigrid']['train_step_s'] * 1e3:.1f} ms vs "
-                  f"{row['baseline']['train_step_s'] * 1e3:.1f} ms "
-                  f"({row['train_step_s_ratio']:.2f}x, CPU time "
-                  f"{row['train_step_cpu_s_ratio']:.2f}x, multiply-adds "
-                  f"{row['multiply_adds_ratio']:.3f}x)", flush=True)
+            print(
+                f"{row['name']}: {row['multigrid']['train_step_s'] * 1e3:.1f} ms vs "
+                f"{row['baseline']['train_step_s'] * 1e3:.1f} ms "
+                f"({row['train_step_s_ratio']:.2f}x, CPU time "
+                f"{row['train_step_cpu_s_ratio']:.2f}x, multiply-adds "
+                f"{row['multiply_adds_ratio']:.3f}x)",
+                flush=True,
+            )
         keras.backend.clear_session()
 
     result = {
@@ -385,16 +467,23 @@ def main(argv=None):
         "rows": rows,
     }
     table = markdown_table(rows)
-    threads = ", ".join(f"{name}-op threads {count}" for name, count in
-                        (("intra", args.intra_op_threads), ("inter", args.inter_op_threads))
-                        if count) or "the backend's default threads"
+    threads = (
+        ", ".join(
+            f"{name}-op threads {count}"
+            for name, count in (("intra", args.intra_op_threads), ("inter", args.inter_op_threads))
+            if count
+        )
+        or "the backend's default threads"
+    )
     settings = [threads]
     if args.backend == "tensorflow" and result["TF_ENABLE_ONEDNN_OPTS"] is not None:
         settings.append(f"TF_ENABLE_ONEDNN_OPTS={result['TF_ENABLE_ONEDNN_OPTS']}")
     if args.keras_first:
         settings.append("Keras imported before keras_mgconv")
-    header = (f"{result['machine']}; {'; '.join(settings)}; batch {args.batch_size}, median of "
-              f"{repeats} training steps; ratios are multigrid / baseline from the same run.")
+    header = (
+        f"{result['machine']}; {'; '.join(settings)}; batch {args.batch_size}, median of "
+        f"{repeats} training steps; ratios are multigrid / baseline from the same run."
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)

@@ -25,8 +25,8 @@ class ExampleSections(griffe.Extension):
             return
         match = _EXAMPLE.search(docstring.value)
         if match:
-            example = textwrap.indent(docstring.value[match.end():].strip("\n"), "    ")
-            docstring.value = docstring.value[:match.start()] + "Examples:\n" + example
+            example = textwrap.indent(docstring.value[match.end() :].strip("\n"), "    ")
+            docstring.value = docstring.value[: match.start()] + "Examples:\n" + example
 
 
 class AssignedDocstrings(griffe.Extension):
@@ -41,20 +41,33 @@ class AssignedDocstrings(griffe.Extension):
             return
         tree = ast.parse(mod.filepath.read_text(encoding="utf-8"))
         templates = {
-            node.targets[0].id: node.value.value for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+            node.targets[0].id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        }
         for node in tree.body:
             target = node.targets[0] if isinstance(node, ast.Assign) else None
-            if not (isinstance(target, ast.Attribute) and target.attr == "__doc__"
-                    and isinstance(target.value, ast.Name) and target.value.id in mod.members):
+            if not (
+                isinstance(target, ast.Attribute)
+                and target.attr == "__doc__"
+                and isinstance(target.value, ast.Name)
+                and target.value.id in mod.members
+            ):
                 continue
             call = node.value
-            if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                    and call.func.attr == "format" and isinstance(call.func.value, ast.Name)
-                    and call.func.value.id in templates):
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "format"
+                and isinstance(call.func.value, ast.Name)
+                and call.func.value.id in templates
+            ):
                 text = templates[call.func.value.id].format(
-                    **{keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords})
+                    **{keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+                )
                 mod.members[target.value.id].docstring = griffe.Docstring(
-                    inspect.cleandoc(text), lineno=node.lineno, parent=mod.members[target.value.id])
-
+                    inspect.cleandoc(text), lineno=node.lineno, parent=mod.members[target.value.id]
+                )

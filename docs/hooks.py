@@ -16,8 +16,16 @@ from mkdocs.structure.files import File
 RESULTS = os.path.join("benchmarks", "results")
 # The modules of the API reference. Public: what a module's `__all__` lists, or
 # else its names without a leading underscore that the package defines.
-API_MODULES = ("layers", "models", "batch_norm", "complexity", "data", "export", "optimization",
-               "training")
+API_MODULES = (
+    "layers",
+    "models",
+    "batch_norm",
+    "complexity",
+    "data",
+    "export",
+    "optimization",
+    "training",
+)
 
 log = logging.getLogger("mkdocs.hooks.docstrings")
 
@@ -30,8 +38,12 @@ def on_pre_build(config):
         from griffe_extensions import AssignedDocstrings
     finally:
         sys.path.pop(0)
-    package = griffe.load("keras_mgconv", search_paths=[root], allow_inspection=False,
-                          extensions=griffe.load_extensions(AssignedDocstrings))
+    package = griffe.load(
+        "keras_mgconv",
+        search_paths=[root],
+        allow_inspection=False,
+        extensions=griffe.load_extensions(AssignedDocstrings),
+    )
     for module_name in API_MODULES:
         module = package[module_name]
         for name, member in module.members.items():
@@ -48,6 +60,12 @@ def on_pre_build(config):
 def on_files(files, config):
     root = os.path.dirname(config.config_file_path)
     for path in sorted(glob.glob(os.path.join(root, RESULTS, "*.png"))):
-        files.append(File(os.path.relpath(path, root), src_dir=root, dest_dir=config.site_dir,
-                          use_directory_urls=config.use_directory_urls))
+        files.append(
+            File(
+                os.path.relpath(path, root),
+                src_dir=root,
+                dest_dir=config.site_dir,
+                use_directory_urls=config.use_directory_urls,
+            )
+        )
     return files

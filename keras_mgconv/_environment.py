@@ -105,8 +105,7 @@ def cpu_only_without_cuda():
     the first time it lists them. Listing leaves the devices configurable
     (`tf.config.set_visible_devices`, threading), unlike running an op.
     """
-    if (DEVICE_TYPES in os.environ or sys.platform != "linux"
-            or _has_accelerator_runtime()):
+    if DEVICE_TYPES in os.environ or sys.platform != "linux" or _has_accelerator_runtime():
         return False
     if "tensorflow" not in sys.modules:
         os.environ[DEVICE_TYPES] = _TYPES_BUT_GPU

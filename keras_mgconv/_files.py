@@ -54,8 +54,11 @@ def remove_stale_temporaries(directory, name=None):
     removed = []
     for candidate in sorted(os.listdir(directory)):
         match = _TEMPORARY.fullmatch(candidate)
-        if (match and name in (None, match["stem"] + (match["extension"] or ""))
-                and not _is_running(int(match["pid"]))):
+        if (
+            match
+            and name in (None, match["stem"] + (match["extension"] or ""))
+            and not _is_running(int(match["pid"]))
+        ):
             os.remove(os.path.join(directory, candidate))
             removed.append(candidate)
     return removed

@@ -19,9 +19,10 @@ if USE_LEGACY_KERAS:
     except ImportError as error:
         raise ImportError(
             "TF_USE_LEGACY_KERAS=1 selects Keras 2, the `tf_keras` package, which is "
-            "not installed: `pip install \"keras-mgconv[optimization]\"`, or unset "
+            'not installed: `pip install "keras-mgconv[optimization]"`, or unset '
             "TF_USE_LEGACY_KERAS to use Keras 3. Received: TF_USE_LEGACY_KERAS="
-            f"{os.environ['TF_USE_LEGACY_KERAS']!r}.") from error
+            f"{os.environ['TF_USE_LEGACY_KERAS']!r}."
+        ) from error
 else:
     import keras
 

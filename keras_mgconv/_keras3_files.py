@@ -31,12 +31,27 @@ import numpy as np
 from keras_mgconv._keras import keras
 
 # Keyword arguments every tf_keras layer takes besides its own.
-_LAYER_KEYWORDS = {"name", "trainable", "dtype", "dynamic", "input_dim", "input_shape",
-                   "batch_input_shape", "batch_size", "weights", "activity_regularizer",
-                   "autocast", "implementation"}
+_LAYER_KEYWORDS = {
+    "name",
+    "trainable",
+    "dtype",
+    "dynamic",
+    "input_dim",
+    "input_shape",
+    "batch_input_shape",
+    "batch_size",
+    "weights",
+    "activity_regularizer",
+    "autocast",
+    "implementation",
+}
 # Where Keras 3 serializes built-in objects, and where tf_keras keeps them.
-_MODULES = {"keras.layers": keras.layers, "keras.initializers": keras.initializers,
-            "keras.regularizers": keras.regularizers, "keras.constraints": keras.constraints}
+_MODULES = {
+    "keras.layers": keras.layers,
+    "keras.initializers": keras.initializers,
+    "keras.regularizers": keras.regularizers,
+    "keras.constraints": keras.constraints,
+}
 _DTYPE_POLICIES = ("DTypePolicy", "FloatDTypePolicy")
 # Keras 3's registered names of its model classes, and tf_keras' classes.
 _MODELS = {"Functional": keras.Model, "Sequential": keras.Sequential}
@@ -63,14 +78,16 @@ def load(path):
         config = json.loads(archive.read("config.json"))
         weights = archive.read("model.weights.h5")
     try:
-        model = keras.saving.deserialize_keras_object(_object(config, "model"),
-                                                      custom_objects=_MODELS)
+        model = keras.saving.deserialize_keras_object(
+            _object(config, "model"), custom_objects=_MODELS
+        )
     except UnreadableFile:
         raise
     except Exception as error:  # tf_keras fails in many ways on what it cannot build.
         raise UnreadableFile(
             f"tf_keras cannot build its model ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:300]})") from error
+            f"{str(error).splitlines()[0][:300]})"
+        ) from error
     with h5py.File(io.BytesIO(weights), "r") as store:
         _assign(model, _stored_variables(store))
     return model
@@ -91,12 +108,15 @@ def _object(config, where):
             raise UnreadableFile(f"its input {name!r} is optional, which tf_keras lacks")
     if "layers" in inner:
         inner = _model_config(inner)
-    inner = {key: value if key in ("layers", "input_layers", "output_layers")
-             else _value(value, f"{name}.{key}") for key, value in inner.items()}
+    inner = {
+        key: value
+        if key in ("layers", "input_layers", "output_layers")
+        else _value(value, f"{name}.{key}")
+        for key, value in inner.items()
+    }
     module = config.get("module") or ""
     if module in _MODULES and not config.get("registered_name"):
-        inner = _known_options(getattr(_MODULES[module], config["class_name"], None),
-                               inner, name)
+        inner = _known_options(getattr(_MODULES[module], config["class_name"], None), inner, name)
     translated = {"class_name": config["class_name"], "config": inner}
     # Keras 3's models are in modules tf_keras lacks (keras.src.models...):
     # they are found by their registered names, in `_MODELS`.
@@ -131,19 +151,18 @@ def _known_options(cls, config, name):
             break
         parameters = inspect.signature(base.__init__).parameters
         known |= set(parameters)
-        if not any(parameter.kind == parameter.VAR_KEYWORD
-                   for parameter in parameters.values()):
+        if not any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values()):
             break
     else:
         return config
     unknown = {key: value for key, value in config.items() if key not in known}
-    set_options = {key: value for key, value in unknown.items()
-                   if value not in (None, False)}
+    set_options = {key: value for key, value in unknown.items() if value not in (None, False)}
     if set_options:
         raise UnreadableFile(
             f"its {cls.__name__} {name!r} sets "
             f"{', '.join(f'{key}={value!r}' for key, value in set_options.items())}, "
-            f"which tf_keras' {cls.__name__} lacks")
+            f"which tf_keras' {cls.__name__} lacks"
+        )
     return {key: value for key, value in config.items() if key in known}
 
 
@@ -153,9 +172,11 @@ def _model_config(config):
     tf_keras gives a model built on an Input a call of its own (node 0), and
     numbers the calls of a nested one from 1; Keras 3 from 0.
     """
-    nested_models = {entry.get("name") for entry in config["layers"]
-                     if entry.get("config", {}).get("layers", [{}])[0].get("class_name")
-                     == "InputLayer"}
+    nested_models = {
+        entry.get("name")
+        for entry in config["layers"]
+        if entry.get("config", {}).get("layers", [{}])[0].get("class_name") == "InputLayer"
+    }
 
     def history(reference):
         layer, node, tensor = reference
@@ -173,8 +194,9 @@ def _model_config(config):
         if "name" in layer:
             translated["name"] = layer["name"]
         if "inbound_nodes" in layer:
-            translated["inbound_nodes"] = [node(call, layer["name"])
-                                           for call in layer["inbound_nodes"]]
+            translated["inbound_nodes"] = [
+                node(call, layer["name"]) for call in layer["inbound_nodes"]
+            ]
         return translated
 
     translated = {**config, "layers": [entry(layer) for layer in config["layers"]]}
@@ -182,8 +204,9 @@ def _model_config(config):
         if key in config:
             references = config[key]
             single = bool(references) and not isinstance(references[0], list)
-            references = [history(reference) for reference in
-                          ([references] if single else references)]
+            references = [
+                history(reference) for reference in ([references] if single else references)
+            ]
             translated[key] = references[0] if single else references
     return translated
 
@@ -196,18 +219,21 @@ def _inbound(call, layer):
     def history(tensor):
         if not (isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__"):
             raise UnreadableFile(
-                f"layer {layer!r} is called on {tensor!r:.100}, not on the outputs of "
-                f"other layers")
+                f"layer {layer!r} is called on {tensor!r:.100}, not on the outputs of other layers"
+            )
         return tensor["config"]["keras_history"]
 
-    if len(args) != 1 or any(isinstance(value, dict) and "class_name" in value
-                             for value in kwargs.values()):
+    if len(args) != 1 or any(
+        isinstance(value, dict) and "class_name" in value for value in kwargs.values()
+    ):
         raise UnreadableFile(
             f"layer {layer!r} is called with {len(args)} positional arguments or with "
-            f"tensors as keyword arguments; tf_keras takes one input or a list of inputs")
+            f"tensors as keyword arguments; tf_keras takes one input or a list of inputs"
+        )
     inputs = args[0] if isinstance(args[0], list) else [args[0]]
-    return [(history(tensor), dict(kwargs) if index == 0 else {})
-            for index, tensor in enumerate(inputs)]
+    return [
+        (history(tensor), dict(kwargs) if index == 0 else {}) for index, tensor in enumerate(inputs)
+    ]
 
 
 def _stored_variables(store):
@@ -225,8 +251,7 @@ def _stored_variables(store):
             if "name" not in variables.attrs:
                 raise UnreadableFile(f"its weights group {variables.name} has no layer name")
             owner = (*owner, str(variables.attrs["name"]))
-            found[owner] = [np.asarray(variables[str(index)])
-                            for index in range(len(variables))]
+            found[owner] = [np.asarray(variables[str(index)]) for index in range(len(variables))]
         for key in group:
             if key != "vars" and isinstance(group[key], h5py.Group):
                 visit(group[key], owner)
@@ -249,19 +274,22 @@ def _assign(model, stored):
     for names, values in stored.items():
         layer = model
         for name in names[1:]:
-            sublayers = {sub.name: sub
-                         for sub in layer._flatten_layers(include_self=False, recursive=False)}
+            sublayers = {
+                sub.name: sub for sub in layer._flatten_layers(include_self=False, recursive=False)
+            }
             if name not in sublayers:
                 raise UnreadableFile(
                     f"its weights are for a layer {'/'.join(names)!r} that the model "
-                    f"tf_keras builds from its config does not have")
+                    f"tf_keras builds from its config does not have"
+                )
             layer = sublayers[name]
         variables = _own_variables(layer)
         shapes = [tuple(variable.shape) for variable in variables]
         if shapes != [value.shape for value in values]:
             raise UnreadableFile(
                 f"its layer {'/'.join(names)!r} stores variables of shapes "
-                f"{[value.shape for value in values]}, and tf_keras' has {shapes}")
+                f"{[value.shape for value in values]}, and tf_keras' has {shapes}"
+            )
         for variable, value in zip(variables, values):
             variable.assign(value.astype(variable.dtype.as_numpy_dtype))
             assigned.add(id(variable))
@@ -269,7 +297,8 @@ def _assign(model, stored):
     if missing:
         raise UnreadableFile(
             f"it holds no values for {len(missing)} of the model's variables "
-            f"({', '.join(missing[:3])}, ...)")
+            f"({', '.join(missing[:3])}, ...)"
+        )
     # As tf_keras' own loading does: an adapted Normalization computes with
     # constants that it derives from its variables here.
     for layer in model._flatten_layers():

@@ -37,14 +37,16 @@ def exports_dense(layer, pointwise, quantization=None):
     them in an "int8" export, else those whose matrix costs at most
     `64 / group_size` times the cycle's multiply-adds.
     """
-    if not (isinstance(layer, MultigridConv2D) and layer.kernel_size == (1, 1)
-            and layer.restrictions):
+    if not (
+        isinstance(layer, MultigridConv2D) and layer.kernel_size == (1, 1) and layer.restrictions
+    ):
         return False
     if pointwise != "auto" or quantization == "int8":
         return pointwise != "cycle"
     dense = layer.input_spec.axes[-1] * layer.filters
-    return (dense * layer.group_size
-            <= _SLOWDOWN_TIMES_GROUP_SIZE * multiply_adds_per_position(layer))
+    return dense * layer.group_size <= _SLOWDOWN_TIMES_GROUP_SIZE * multiply_adds_per_position(
+        layer
+    )
 
 
 def fold_pointwise(model, pointwise, quantization=None):
@@ -58,8 +60,11 @@ def fold_pointwise(model, pointwise, quantization=None):
     Returns:
         `(folded_model, number_of_layers_replaced)`.
     """
-    chosen = {id(layer) for layer in model._flatten_layers(include_self=False)
-              if exports_dense(layer, pointwise, quantization)}
+    chosen = {
+        id(layer)
+        for layer in model._flatten_layers(include_self=False)
+        if exports_dense(layer, pointwise, quantization)
+    }
     if not chosen:
         return model, 0
     weights = {}
@@ -68,9 +73,15 @@ def fold_pointwise(model, pointwise, quantization=None):
         if id(layer) not in chosen:
             return layer
         conv = keras.layers.Conv2D(
-            layer.filters, 1, strides=layer.strides, padding=layer.padding,
-            activation=layer.activation, use_bias=layer.use_bias,
-            dtype=layer.dtype_policy, name=layer.name)
+            layer.filters,
+            1,
+            strides=layer.strides,
+            padding=layer.padding,
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            dtype=layer.dtype_policy,
+            name=layer.name,
+        )
         kernel = layer._pointwise_kernel(layer.input_spec.axes[-1])
         weights[conv] = [kernel] + ([layer.bias] if layer.use_bias else [])
         return conv

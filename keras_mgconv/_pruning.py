@@ -28,7 +28,8 @@ def can_prune(layer):
 def can_prune_groups(layer):
     """Whether `layer` has groups that can go without silencing an output channel."""
     return isinstance(layer, MultigridConv2D) or (
-        isinstance(layer, GroupedConv2D) and layer.residual)
+        isinstance(layer, GroupedConv2D) and layer.residual
+    )
 
 
 def _group_pruned(layer):
@@ -72,8 +73,7 @@ class _GroupPruning(pruning_impl.Pruning):
         sparsity = self._pruning_schedule(self._step_fn())[1]
         kept = tf.maximum(tf.cast(tf.round(groups * (1 - sparsity)), tf.int32), 1)
         kept_scores, kept_groups = tf.math.top_k(scores, k=kept)
-        group_mask = tf.scatter_nd(kept_groups[:, tf.newaxis],
-                                   tf.ones_like(kept_scores), [groups])
+        group_mask = tf.scatter_nd(kept_groups[:, tf.newaxis], tf.ones_like(kept_scores), [groups])
         mask = tf.broadcast_to(group_mask[tf.newaxis, :, tf.newaxis], blocks.shape)
         return kept_scores[-1], tf.reshape(mask, weights.shape)
 
@@ -103,21 +103,24 @@ class GroupPruneLowMagnitude(pruning_wrapper.PruneLowMagnitude):
                 "Structured pruning prunes the groups of MultigridConv2D layers and "
                 "residual GroupedConv2D layers, whose channels keep a path when a "
                 f"group goes. Received: layer={layer.name!r} of type "
-                f"{type(layer).__name__}.")
+                f"{type(layer).__name__}."
+            )
         super().__init__(layer, *args, **kwargs)
 
     def build(self, input_shape):
         super().build(input_shape)
         groups = {conv.kernel.ref(): conv.groups for conv in _group_pruned(self.layer)}
-        self.pruning_vars = [variables for variables in self.pruning_vars
-                             if variables[0].ref() in groups]
+        self.pruning_vars = [
+            variables for variables in self.pruning_vars if variables[0].ref() in groups
+        ]
         self.pruning_obj = _GroupPruning(
             groups=groups,
             training_step_fn=lambda: self.pruning_step,
             pruning_vars=self.pruning_vars,
             pruning_schedule=self.pruning_schedule,
             block_size=self.block_size,
-            block_pooling_type=self.block_pooling_type)
+            block_pooling_type=self.block_pooling_type,
+        )
 
 
 # What tfmot's `prune_scope` holds, plus the structured wrapper.

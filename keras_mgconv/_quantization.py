@@ -16,7 +16,11 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer
 
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import (
-    ChannelProlongation, ChannelRestriction, ChannelZeroPadding, GroupedConv2D)
+    ChannelProlongation,
+    ChannelRestriction,
+    ChannelZeroPadding,
+    GroupedConv2D,
+)
 from keras_mgconv.layers.grouped_conv import GroupedConvBase
 
 quantize = tfmot.quantization.keras
@@ -26,7 +30,8 @@ transforms = quantize.graph_transformations.transforms
 def _output_quantizer():
     """tfmot's 8-bit activation quantizer: asymmetric, range from a moving average."""
     return quantize.quantizers.MovingAverageQuantizer(
-        num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
+        num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+    )
 
 
 class OutputQuantizeConfig(quantize.QuantizeConfig):
@@ -74,8 +79,14 @@ class GroupedConvQuantizeConfig(OutputQuantizeConfig):
     """
 
     def get_weights_and_quantizers(self, layer):
-        return [(layer.kernel, quantize.quantizers.LastValueQuantizer(
-            num_bits=8, per_axis=True, symmetric=True, narrow_range=True))]
+        return [
+            (
+                layer.kernel,
+                quantize.quantizers.LastValueQuantizer(
+                    num_bits=8, per_axis=True, symmetric=True, narrow_range=True
+                ),
+            )
+        ]
 
     def set_quantize_weights(self, layer, quantize_weights):
         (layer.kernel,) = quantize_weights
@@ -94,8 +105,15 @@ class MultigridQuantizeRegistry(quantize.default_8bit.Default8BitQuantizeRegistr
     def _own_config(self, layer):
         if isinstance(layer, GroupedConvBase):
             return GroupedConvQuantizeConfig()
-        if isinstance(layer, (keras.layers.Subtract, keras.layers.Normalization,
-                              keras.layers.Multiply, keras.layers.Rescaling)):
+        if isinstance(
+            layer,
+            (
+                keras.layers.Subtract,
+                keras.layers.Normalization,
+                keras.layers.Multiply,
+                keras.layers.Rescaling,
+            ),
+        ):
             return OutputQuantizeConfig()
         if isinstance(layer, ChannelZeroPadding):
             return OutputQuantizeConfig(quantize_output=False)
@@ -119,12 +137,17 @@ class GroupedConvBatchNormQuantize(transforms.Transform):
     def pattern(self):
         return transforms.LayerPattern(
             "BatchNormalization",
-            inputs=[transforms.LayerPattern(
-                "keras_mgconv>GroupedConv2D", config={"activation": "linear"})])
+            inputs=[
+                transforms.LayerPattern(
+                    "keras_mgconv>GroupedConv2D", config={"activation": "linear"}
+                )
+            ],
+        )
 
     def replacement(self, match_layer):
-        match_layer.input_layers[0].metadata["quantize_config"] = (
-            GroupedConvQuantizeConfig(quantize_output=False))
+        match_layer.input_layers[0].metadata["quantize_config"] = GroupedConvQuantizeConfig(
+            quantize_output=False
+        )
         match_layer.metadata["quantize_config"] = OutputQuantizeConfig()
         return match_layer
 
@@ -140,19 +163,21 @@ class ProlongationBatchNormQuantize(GroupedConvBatchNormQuantize):
     def pattern(self):
         return transforms.LayerPattern(
             "BatchNormalization",
-            inputs=[transforms.LayerPattern("keras_mgconv>ChannelProlongation")])
+            inputs=[transforms.LayerPattern("keras_mgconv>ChannelProlongation")],
+        )
 
 
-class MultigridQuantizeLayoutTransform(
-        quantize.default_8bit.Default8BitQuantizeLayoutTransform):
+class MultigridQuantizeLayoutTransform(quantize.default_8bit.Default8BitQuantizeLayoutTransform):
     """tfmot's 8-bit layout transforms, then the two batch-norm foldings above."""
 
     def apply(self, model, layer_quantize_map):
         model, layer_quantize_map = super().apply(model, layer_quantize_map)
         return quantize.graph_transformations.model_transformer.ModelTransformer(
-            model, [GroupedConvBatchNormQuantize(), ProlongationBatchNormQuantize()],
+            model,
+            [GroupedConvBatchNormQuantize(), ProlongationBatchNormQuantize()],
             set(layer_quantize_map),
-            layer_quantize_map).transform()
+            layer_quantize_map,
+        ).transform()
 
 
 class MultigridQuantizeScheme(quantize.QuantizeScheme):
@@ -173,8 +198,11 @@ def _quantized_tensors(qat_model):
     model that `quantize_apply` wrapped; tfmot keeps the names inside its
     wrappers. tfmot has no public API for these variables.
     """
-    inbound = {entry["name"]: entry["inbound_nodes"][0][0][0]
-               for entry in qat_model.get_config()["layers"] if entry["inbound_nodes"]}
+    inbound = {
+        entry["name"]: entry["inbound_nodes"][0][0][0]
+        for entry in qat_model.get_config()["layers"]
+        if entry["inbound_nodes"]
+    }
     for layer in qat_model.layers:
         if isinstance(layer, quantize.QuantizeWrapper):
             if layer._output_quantizers:
@@ -191,7 +219,8 @@ def _quantized_tensors(qat_model):
 def _pre_activation(layer):
     """`layer`'s output before its activation, from a linear copy of it."""
     linear = type(layer).from_config(
-        {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"})
+        {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"}
+    )
     outputs = linear(layer.input)
     linear.set_weights(layer.get_weights())
     return outputs
@@ -220,9 +249,13 @@ def calibrate(qat_model, float_model, batches):
     quantized = list(_quantized_tensors(qat_model))
     tensors = sorted({(name, pre) for _, name, pre in quantized})
     layers = [float_model.get_layer(name) for name, _ in tensors]
-    probe = keras.Model(float_model.inputs, [
-        _pre_activation(layer) if pre else layer.output
-        for layer, (_, pre) in zip(layers, tensors)])
+    probe = keras.Model(
+        float_model.inputs,
+        [
+            _pre_activation(layer) if pre else layer.output
+            for layer, (_, pre) in zip(layers, tensors)
+        ],
+    )
     totals = np.zeros((len(tensors), 2))
     count = 0
     input_shape = tuple(float_model.inputs[0].shape[1:])
@@ -230,15 +263,19 @@ def calibrate(qat_model, float_model, batches):
         inputs = batch[0] if isinstance(batch, tuple) else batch
         shape = tuple(getattr(inputs, "shape", ()))
         if len(shape) != len(input_shape) + 1 or any(
-                size not in (None, actual) for size, actual in zip(input_shape, shape[1:])):
+            size not in (None, actual) for size, actual in zip(input_shape, shape[1:])
+        ):
             raise ValueError(
                 f"`calibration_data` must give batches of the model's inputs, of shape "
                 f"(batch, {', '.join(map(str, input_shape))}): its batch {count} has shape "
                 f"{shape}. Pass an array of inputs, or an iterable of batches of them. "
-                f"Received: calibration_data of type {type(batches).__name__}.")
+                f"Received: calibration_data of type {type(batches).__name__}."
+            )
         values = probe(inputs, training=False)
-        ranges = [(min(float(tf.reduce_min(value)), 0.0), max(float(tf.reduce_max(value)), 0.0))
-                  for value in values]
+        ranges = [
+            (min(float(tf.reduce_min(value)), 0.0), max(float(tf.reduce_max(value)), 0.0))
+            for value in values
+        ]
         for (name, _), (low, high) in zip(tensors, ranges):
             # NaN or infinite ranges would quantize every value to NaN.
             if not math.isfinite(low) or not math.isfinite(high):
@@ -246,13 +283,15 @@ def calibrate(qat_model, float_model, batches):
                     f"`calibration_data` must give finite activations: its batch {count} "
                     f"gives layer {name!r} the range [{low}, {high}] (NaN or infinite inputs, "
                     f"or inputs too large for float32). Received: calibration_data="
-                    f"{batches!r:.200}")
+                    f"{batches!r:.200}"
+                )
         totals += ranges
         count += 1
     if not count:
         raise ValueError(
             f"`calibration_data` must hold at least one batch. "
-            f"Received: calibration_data={batches!r}.")
+            f"Received: calibration_data={batches!r}."
+        )
     ranges = dict(zip(tensors, totals / count))
     for variables, name, pre in quantized:
         low, high = ranges[name, pre]
@@ -270,6 +309,8 @@ def calibrate(qat_model, float_model, batches):
 CUSTOM_OBJECTS = {
     "GroupedConvQuantizeConfig": GroupedConvQuantizeConfig,
     "OutputQuantizeConfig": OutputQuantizeConfig,
-    **{layer.__name__: layer for layer in (
-        GroupedConv2D, ChannelRestriction, ChannelProlongation, ChannelZeroPadding)},
+    **{
+        layer.__name__: layer
+        for layer in (GroupedConv2D, ChannelRestriction, ChannelProlongation, ChannelZeroPadding)
+    },
 }

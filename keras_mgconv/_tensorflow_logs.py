@@ -24,7 +24,9 @@ import threading
 _RECORD = re.compile(r"(?P<severity>[IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] ")
 
 # absl writes this once per library before its logging is initialised.
-_ABSL_HEADER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_ABSL_HEADER = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+)
 
 # One capture at a time: descriptor 2 belongs to the whole process.
 _LOCK = threading.RLock()
@@ -43,8 +45,10 @@ def startup_line(record):
 
 def records_saying(*phrases):
     """A test for `hidden`: the records that contain one of `phrases`."""
+
     def test(record):
         return bool(_RECORD.match(record)) and any(phrase in record for phrase in phrases)
+
     return test
 
 
@@ -94,4 +98,4 @@ def hidden(drop):
 
 def _write(descriptor, data):
     while data:
-        data = data[os.write(descriptor, data):]
+        data = data[os.write(descriptor, data) :]

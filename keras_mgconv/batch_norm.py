@@ -43,12 +43,14 @@ from keras_mgconv.layers._ops import ops
 def _batch_norm_layers(model):
     """The BatchNormalization layers that training updates, those of nested models included."""
     if not isinstance(model, keras.Model) or not model.built:
-        raise ValueError(
-            f"`model` must be a built keras.Model. Received: model={model!r}.")
+        raise ValueError(f"`model` must be a built keras.Model. Received: model={model!r}.")
     # `_flatten_layers` (Keras 3 and tf_keras alike) also finds the layers of
     # nested models and of layers that hold others.
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
 
 
 class _BatchMoments(keras.Model):
@@ -70,9 +72,10 @@ class _BatchMoments(keras.Model):
         self.network(inputs, training=True)
         # Read after the update: TensorFlow orders the reads after the writes,
         # JAX's stateless call reads the updated state, PyTorch runs in order.
-        return [ops.reshape(ops.stack([layer.moving_mean, layer.moving_variance]),
-                            (1, 2, -1))
-                for layer in self.batch_norm_layers]
+        return [
+            ops.reshape(ops.stack([layer.moving_mean, layer.moving_variance]), (1, 2, -1))
+            for layer in self.batch_norm_layers
+        ]
 
 
 def recompute_batch_norm_statistics(model, data, steps=None):
@@ -128,18 +131,22 @@ def _inputs(model, data):
     only for a model of several inputs, and then not one of nested inputs.
     """
     inputs = getattr(model, "inputs", None)  # None for a subclassed model.
-    if (isinstance(data, tuple) and len(data) in (2, 3)
-            and (not inputs or len(inputs) == 1
-                 or isinstance(data[0], (tuple, list, dict)))):
+    if (
+        isinstance(data, tuple)
+        and len(data) in (2, 3)
+        and (not inputs or len(inputs) == 1 or isinstance(data[0], (tuple, list, dict)))
+    ):
         return data[0]
     return data
 
 
 def _check_steps(steps):
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
-                              or steps <= 0):
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps <= 0
+    ):
         raise ValueError(
-            f"`steps` must be None (all of `data`) or a positive int. Received: steps={steps!r}.")
+            f"`steps` must be None (all of `data`) or a positive int. Received: steps={steps!r}."
+        )
 
 
 def _is_empty(data):
@@ -159,8 +166,11 @@ def _recomputing(model):
     While marked, training them does not warn that their statistics would stay
     stale (`PreciseBatchNormModel.call`): something recomputes them.
     """
-    marked = [layer for layer in model._flatten_layers(include_self=True)
-              if isinstance(layer, PreciseBatchNormModel)]
+    marked = [
+        layer
+        for layer in model._flatten_layers(include_self=True)
+        if isinstance(layer, PreciseBatchNormModel)
+    ]
     for layer in marked:
         layer._recomputations += 1
     try:
@@ -177,8 +187,10 @@ def _update(batch_moments, data, steps):
 
 def _update_statistics(batch_moments, data, steps):
     layers = batch_moments.batch_norm_layers
-    saved = [(layer.momentum, layer.moving_mean.numpy(), layer.moving_variance.numpy())
-             for layer in layers]
+    saved = [
+        (layer.momentum, layer.moving_mean.numpy(), layer.moving_variance.numpy())
+        for layer in layers
+    ]
     for layer, (_, mean, variance) in zip(layers, saved):
         layer.momentum = 0.0
         # 0 * inf or NaN left by a diverged run would stay NaN.
@@ -193,7 +205,8 @@ def _update_statistics(batch_moments, data, steps):
         # Keras' predict fails obscurely (Keras 3: UnboundLocalError) on data without a batch.
         if isinstance(error, (UnboundLocalError, ValueError)) and _is_empty(data):
             raise ValueError(
-                f"`data` must hold at least one batch. Received: data={data!r}.") from None
+                f"`data` must hold at least one batch. Received: data={data!r}."
+            ) from None
         raise
     finally:
         for layer, (momentum, _, _) in zip(layers, saved):
@@ -256,11 +269,13 @@ class PreciseBatchNormalization(keras.callbacks.Callback):
         if self.validation_data is not None and logs is not None:
             if isinstance(self.validation_data, tuple):
                 inputs, targets, weights = keras.utils.unpack_x_y_sample_weight(
-                    self.validation_data)
+                    self.validation_data
+                )
             else:
                 inputs, targets, weights = self.validation_data, None, None
-            results = self.model.evaluate(inputs, targets, sample_weight=weights, verbose=0,
-                                          return_dict=True)
+            results = self.model.evaluate(
+                inputs, targets, sample_weight=weights, verbose=0, return_dict=True
+            )
             logs.update({f"val_{name}": value for name, value in results.items()})
 
 
@@ -375,7 +390,8 @@ def _statistics_batches(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(
             "`batch_norm_statistics_batches` must be an int >= 0 (0: keep the "
-            f"moving averages). Received: batch_norm_statistics_batches={value!r}.")
+            f"moving averages). Received: batch_norm_statistics_batches={value!r}."
+        )
     return int(value)
 
 
@@ -492,7 +508,9 @@ class PreciseBatchNormModel(keras.Model):
                 "moving averages stay, and evaluation may score far below training. "
                 "Pass a tf.data.Dataset, a PyDataset or arrays, or call "
                 "keras_mgconv.batch_norm.recompute_batch_norm_statistics(model, "
-                "training_data) before evaluating.", stacklevel=2)
+                "training_data) before evaluating.",
+                stacklevel=2,
+            )
             # Warned once here: training itself need not warn again.
             with _recomputing(self):
                 return super().fit(**arguments)
@@ -505,8 +523,12 @@ class PreciseBatchNormModel(keras.Model):
             return super().fit(**arguments)
 
     def call(self, inputs, training=None, mask=None, **kwargs):
-        if (training is True and not self._recomputations and not self._warned_untracked
-                and self.batch_norm_statistics_batches):
+        if (
+            training is True
+            and not self._recomputations
+            and not self._warned_untracked
+            and self.batch_norm_statistics_batches
+        ):
             self._warned_untracked = True
             self._follow_the_weights()
         return super().call(inputs, training=training, mask=mask, **kwargs)
@@ -522,16 +544,20 @@ class PreciseBatchNormModel(keras.Model):
         epochs of Adam on 1,200 digits): 0.186 test accuracy with 0.99, 0.864
         with 0.9, 0.871 with each test batch's own statistics.
         """
-        changed = [layer for layer in _batch_norm_layers(self)
-                   if layer.momentum > _FOLLOWING_MOMENTUM]
+        changed = [
+            layer for layer in _batch_norm_layers(self) if layer.momentum > _FOLLOWING_MOMENTUM
+        ]
         momenta = sorted({f"{layer.momentum:g}" for layer in changed})
         for layer in changed:
             layer.momentum = _FOLLOWING_MOMENTUM
-        change = (f"its {len(changed)} BatchNormalization layers now average over the last "
-                  f"{round(1 / (1 - _FOLLOWING_MOMENTUM))} steps (momentum "
-                  f"{_FOLLOWING_MOMENTUM:g}, was {', '.join(momenta)}), so that their "
-                  f"statistics follow the weights" if changed else
-                  "its BatchNormalization statistics may lag the weights")
+        change = (
+            f"its {len(changed)} BatchNormalization layers now average over the last "
+            f"{round(1 / (1 - _FOLLOWING_MOMENTUM))} steps (momentum "
+            f"{_FOLLOWING_MOMENTUM:g}, was {', '.join(momenta)}), so that their "
+            f"statistics follow the weights"
+            if changed
+            else "its BatchNormalization statistics may lag the weights"
+        )
         warnings.warn(
             f"keras_mgconv: {self.name!r} is trained where nothing recomputes its "
             f"BatchNormalization statistics (inside a model of your own, or outside "
@@ -539,11 +565,15 @@ class PreciseBatchNormModel(keras.Model):
             "model as keras_mgconv.PreciseBatchNormModel(inputs, outputs), pass "
             "callbacks=[keras_mgconv.batch_norm.PreciseBatchNormalization(training_data)] "
             "to its fit, or call keras_mgconv.batch_norm.recompute_batch_norm_statistics("
-            "model, training_data) before evaluating.", stacklevel=3)
+            "model, training_data) before evaluating.",
+            stacklevel=3,
+        )
 
     def get_config(self):
-        return {**super().get_config(),
-                "batch_norm_statistics_batches": self.batch_norm_statistics_batches}
+        return {
+            **super().get_config(),
+            "batch_norm_statistics_batches": self.batch_norm_statistics_batches,
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -582,5 +612,5 @@ def _statistics_data(arguments, batches):
         return _NO_BATCH
     # A fixed random sample: the data may be ordered (by class, say), and fit
     # shuffles by default, so that each batch mixes the whole training set.
-    sample = np.random.default_rng(0).permutation(training)[:batches * batch_size]
+    sample = np.random.default_rng(0).permutation(training)[: batches * batch_size]
     return _Batches(_take(x, sample), batch_size), None

@@ -28,8 +28,7 @@ def multiply_adds_per_position(layer):
     A MultigridConv2D's are those of all its convolutions. Frozen layers
     (`trainable=False`) compute as much as the others.
     """
-    return sum(math.prod(weight.shape) for weight in layer.weights
-               if "kernel" in weight.name)
+    return sum(math.prod(weight.shape) for weight in layer.weights if "kernel" in weight.name)
 
 
 def count_multiply_adds(model):
@@ -65,6 +64,7 @@ def count_multiply_adds(model):
             if any(size is None for size in output_shape[1:]):
                 raise ValueError(
                     f"Layer {layer.name!r} has output shape {output_shape}: build "
-                    f"the model with a fixed input_shape to count multiply-adds.")
+                    f"the model with a fixed input_shape to count multiply-adds."
+                )
             total += math.prod(output_shape[1:-1]) * multiply_adds_per_position(layer)
     return total

@@ -51,9 +51,18 @@ from keras_mgconv.layers import _arguments
 DEFAULT_DATASET = "digits"
 
 # Mirroring changes what these images show.
-_NOT_FLIPPABLE = frozenset({
-    "digits", "mnist", "emnist", "kmnist", "svhn_cropped", "binary_alpha_digits",
-    "mnist_corrupted", "omniglot"})
+_NOT_FLIPPABLE = frozenset(
+    {
+        "digits",
+        "mnist",
+        "emnist",
+        "kmnist",
+        "svhn_cropped",
+        "binary_alpha_digits",
+        "mnist_corrupted",
+        "omniglot",
+    }
+)
 
 # Fixed-size images up to this side are CIFAR-like: cached in memory, padded and cropped.
 _SMALL_IMAGE = 64
@@ -76,8 +85,16 @@ _CAUSE_LENGTH = 400
 
 ImageDatasetInfo = collections.namedtuple(
     "ImageDatasetInfo",
-    ["name", "image_shape", "num_classes", "train_split", "test_split",
-     "num_examples", "flippable"])
+    [
+        "name",
+        "image_shape",
+        "num_classes",
+        "train_split",
+        "test_split",
+        "num_examples",
+        "flippable",
+    ],
+)
 ImageDatasetInfo.__doc__ = """What a pipeline needs to know about a TFDS image dataset.
 
 Attributes:
@@ -119,9 +136,12 @@ def _builder(name, data_dir):
 def _image_and_label(builder):
     features = builder.info.features
     supervised = builder.info.supervised_keys
-    if (not supervised or len(supervised) != 2
-            or not isinstance(features[supervised[0]], tfds.features.Image)
-            or not isinstance(features[supervised[1]], tfds.features.ClassLabel)):
+    if (
+        not supervised
+        or len(supervised) != 2
+        or not isinstance(features[supervised[0]], tfds.features.Image)
+        or not isinstance(features[supervised[1]], tfds.features.ClassLabel)
+    ):
         raise ValueError(
             f"Dataset {builder.name!r} is not an image classification dataset: it "
             f"needs an image feature and a class label as its supervised keys. "
@@ -151,8 +171,10 @@ def _preparation_lock(root, name):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"Waiting for another process to finish preparing dataset {name!r} "
-                      f"in {root}.", file=sys.stderr)
+                print(
+                    f"Waiting for another process to finish preparing dataset {name!r} in {root}.",
+                    file=sys.stderr,
+                )
                 fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 current = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
@@ -238,8 +260,11 @@ def _entries(top):
     """Every file and folder under `top`, and `top`, as paths; empty if it does not exist."""
     if not os.path.lexists(top):
         return set()
-    return {top} | {os.path.join(parent, name) for parent, folders, files in os.walk(top)
-                    for name in folders + files}
+    return {top} | {
+        os.path.join(parent, name)
+        for parent, folders, files in os.walk(top)
+        for name in folders + files
+    }
 
 
 @contextlib.contextmanager
@@ -253,8 +278,10 @@ def _quietly():
     level = urllib3.level
     urllib3.setLevel(logging.ERROR)
     try:
-        with mock.patch.object(tqdm_utils, "_active", False), \
-                contextlib.redirect_stdout(io.StringIO()):
+        with (
+            mock.patch.object(tqdm_utils, "_active", False),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             yield
     finally:
         urllib3.setLevel(level)
@@ -277,9 +304,12 @@ def _prepare(builder, name, manual_dir, announce_new_folder):
     created = _missing_folders(root) if local else []
     dataset_folder = os.path.join(root, builder.name)
     try:
-        with _removing_created_folders_on_failure(created), lock, \
-                _removing_additions_on_failure(dataset_folder), \
-                _removing_new_empty_folders([dataset_folder, os.path.join(root, "downloads")]):
+        with (
+            _removing_created_folders_on_failure(created),
+            lock,
+            _removing_additions_on_failure(dataset_folder),
+            _removing_new_empty_folders([dataset_folder, os.path.join(root, "downloads")]),
+        ):
             if _is_prepared(builder):
                 return
             with mock.patch.object(downloader, "MAX_RETRIES", _DOWNLOAD_RETRIES), _quietly():
@@ -287,8 +317,11 @@ def _prepare(builder, name, manual_dir, announce_new_folder):
         if created and announce_new_folder:
             # As TFDS does for a first download, a `data_dir` that does not
             # exist is created; but a mistyped one should not go unnoticed.
-            print(f"Created {root}, the data directory (`data_dir`), which did not exist, "
-                  f"and prepared dataset {builder.name!r} in it.", file=sys.stderr)
+            print(
+                f"Created {root}, the data directory (`data_dir`), which did not exist, "
+                f"and prepared dataset {builder.name!r} in it.",
+                file=sys.stderr,
+            )
     except AssertionError as error:
         if "manual" not in str(error).lower():
             raise
@@ -318,9 +351,15 @@ def _prepare(builder, name, manual_dir, announce_new_folder):
 
 def _first_line(error):
     """`error`'s type and the first line of its message, shortened at a word if long."""
-    return ": ".join([type(error).__name__, *(
-        textwrap.shorten(line, _CAUSE_LENGTH, placeholder=" ...")
-        for line in str(error).splitlines()[:1])])
+    return ": ".join(
+        [
+            type(error).__name__,
+            *(
+                textwrap.shorten(line, _CAUSE_LENGTH, placeholder=" ...")
+                for line in str(error).splitlines()[:1]
+            ),
+        ]
+    )
 
 
 def image_dataset_info(name, data_dir=None, manual_dir=None):
@@ -363,21 +402,26 @@ def image_dataset_info(name, data_dir=None, manual_dir=None):
     if "train" not in splits:
         raise ValueError(
             f"Dataset {name!r} has no 'train' split. Received: dataset={name!r} "
-            f"with splits {sorted(splits)}.")
-    if "test" in splits and ("validation" not in splits
-                             or _has_labels(name, "test", data_dir)):
+            f"with splits {sorted(splits)}."
+        )
+    if "test" in splits and ("validation" not in splits or _has_labels(name, "test", data_dir)):
         test_split = "test"
     elif "validation" in splits:
         test_split = "validation"
     else:
         raise ValueError(
             f"Dataset {name!r} has neither a 'test' nor a 'validation' split to "
-            f"evaluate on. Received: dataset={name!r} with splits {sorted(splits)}.")
+            f"evaluate on. Received: dataset={name!r} with splits {sorted(splits)}."
+        )
     return ImageDatasetInfo(
-        name=name, image_shape=tuple(image.shape), num_classes=label.num_classes,
-        train_split="train", test_split=test_split,
+        name=name,
+        image_shape=tuple(image.shape),
+        num_classes=label.num_classes,
+        train_split="train",
+        test_split=test_split,
         num_examples={split: splits[split].num_examples for split in splits},
-        flippable=name.split("/")[0] not in _NOT_FLIPPABLE)
+        flippable=name.split("/")[0] not in _NOT_FLIPPABLE,
+    )
 
 
 class HeldOutSplit(collections.namedtuple("HeldOutSplit", ["split", "part", "fraction"])):
@@ -408,12 +452,16 @@ class HeldOutSplit(collections.namedtuple("HeldOutSplit", ["split", "part", "fra
 
     def __new__(cls, split, part, fraction):
         _arguments.choice("part", part, ("fit", "validation"))
-        if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
-                or not 0 < fraction < 1):
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, numbers.Real)
+            or not 0 < fraction < 1
+        ):
             raise ValueError(
                 f"Invalid value for argument `fraction`. Expected the validation "
                 f"part's share of the split, a number strictly between 0 and 1. "
-                f"Received: fraction={fraction!r}.")
+                f"Received: fraction={fraction!r}."
+            )
         return super().__new__(cls, split, part, float(fraction))
 
     def __str__(self):
@@ -426,16 +474,22 @@ class HeldOutSplit(collections.namedtuple("HeldOutSplit", ["split", "part", "fra
 def _read_config(seed):
     # Shared by every read of a split, so that unshuffled reads agree on the
     # order of its examples.
-    return tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
-                           try_autocache=False)
+    return tfds.ReadConfig(
+        shuffle_seed=seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
+    )
 
 
 def _labels(name, split, data_dir):
     """A dataset of `split`'s labels in file order, read without decoding the images."""
     image_key = tfds.builder(name, data_dir=data_dir).info.supervised_keys[0]
-    return tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
-                     decoders={image_key: tfds.decode.SkipDecoding()},
-                     read_config=_read_config(None)).map(lambda image, label: label)
+    return tfds.load(
+        name,
+        split=split,
+        data_dir=data_dir,
+        as_supervised=True,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        read_config=_read_config(None),
+    ).map(lambda image, label: label)
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,19 +501,21 @@ def _has_labels(name, split, data_dir):
 @functools.lru_cache(maxsize=None)
 def _validation_mask(name, split, data_dir, fraction):
     """Whether each example of `split`, in file order, is in its validation part."""
-    labels = np.concatenate([np.zeros(0, np.int64), *tfds.as_numpy(
-        _labels(name, split, data_dir).batch(1 << 16))])
+    labels = np.concatenate(
+        [np.zeros(0, np.int64), *tfds.as_numpy(_labels(name, split, data_dir).batch(1 << 16))]
+    )
     validation = np.zeros(len(labels), bool)
     rng = np.random.default_rng(0)
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        validation[rng.permutation(members)[:round(fraction * len(members))]] = True
+        validation[rng.permutation(members)[: round(fraction * len(members))]] = True
     if validation.all() or not validation.any():
         raise ValueError(
             f"A stratified {fraction:g} of the {len(labels)} examples of {split!r} in "
             f"{len(np.unique(labels))} classes leaves the "
             f"{'fit' if validation.all() else 'validation'} part empty. "
-            f"Received: fraction={fraction!r}.")
+            f"Received: fraction={fraction!r}."
+        )
     validation.flags.writeable = False
     return validation
 
@@ -540,18 +596,31 @@ def split_size(name, split, data_dir=None, manual_dir=None):
 def _examples(name, split, data_dir, training, seed):
     """The (image, label) examples of a split or a `HeldOutSplit`, of known cardinality."""
     if not isinstance(split, HeldOutSplit):
-        return tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
-                         shuffle_files=training, read_config=_read_config(seed))
+        return tfds.load(
+            name,
+            split=split,
+            data_dir=data_dir,
+            as_supervised=True,
+            shuffle_files=training,
+            read_config=_read_config(seed),
+        )
     # The parts are found by position, so the files are read in their order;
     # the shuffle buffer still shuffles the examples.
-    examples = tfds.load(name, split=split.split, data_dir=data_dir, as_supervised=True,
-                         read_config=_read_config(seed))
+    examples = tfds.load(
+        name,
+        split=split.split,
+        data_dir=data_dir,
+        as_supervised=True,
+        read_config=_read_config(seed),
+    )
     keep = _part_mask(name, split, data_dir)
     keep_tensor = tf.constant(keep)
-    return (examples.enumerate()
-            .filter(lambda index, example: tf.gather(keep_tensor, index))
-            .map(lambda index, example: example)
-            .apply(tf.data.experimental.assert_cardinality(int(keep.sum()))))
+    return (
+        examples.enumerate()
+        .filter(lambda index, example: tf.gather(keep_tensor, index))
+        .map(lambda index, example: example)
+        .apply(tf.data.experimental.assert_cardinality(int(keep.sum())))
+    )
 
 
 def _target_shape(info, image_shape):
@@ -562,19 +631,23 @@ def _target_shape(info, image_shape):
             raise ValueError(
                 f"Dataset {info.name!r} has images of varying size: pass `image_shape` "
                 f"(`--image-size`) to choose the size the pipeline crops them to. "
-                f"Received: image_shape=None.")
+                f"Received: image_shape=None."
+            )
         return info.image_shape
     image_shape = tuple(image_shape)
-    if (len(image_shape) != 3 or any(not isinstance(d, (int, np.integer)) or d <= 0
-                                     for d in image_shape)):
+    if len(image_shape) != 3 or any(
+        not isinstance(d, (int, np.integer)) or d <= 0 for d in image_shape
+    ):
         raise ValueError(
             f"`image_shape` must be (height, width, channels) of positive integers. "
-            f"Received: image_shape={image_shape}.")
+            f"Received: image_shape={image_shape}."
+        )
     if image_shape[2] != channels and {image_shape[2], channels} != {1, 3}:
         raise ValueError(
             f"Dataset {info.name!r} has {channels}-channel images, which cannot be "
             f"turned into {image_shape[2]}-channel ones (only grayscale and RGB "
-            f"convert into each other). Received: image_shape={image_shape}.")
+            f"convert into each other). Received: image_shape={image_shape}."
+        )
     return image_shape
 
 
@@ -594,9 +667,15 @@ def _convert_channels(image, channels):
 def _random_resized_crop(image, size, seed):
     """Inception-style crop: 8-100% of the area, aspect ratio 3/4 to 4/3, flipped later."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.zeros((1, 0, 4)), seed=seed,
-        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
+        tf.shape(image),
+        bounding_boxes=tf.zeros((1, 0, 4)),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
     return tf.image.resize(tf.slice(image, begin, crop_size), size)
 
 
@@ -626,7 +705,8 @@ def _preprocess_function(info, image_shape, augment):
                 image = tf.image.resize(image, size)
             if augment:
                 image = tf.image.resize_with_crop_or_pad(
-                    image, height + 2 * padding, width + 2 * padding)
+                    image, height + 2 * padding, width + 2 * padding
+                )
                 image = tf.image.stateless_random_crop(image, image_shape, crop_seed)
         elif augment:
             image = _random_resized_crop(image, size, crop_seed)
@@ -639,9 +719,21 @@ def _preprocess_function(info, image_shape, augment):
     return preprocess
 
 
-def image_pipeline(name, split, batch_size, training=False, image_shape=None,
-                   augment=None, data_dir=None, manual_dir=None, cache=None,
-                   shuffle_buffer=None, seed=None, drop_remainder=False, epochs=None):
+def image_pipeline(
+    name,
+    split,
+    batch_size,
+    training=False,
+    image_shape=None,
+    augment=None,
+    data_dir=None,
+    manual_dir=None,
+    cache=None,
+    shuffle_buffer=None,
+    seed=None,
+    drop_remainder=False,
+    epochs=None,
+):
     """A batched, prefetched `tf.data.Dataset` of (image, label) from TFDS.
 
     Args:
@@ -695,8 +787,9 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
     augment = training if augment is None else augment
     count = split_size(name, split, data_dir, manual_dir)
     if count == 0:
-        raise ValueError(f"Split {split!r} of dataset {name!r} holds no examples. "
-                         f"Received: split={split!r}.")
+        raise ValueError(
+            f"Split {split!r} of dataset {name!r} holds no examples. Received: split={split!r}."
+        )
     if not drop_remainder:
         # A batch as large as the split is the whole split: tf.data would
         # allocate all of `batch_size` for it nonetheless.
@@ -714,29 +807,32 @@ def image_pipeline(name, split, batch_size, training=False, image_shape=None,
         # tf.data's reshuffling state lives in the dataset, so the order would
         # depend on how many iterators anything has opened on it before.
         if not isinstance(epochs, range) or epochs.step != 1 or epochs.start < 0:
-            raise ValueError(f"`epochs` must be a range of epoch numbers, e.g. range(3, 15). "
-                             f"Received: epochs={epochs!r}.")
+            raise ValueError(
+                f"`epochs` must be a range of epoch numbers, e.g. range(3, 15). "
+                f"Received: epochs={epochs!r}."
+            )
         full_batches = count // batch_size * batch_size
-        examples = _epochs(examples, epochs, _shuffle_buffer(shuffle_buffer, count), seed,
-                           full_batches)
+        examples = _epochs(
+            examples, epochs, _shuffle_buffer(shuffle_buffer, count), seed, full_batches
+        )
         first_index = epochs.start * full_batches
     elif training:
-        examples = examples.shuffle(_shuffle_buffer(shuffle_buffer, count), seed=seed,
-                                    reshuffle_each_iteration=True)
+        examples = examples.shuffle(
+            _shuffle_buffer(shuffle_buffer, count), seed=seed, reshuffle_each_iteration=True
+        )
         first_index = 0
     else:
         first_index = 0
     preprocess = _preprocess_function(info, image_shape, augment)
     # Stateless augmentation seeded by (seed, position in the stream).
     dataset = examples.enumerate(first_index).map(
-        lambda index, example: preprocess(tf.stack([tf.constant(seed, tf.int64), index]),
-                                          example),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        lambda index, example: preprocess(tf.stack([tf.constant(seed, tf.int64), index]), example),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     options = tf.data.Options()
     # The TFDS files are few; split the examples, not the files, across workers.
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
@@ -754,7 +850,8 @@ def _check_batch_memory(batch_size, image_shape):
             f"A batch of {batch_size} images of {'x'.join(map(str, image_shape))} takes "
             f"{needed / 2**30:,.1f} GiB as float32, more than this machine's "
             f"{memory / 2**30:,.1f} GiB of memory: choose a smaller batch size or image "
-            f"size. Received: batch_size={batch_size}, image_shape={tuple(image_shape)}.")
+            f"size. Received: batch_size={batch_size}, image_shape={tuple(image_shape)}."
+        )
 
 
 def _epochs(examples, epochs, shuffle_buffer, seed, full_batches):
@@ -764,6 +861,7 @@ def _epochs(examples, epochs, shuffle_buffer, seed, full_batches):
     reached, each the first `full_batches` examples of a shuffle seeded from
     (`seed`, its number).
     """
+
     def epoch(number):
         # Dataset.shuffle pairs its seed with the graph-level one, and compares
         # the pair with (0, 0) in Python, which a tensor seed cannot take part in
@@ -771,21 +869,30 @@ def _epochs(examples, epochs, shuffle_buffer, seed, full_batches):
         # (in this graph only): the order depends on the epoch's seed alone.
         tf.random.set_seed(1)
         epoch_seed = tf.random.stateless_uniform(
-            [], seed=tf.stack([tf.constant(seed, tf.int64), number]), minval=1,
-            maxval=2**31 - 1, dtype=tf.int64)
-        return examples.shuffle(shuffle_buffer, seed=epoch_seed,
-                                reshuffle_each_iteration=False).take(full_batches)
+            [],
+            seed=tf.stack([tf.constant(seed, tf.int64), number]),
+            minval=1,
+            maxval=2**31 - 1,
+            dtype=tf.int64,
+        )
+        return examples.shuffle(
+            shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False
+        ).take(full_batches)
 
-    return tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch).apply(
-        tf.data.experimental.assert_cardinality(len(epochs) * full_batches))
+    return (
+        tf.data.Dataset.range(epochs.start, epochs.stop)
+        .flat_map(epoch)
+        .apply(tf.data.experimental.assert_cardinality(len(epochs) * full_batches))
+    )
 
 
 def _shuffle_buffer(shuffle_buffer, count):
     return shuffle_buffer or min(max(count, 1), 10_000)
 
 
-def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
-                        max_images=10_000, split="train"):
+def normalization_layer(
+    name, image_shape=None, data_dir=None, manual_dir=None, max_images=10_000, split="train"
+):
     """A `keras.layers.Normalization` with a training split's per-channel statistics.
 
     Mean and variance are computed over the first `max_images` images of
@@ -815,10 +922,20 @@ def normalization_layer(name, image_shape=None, data_dir=None, manual_dir=None,
     >>> abs(float(np.mean(normalized))) < 1e-3, round(float(np.std(normalized)), 3)
     (True, 1.0)
     """
-    batches = image_pipeline(name, split, batch_size=256, image_shape=image_shape,
-                             data_dir=data_dir, manual_dir=manual_dir, cache=False)
+    batches = image_pipeline(
+        name,
+        split,
+        batch_size=256,
+        image_shape=image_shape,
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        cache=False,
+    )
     statistics = keras.layers.Normalization(axis=-1)
     statistics.adapt(batches.take(-(-max_images // 256)).map(lambda image, label: image))
     return keras.layers.Normalization(
-        axis=-1, mean=np.ravel(statistics.mean), variance=np.ravel(statistics.variance),
-        name="normalization")
+        axis=-1,
+        mean=np.ravel(statistics.mean),
+        variance=np.ravel(statistics.variance),
+        name="normalization",
+    )

@@ -46,7 +46,10 @@ from keras_mgconv._files import atomic_write
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
 from keras_mgconv.layers.grouped_conv import (
-    GroupedConvBase, resolve_implementation, traced_implementation)
+    GroupedConvBase,
+    resolve_implementation,
+    traced_implementation,
+)
 
 QUANTIZATIONS = (None, "float16", "dynamic_range", "int8")
 LOWERINGS = ("grouped", "split")
@@ -64,7 +67,7 @@ POINTWISE = _pointwise.POINTWISE
 _INT8_MIN_GROUP_FILTERS = 16
 
 # Float32's unit roundoff: one rounding changes a value by at most this, relatively.
-_UNIT_ROUNDOFF = 2.0 ** -24
+_UNIT_ROUNDOFF = 2.0**-24
 # Roundings of the elementwise work a layer may add to its sums (normalisation:
 # a subtraction, a scaling and a shift, and the scale itself; a bias; an activation).
 _ELEMENTWISE_ROUNDINGS = 4
@@ -170,24 +173,31 @@ class ExportReport:
             f"ops ({sum(self.op_counts.values())}, {kind}): {ops}",
         ]
         if self.dense_pointwise_layers:
-            lines.append(f"{self.dense_pointwise_layers} 1x1 multigrid layers exported as "
-                         f"their cycle's matrix, one CONV_2D each (pointwise={self.pointwise!r})")
+            lines.append(
+                f"{self.dense_pointwise_layers} 1x1 multigrid layers exported as "
+                f"their cycle's matrix, one CONV_2D each (pointwise={self.pointwise!r})"
+            )
         if self.min_group_filters > 1:
             # What the export did to any narrow groups, also where a model has none.
             # A group cannot outgrow its layer: `merge_groups` joins all of a
             # narrower layer's groups into one, and joins whole groups, so a
             # merged group may pass the minimum.
             n = self.min_group_filters
-            lines.append(f"grouped convolutions with groups of fewer than {n} filters "
-                         f"merged up to {n} (at least {n} filters a group; layers of fewer "
-                         f"than {n} filters into one group, a full convolution), "
-                         f"the same function")
+            lines.append(
+                f"grouped convolutions with groups of fewer than {n} filters "
+                f"merged up to {n} (at least {n} filters a group; layers of fewer "
+                f"than {n} filters into one group, a full convolution), "
+                f"the same function"
+            )
         if None in self.keras_input_shape[1:]:
-            lines.append(f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
-                         f"the Keras model takes {tuple(self.keras_input_shape[1:])}")
+            lines.append(
+                f"converted for inputs of shape {tuple(self.input_shape[1:])}; "
+                f"the Keras model takes {tuple(self.keras_input_shape[1:])}"
+            )
         if self.converted_from != "float32":
-            lines.append(f"converted from a float32 copy (same weights) of the "
-                         f"{self.converted_from} model")
+            lines.append(
+                f"converted from a float32 copy (same weights) of the {self.converted_from} model"
+            )
         check = self.verification
         if check is None:
             lines.append("not verified: ai_edge_litert cannot run Flex ops")
@@ -196,7 +206,8 @@ class ExportReport:
                 f"verified against Keras with ai_edge_litert on {check.examples} "
                 f"examples ({check.data}): top-1 agreement {check.top1_agreement:.2%}, "
                 f"max abs diff {check.max_abs_diff:.3g}, "
-                f"max rel diff {check.max_rel_diff:.3g}")
+                f"max rel diff {check.max_rel_diff:.3g}"
+            )
         return "\n".join(lines)
 
 
@@ -207,7 +218,8 @@ def _check_path(path):
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(
             f"`path` must be in an existing, writable directory; {directory} is not one. "
-            f"Received: path={path!r}.")
+            f"Received: path={path!r}."
+        )
     if os.path.isdir(path):
         raise ValueError(f"`path` is a directory. Received: path={path!r}.")
     return os.fspath(path)
@@ -218,7 +230,8 @@ def _check_model(model):
     if not inputs or len(inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(
             f"`model` must be a built functional or Sequential `keras.Model` with one "
-            f"input and one output. Received: model={model!r}.")
+            f"input and one output. Received: model={model!r}."
+        )
 
 
 def _images(name, data, input_shape):
@@ -226,28 +239,36 @@ def _images(name, data, input_shape):
     if isinstance(data, (np.ndarray, tf.Tensor)):
         data = [data]
     try:
-        batches = [np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch,
-                              np.float32)
-                   for batch in data]
+        batches = [
+            np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
+            for batch in data
+        ]
         images = np.concatenate(batches) if batches else np.zeros((0,), np.float32)
     except (TypeError, ValueError):
         raise ValueError(
             f"`{name}` must be an array of images, or an iterable (e.g. a tf.data.Dataset) "
             f"of image batches or of (images, labels) batches. "
-            f"Received: {name}={data!r}.") from None
-    if (len(images) == 0 or images.ndim != len(input_shape)
-            or any(size not in (None, actual)
-                   for size, actual in zip(input_shape[1:], images.shape[1:]))):
+            f"Received: {name}={data!r}."
+        ) from None
+    if (
+        len(images) == 0
+        or images.ndim != len(input_shape)
+        or any(
+            size not in (None, actual) for size, actual in zip(input_shape[1:], images.shape[1:])
+        )
+    ):
         raise ValueError(
             f"`{name}` must hold at least one image of the model's input shape "
-            f"{tuple(input_shape[1:])}. Received: {name} of shape {images.shape}.")
+            f"{tuple(input_shape[1:])}. Received: {name} of shape {images.shape}."
+        )
     not_finite = int(np.sum(~np.isfinite(images)))
     if not_finite:
         # int8 calibration on them gives NaN ranges, and verification on them
         # compares NaN with NaN.
         raise ValueError(
             f"`{name}` must hold finite values; {not_finite} of its {images.size} "
-            f"are NaN or infinite. Received: {name} of shape {images.shape}.")
+            f"are NaN or infinite. Received: {name} of shape {images.shape}."
+        )
     return images
 
 
@@ -273,16 +294,28 @@ def _training_statistics(model, images):
         return "its input normalisation", layers[0].mean, layers[0].variance, values, True
     for layer in layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            mean, variance = (np.asarray(weight.numpy(), np.float64)
-                              for weight in (layer.moving_mean, layer.moving_variance))
+            mean, variance = (
+                np.asarray(weight.numpy(), np.float64)
+                for weight in (layer.moving_mean, layer.moving_variance)
+            )
             if np.all(mean == 0) and np.all(variance == 1):
                 return None  # Never trained: it records nothing.
             probe = keras.Model(model.inputs[0], _input_in(model, layer))
-            values = np.concatenate([
-                np.asarray(probe(images[start:start + 64], training=False), np.float64)
-                .reshape(-1, mean.size) for start in range(0, len(images), 64)])
-            return (f"its first BatchNormalization layer {layer.name!r}", mean, variance,
-                    values, False)
+            values = np.concatenate(
+                [
+                    np.asarray(
+                        probe(images[start : start + 64], training=False), np.float64
+                    ).reshape(-1, mean.size)
+                    for start in range(0, len(images), 64)
+                ]
+            )
+            return (
+                f"its first BatchNormalization layer {layer.name!r}",
+                mean,
+                variance,
+                values,
+                False,
+            )
     return None
 
 
@@ -316,8 +349,11 @@ def _check_representative(model, images):
     spread, place = normalized.std(axis=0), normalized.mean(axis=0)
     if not every_channel:
         spread, place = np.median(spread, keepdims=True), np.median(np.abs(place), keepdims=True)
-    unlike = ~((1 / _SPREAD_FACTOR <= spread) & (spread <= _SPREAD_FACTOR)
-               & (np.abs(place) <= _MEAN_DEVIATIONS))
+    unlike = ~(
+        (1 / _SPREAD_FACTOR <= spread)
+        & (spread <= _SPREAD_FACTOR)
+        & (np.abs(place) <= _MEAN_DEVIATIONS)
+    )
     if unlike.any():
         channel = int(np.argmax(unlike))
         where = f"in channel {channel}" if every_channel else "in the median channel"
@@ -329,7 +365,8 @@ def _check_representative(model, images):
             f"(typical inputs: within a factor {_SPREAD_FACTOR:g} of 1, and within "
             f"{_MEAN_DEVIATIONS:g}). int8 ranges calibrated on them would not fit real "
             f"inputs: pass a few hundred typical inputs, as the model takes them. "
-            f"Received: representative_data of shape {images.shape}.")
+            f"Received: representative_data of shape {images.shape}."
+        )
 
 
 def _layers(model):
@@ -342,8 +379,9 @@ def _layers(model):
 
 def _compute_policies(model):
     """The dtype policies other than float32 that `model`'s layers compute in."""
-    return sorted({layer.dtype_policy.name for layer in _layers(model)
-                   if layer.compute_dtype != "float32"})
+    return sorted(
+        {layer.dtype_policy.name for layer in _layers(model) if layer.compute_dtype != "float32"}
+    )
 
 
 def _export_copy(model, lowering):
@@ -358,8 +396,10 @@ def _export_copy(model, lowering):
     grouped = (MultigridConv2D, GroupedConvBase)
 
     def differs(layer):
-        return layer.compute_dtype != "float32" or (isinstance(layer, grouped) and (
-            lowering != resolve_implementation(layer.implementation, layer.compute_dtype)))
+        return layer.compute_dtype != "float32" or (
+            isinstance(layer, grouped)
+            and (lowering != resolve_implementation(layer.implementation, layer.compute_dtype))
+        )
 
     if not any(differs(layer) for layer in _layers(model)):
         return model
@@ -386,16 +426,22 @@ def _input_shape_argument(input_shape, model_shape):
     """`input_shape` (without the batch size) as a tuple that fits `model_shape`, or raises."""
     try:
         shape = tuple(input_shape)
-        valid = all(isinstance(size, (int, np.integer)) and not isinstance(size, bool)
-                    and size > 0 for size in shape)
+        valid = all(
+            isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0
+            for size in shape
+        )
     except TypeError:
         valid = False
-    if (not valid or len(shape) != len(model_shape)
-            or any(size not in (None, actual) for size, actual in zip(model_shape, shape))):
+    if (
+        not valid
+        or len(shape) != len(model_shape)
+        or any(size not in (None, actual) for size, actual in zip(model_shape, shape))
+    ):
         raise ValueError(
             f"`input_shape` must be the shape of one input, without the batch size, that "
             f"the model takes: positive integers matching {model_shape}. "
-            f"Received: input_shape={input_shape!r}.")
+            f"Received: input_shape={input_shape!r}."
+        )
     return tuple(int(size) for size in shape)
 
 
@@ -420,12 +466,14 @@ def _export_input_shape(model, input_shape, arrays):
             f"`model` takes inputs of any size {model_shape}, and a LiteRT file is "
             f"converted for one: pass input_shape=(height, width, channels), or "
             f"`verification_data` or `representative_data` of the size to export for "
-            f"(in the CLI: --image-size or --dataset). Received: input_shape=None.")
+            f"(in the CLI: --image-size or --dataset). Received: input_shape=None."
+        )
     for name, images in arrays.items():
         if images.shape[1:] != shape:
             raise ValueError(
                 f"`{name}` must hold inputs of the shape the model is exported for, "
-                f"{shape}. Received: {name} of shape {images.shape}.")
+                f"{shape}. Received: {name} of shape {images.shape}."
+            )
     return shape
 
 
@@ -457,8 +505,11 @@ def _converter_chatter(record):
 
 def _converter_settings(quantization, representative_images, integer_io, allow_flex_ops):
     """Keyword arguments of `model.export(format="litert")`: tf.lite.TFLiteConverter settings."""
-    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if quantization == "int8"
-           else tf.lite.OpsSet.TFLITE_BUILTINS]
+    ops = [
+        tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+        if quantization == "int8"
+        else tf.lite.OpsSet.TFLITE_BUILTINS
+    ]
     if allow_flex_ops:
         ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
     settings = {"target_spec": {"supported_ops": ops}}
@@ -469,7 +520,8 @@ def _converter_settings(quantization, representative_images, integer_io, allow_f
         settings["target_spec"]["supported_types"] = [tf.float16]
     elif quantization == "int8":
         settings["representative_dataset"] = lambda: (
-            [image[None]] for image in representative_images)
+            [image[None]] for image in representative_images
+        )
         io_type = tf.int8 if integer_io else tf.float32
         settings["inference_input_type"] = settings["inference_output_type"] = io_type
     return settings
@@ -482,12 +534,16 @@ def _inspect(content):
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             custom_code = model.operatorCodes[op.opcodeIndex].customCode
-            counts[custom_code.decode() if custom_code
-                   else flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)] += 1
+            counts[
+                custom_code.decode()
+                if custom_code
+                else flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+            ] += 1
     main = model.subgraphs[0]
     input_dtype, output_dtype = (
         flatbuffer_utils.type_to_name(main.tensors[tensors[0]].type).lower()
-        for tensors in (main.inputs, main.outputs))
+        for tensors in (main.inputs, main.outputs)
+    )
     return {
         "op_counts": dict(counts.most_common()),
         # Flex and other custom ops are named by a custom code; builtins are not.
@@ -498,11 +554,15 @@ def _inspect(content):
 
 
 def _interpreter(model_path, threads=None, xnnpack=True):
-    resolver = (litert.OpResolverType.AUTO if xnnpack
-                else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    resolver = (
+        litert.OpResolverType.AUTO
+        if xnnpack
+        else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
     with _tensorflow_logs.hidden(_converter_chatter):
-        interpreter = litert.Interpreter(model_path=model_path, num_threads=threads,
-                                         experimental_op_resolver_type=resolver)
+        interpreter = litert.Interpreter(
+            model_path=model_path, num_threads=threads, experimental_op_resolver_type=resolver
+        )
         interpreter.allocate_tensors()
     return interpreter
 
@@ -514,7 +574,8 @@ def _quantize(values, details):
     scale, zero_point = details["quantization"]
     limits = np.iinfo(details["dtype"])
     return np.clip(np.round(values / scale + zero_point), limits.min, limits.max).astype(
-        details["dtype"])
+        details["dtype"]
+    )
 
 
 def _dequantize(values, details):
@@ -554,8 +615,9 @@ def predict_tflite(path, images):
     for image in np.asarray(images, np.float32):
         interpreter.set_tensor(input_details["index"], _quantize(image[None], input_details))
         interpreter.invoke()
-        outputs.append(_dequantize(interpreter.get_tensor(output_details["index"]),
-                                   output_details)[0])
+        outputs.append(
+            _dequantize(interpreter.get_tensor(output_details["index"]), output_details)[0]
+        )
     return np.stack(outputs)
 
 
@@ -569,11 +631,19 @@ def _verify(model_path, model, images, data):
         structure = model.input
     except AttributeError:
         structure = None
-    expected = np.concatenate([
-        np.asarray(model(images[start:start + 64] if structure is None else
-                         tf.nest.pack_sequence_as(structure, [images[start:start + 64]]),
-                         training=False))
-        for start in range(0, len(images), 64)])
+    expected = np.concatenate(
+        [
+            np.asarray(
+                model(
+                    images[start : start + 64]
+                    if structure is None
+                    else tf.nest.pack_sequence_as(structure, [images[start : start + 64]]),
+                    training=False,
+                )
+            )
+            for start in range(0, len(images), 64)
+        ]
+    )
     max_abs_diff = float(np.max(np.abs(outputs - expected)))
     top1 = [np.argmax(values.reshape(len(images), -1), axis=-1) for values in (outputs, expected)]
     return Verification(
@@ -601,7 +671,7 @@ def _input_in(model, layer):
 
 
 def _shape_at(model, tensor, input_shape):
-    """The shape of `tensor`, a tensor of `model`'s graph, where the model's input has `input_shape`."""
+    """The shape of `tensor`, of `model`'s graph, where the model's input has `input_shape`."""
     if None not in tuple(tensor.shape)[1:] or input_shape is None:
         return tuple(tensor.shape)
     probe = keras.Model(model.inputs, tensor)
@@ -629,7 +699,8 @@ def _summed_terms(model, input_shape=None):
         total += _ELEMENTWISE_ROUNDINGS
         if isinstance(layer, MultigridConv2D):
             total += 3 * len(layer.smoothers) + sum(
-                math.prod(convolution.kernel.shape[:-1]) for convolution in layer.convolutions)
+                math.prod(convolution.kernel.shape[:-1]) for convolution in layer.convolutions
+            )
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
             total += math.prod(layer.kernel.shape[:2])
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense, GroupedConvBase)):
@@ -640,12 +711,15 @@ def _summed_terms(model, input_shape=None):
                 raise ValueError(
                     f"`model` takes inputs of any size {tuple(model.inputs[0].shape[1:])}, "
                     f"and its sums depend on the size: pass input_shape=(height, width, "
-                    f"channels). Received: input_shape=None.")
+                    f"channels). Received: input_shape=None."
+                )
             total += math.prod(pixels)
         elif isinstance(layer, keras.layers.AveragePooling2D):
             total += math.prod(layer.pool_size)
-        if (isinstance(layer, keras.layers.Softmax)
-                or getattr(getattr(layer, "activation", None), "__name__", None) == "softmax"):
+        if (
+            isinstance(layer, keras.layers.Softmax)
+            or getattr(getattr(layer, "activation", None), "__name__", None) == "softmax"
+        ):
             total += layer.output.shape[-1]
     return total
 
@@ -699,13 +773,13 @@ def float32_tolerance(model, input_shape=None):
 def _min_group_filters(value, quantization, lowering):
     """`export_tflite`'s `min_group_filters` as an int, "auto" resolved; raises for others."""
     if value == "auto":
-        return (_INT8_MIN_GROUP_FILTERS if quantization == "int8" and lowering == "grouped"
-                else 1)
+        return _INT8_MIN_GROUP_FILTERS if quantization == "int8" and lowering == "grouped" else 1
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(
             f"`min_group_filters` must be 'auto' or a positive int (the fewest filters "
             f"per group after merging; 1 keeps the groups as trained). "
-            f"Received: min_group_filters={value!r}.")
+            f"Received: min_group_filters={value!r}."
+        )
     return int(value)
 
 
@@ -718,8 +792,7 @@ def _convert(model, path, settings, name, lowering, min_group_filters):
         return failed or _converter_chatter(record)
 
     try:
-        with (traced_implementation(lowering, min_group_filters),
-              _tensorflow_logs.hidden(hidden)):
+        with traced_implementation(lowering, min_group_filters), _tensorflow_logs.hidden(hidden):
             try:
                 model.export(path, format="litert", verbose=False, **settings)
             except ConverterError:
@@ -733,13 +806,23 @@ def _convert(model, path, settings, name, lowering, min_group_filters):
             f"`model` needs TensorFlow ops that TFLite has no builtin for "
             f"({flex_ops.group(1)}). Replace the layers that use them, or pass "
             f"allow_flex_ops=True to export them through the Flex delegate, which the "
-            f"runtime must then include. Received: model={name!r}.") from None
+            f"runtime must then include. Received: model={name!r}."
+        ) from None
 
 
-def export_tflite(model, path, quantization=None, representative_data=None,
-                  verification_data=None, integer_io=False, lowering="grouped",
-                  allow_flex_ops=False, input_shape=None, pointwise="auto",
-                  min_group_filters="auto"):
+def export_tflite(
+    model,
+    path,
+    quantization=None,
+    representative_data=None,
+    verification_data=None,
+    integer_io=False,
+    lowering="grouped",
+    allow_flex_ops=False,
+    input_shape=None,
+    pointwise="auto",
+    min_group_filters="auto",
+):
     """Exports a Keras model to a `.tflite` file and checks it against the model.
 
     Converts through `model.export(format="litert")` (Keras' route for Keras
@@ -810,10 +893,10 @@ def export_tflite(model, path, quantization=None, representative_data=None,
             neither "auto" nor a positive int, "int8" without
             `representative_data` or with `representative_data` unlike the
             inputs that the model's input Normalization layer, or else its
-            first trained BatchNormalization layer, describes, data of the wrong shape or with NaN or infinite
-            values, a model that takes inputs of any size with neither
-            `input_shape` nor data, or a `model` that needs Flex ops without
-            `allow_flex_ops`.
+            first trained BatchNormalization layer, describes, data of the
+            wrong shape or with NaN or infinite values, a model that takes
+            inputs of any size with neither `input_shape` nor data, or a
+            `model` that needs Flex ops without `allow_flex_ops`.
         RuntimeError: an export whose outputs, or the Keras model's, are NaN
             or infinite on the verification inputs, or a float32 export whose
             outputs differ from Keras' by more than rounding can make them
@@ -843,32 +926,34 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         raise ValueError(
             f"`integer_io` needs quantization='int8': only fully quantized models have "
             f"integer inputs and outputs. Received: integer_io={integer_io!r}, "
-            f"quantization={quantization!r}.")
+            f"quantization={quantization!r}."
+        )
     model_shape = model.inputs[0].shape
     arrays = {}
     if representative_data is not None:
-        arrays["representative_data"] = _images("representative_data", representative_data,
-                                                model_shape)
+        arrays["representative_data"] = _images(
+            "representative_data", representative_data, model_shape
+        )
     if quantization == "int8" and representative_data is None:
         raise ValueError(
             "quantization='int8' calibrates the activations' ranges on "
             "`representative_data` (in the CLI: `--dataset`): pass a few hundred typical "
-            "inputs. Received: representative_data=None.")
+            "inputs. Received: representative_data=None."
+        )
     if verification_data is not None:
-        arrays["verification_data"] = _images("verification_data", verification_data,
-                                              model_shape)
+        arrays["verification_data"] = _images("verification_data", verification_data, model_shape)
     shape = _export_input_shape(model, input_shape, arrays)
     if quantization == "int8":
         _check_representative(model, arrays["representative_data"])
     if arrays:
-        source = ("verification_data" if "verification_data" in arrays
-                  else "representative_data")
+        source = "verification_data" if "verification_data" in arrays else "representative_data"
         images = arrays[source]
     else:
         images = np.random.default_rng(0).random((_RANDOM_EXAMPLES, *shape), np.float32)
         source = "random"
-    settings = _converter_settings(quantization, arrays.get("representative_data"),
-                                   integer_io, allow_flex_ops)
+    settings = _converter_settings(
+        quantization, arrays.get("representative_data"), integer_io, allow_flex_ops
+    )
     policies = _compute_policies(model)
     copy = _export_copy(model, lowering)
     folded, dense_pointwise_layers = _pointwise.fold_pointwise(copy, pointwise, quantization)
@@ -884,36 +969,53 @@ def export_tflite(model, path, quantization=None, representative_data=None,
         with open(temporary, "rb") as file:
             contents = _inspect(file.read())
         # ai_edge_litert has no Flex delegate: such a model cannot be run here.
-        verification = (_verify(temporary, reference, images, source)
-                        if contents["builtin_only"] else None)
+        verification = (
+            _verify(temporary, reference, images, source) if contents["builtin_only"] else None
+        )
         report = ExportReport(
-            path=path, quantization=quantization or "float32", lowering=lowering,
-            size_bytes=os.path.getsize(temporary), verification=verification,
-            input_shape=(1, *shape), keras_input_shape=tuple(model_shape),
-            converted_from="/".join(policies) or "float32", pointwise=pointwise,
+            path=path,
+            quantization=quantization or "float32",
+            lowering=lowering,
+            size_bytes=os.path.getsize(temporary),
+            verification=verification,
+            input_shape=(1, *shape),
+            keras_input_shape=tuple(model_shape),
+            converted_from="/".join(policies) or "float32",
+            pointwise=pointwise,
             dense_pointwise_layers=dense_pointwise_layers,
-            min_group_filters=min_group_filters, **contents)
+            min_group_filters=min_group_filters,
+            **contents,
+        )
         if verification is not None and not np.isfinite(verification.max_abs_diff):
             raise RuntimeError(
                 f"The export could not be verified: its outputs or the Keras model's "
                 f"on {verification.examples} examples ({verification.data}) are NaN or "
-                f"infinite: not written to {path}.")
-        if (quantization is None and verification is not None
-                and verification.max_rel_diff > tolerance):
+                f"infinite: not written to {path}."
+            )
+        if (
+            quantization is None
+            and verification is not None
+            and verification.max_rel_diff > tolerance
+        ):
             raise RuntimeError(
                 f"The float32 export differs from the Keras model by "
                 f"{report.verification.max_rel_diff:.3g} (relative), more than float32 "
                 f"rounding can make it differ ({tolerance:.3g}, see "
-                f"`keras_mgconv.export.float32_tolerance`): not written to {path}.")
-        if (quantization == "int8" and verification is not None
-                and verification.top1_agreement < _MIN_INT8_TOP1_AGREEMENT):
+                f"`keras_mgconv.export.float32_tolerance`): not written to {path}."
+            )
+        if (
+            quantization == "int8"
+            and verification is not None
+            and verification.top1_agreement < _MIN_INT8_TOP1_AGREEMENT
+        ):
             raise RuntimeError(
                 f"The int8 export agrees with the Keras model on the top class of only "
                 f"{verification.top1_agreement:.1%} of {verification.examples} examples "
                 f"({verification.data}), fewer than {_MIN_INT8_TOP1_AGREEMENT:.0%}: its "
                 f"activation ranges, calibrated on `representative_data`, do not fit "
                 f"them. Calibrate on a few hundred typical inputs, as the model takes "
-                f"them: not written to {path}.")
+                f"them: not written to {path}."
+            )
 
     atomic_write(path, write)
     return report
@@ -960,29 +1062,40 @@ def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, war
     if not str(path).endswith(".tflite"):
         raise ValueError(
             f"`path` must be a .tflite file (a LiteRT model, as `export_tflite` or "
-            f"`keras-mgconv export` writes). Received: path={os.fspath(path)!r}.")
+            f"`keras-mgconv export` writes). Received: path={os.fspath(path)!r}."
+        )
     if isinstance(threads, (int, np.integer)):
         threads = (threads,)
     try:
         threads = [_arguments.positive_int("threads", count) for count in threads]
     except (TypeError, ValueError):
-        raise ValueError(f"`threads` must be a positive integer or a sequence of them. "
-                         f"Received: threads={threads!r}.") from None
+        raise ValueError(
+            f"`threads` must be a positive integer or a sequence of them. "
+            f"Received: threads={threads!r}."
+        ) from None
     # A string is a sequence too, of characters that are all true.
-    settings = ((xnnpack,) if isinstance(xnnpack, (bool, np.bool_))
-                else tuple(xnnpack) if hasattr(xnnpack, "__iter__")
-                and not isinstance(xnnpack, (str, bytes)) else ())
+    settings = (
+        (xnnpack,)
+        if isinstance(xnnpack, (bool, np.bool_))
+        else tuple(xnnpack)
+        if hasattr(xnnpack, "__iter__") and not isinstance(xnnpack, (str, bytes))
+        else ()
+    )
     if not settings or not all(isinstance(value, (bool, np.bool_)) for value in settings):
-        raise ValueError(f"`xnnpack` must be True, False or a sequence of them, e.g. "
-                         f"(True, False). Received: xnnpack={xnnpack!r}.")
+        raise ValueError(
+            f"`xnnpack` must be True, False or a sequence of them, e.g. "
+            f"(True, False). Received: xnnpack={xnnpack!r}."
+        )
     repeats = _arguments.positive_int("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"`warmup` must be an integer >= 0. Received: warmup={warmup!r}.")
     try:
         _interpreter(os.fspath(path), 1, False)
     except ValueError as error:
-        raise ValueError(f"`path` is not a readable LiteRT model ({_first_line(error)}). "
-                         f"Received: path={os.fspath(path)!r}.") from None
+        raise ValueError(
+            f"`path` is not a readable LiteRT model ({_first_line(error)}). "
+            f"Received: path={os.fspath(path)!r}."
+        ) from None
     rows = []
     for count in threads:
         for use_xnnpack in settings:
@@ -997,9 +1110,14 @@ def measure_latency(path, threads=(1, 2), xnnpack=(True, False), repeats=50, war
                 start = time.perf_counter()
                 interpreter.invoke()
                 times.append(time.perf_counter() - start)
-            rows.append({"threads": count, "xnnpack": bool(use_xnnpack),
-                         "median_ms": 1000 * float(np.median(times)),
-                         "p90_ms": 1000 * float(np.percentile(times, 90))})
+            rows.append(
+                {
+                    "threads": count,
+                    "xnnpack": bool(use_xnnpack),
+                    "median_ms": 1000 * float(np.median(times)),
+                    "p90_ms": 1000 * float(np.percentile(times, 90)),
+                }
+            )
     return rows
 
 
@@ -1010,6 +1128,9 @@ def _first_line(error):
 def format_latency(rows):
     """`measure_latency`'s rows as a text table, one line a row."""
     lines = [f"{'threads':>7}  {'XNNPACK':>7}  {'median ms':>9}  {'p90 ms':>9}"]
-    lines += [f"{row['threads']:>7}  {'on' if row['xnnpack'] else 'off':>7}  "
-              f"{row['median_ms']:>9.3f}  {row['p90_ms']:>9.3f}" for row in rows]
+    lines += [
+        f"{row['threads']:>7}  {'on' if row['xnnpack'] else 'off':>7}  "
+        f"{row['median_ms']:>9.3f}  {row['p90_ms']:>9.3f}"
+        for row in rows
+    ]
     return "\n".join(lines)

@@ -31,6 +31,7 @@ is imported inside the functions here, never when keras_mgconv is: importing it
 sets TF_USE_LEGACY_KERAS=1 in the process environment. Under Keras 3 every
 function here raises a RuntimeError that says how to switch.
 """
+
 import importlib
 import os
 import zipfile
@@ -46,17 +47,17 @@ from keras_mgconv.layers.grouped_conv import identity_kernel, traced_implementat
 
 # Configuration keys of a MultigridConv2D that belong to its output, and so go
 # to the last convolution of its unrolled V-cycle.
-_OUTPUT_KEYS = ("use_bias", "activation", "bias_initializer", "bias_regularizer",
-                "bias_constraint")
+_OUTPUT_KEYS = ("use_bias", "activation", "bias_initializer", "bias_regularizer", "bias_constraint")
 
 # Inputs a calibration batch takes from an array: `predict`'s default batch size.
 _CALIBRATION_BATCH = 32
 
 _SWITCH = (
     "tensorflow-model-optimization runs only on Keras 2 (tf_keras). Install it "
-    "with `pip install \"keras-mgconv[optimization]\"` and set "
+    'with `pip install "keras-mgconv[optimization]"` and set '
     "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported, e.g. "
-    "`TF_USE_LEGACY_KERAS=1 python train.py`.")
+    "`TF_USE_LEGACY_KERAS=1 python train.py`."
+)
 
 
 def _require_tf_keras(function):
@@ -69,7 +70,8 @@ def _require_tf_keras(function):
         raise RuntimeError(
             f"keras_mgconv.optimization.{function} needs Keras 2: {_SWITCH} "
             f"Received: Keras {keras.__version__}, TF_USE_LEGACY_KERAS unset or "
-            f"not 1.")
+            f"not 1."
+        )
 
 
 def _tfmot(function):
@@ -80,7 +82,8 @@ def _tfmot(function):
     except ImportError as error:
         raise RuntimeError(
             f"keras_mgconv.optimization.{function} needs "
-            f"tensorflow-model-optimization: {_SWITCH} Received: {error}.") from error
+            f"tensorflow-model-optimization: {_SWITCH} Received: {error}."
+        ) from error
 
 
 def _private(function, module):
@@ -121,8 +124,11 @@ def load_model(path):
         qat_model = optimization.quantize_model(model, calibration_data=images)
     """
     _require_tf_keras("load_model")
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path) \
-            or not str(path).endswith(".keras"):
+    if (
+        not isinstance(path, (str, os.PathLike))
+        or not os.path.isfile(path)
+        or not str(path).endswith(".keras")
+    ):
         raise ValueError(f"`path` must be an existing .keras file. Received: path={path!r}.")
     keras3_files = importlib.import_module("keras_mgconv._keras3_files")
     try:
@@ -130,8 +136,8 @@ def load_model(path):
     except (zipfile.BadZipFile, KeyError, ValueError) as error:
         raise ValueError(
             f"{path} is not a readable Keras model ({type(error).__name__}: {error}): it "
-            f"is truncated, damaged or was not saved by Keras. Received: path={path!r}.") \
-            from None
+            f"is truncated, damaged or was not saved by Keras. Received: path={path!r}."
+        ) from None
     if not written_by_keras_3:
         return keras.models.load_model(path)
     try:
@@ -139,7 +145,8 @@ def load_model(path):
     except keras3_files.UnreadableFile as error:
         raise ValueError(
             f"{path}, written by Keras 3, cannot be read into tf_keras: {error}. "
-            f"Received: path={path!r}.") from None
+            f"Received: path={path!r}."
+        ) from None
 
 
 def _functional(model):
@@ -149,7 +156,8 @@ def _functional(model):
     if not isinstance(model, keras.Model) or not model._is_graph_network:
         raise ValueError(
             "Expected a functional or Sequential keras.Model built on a "
-            f"keras.Input. Received: model={model!r}.")
+            f"keras.Input. Received: model={model!r}."
+        )
     return model
 
 
@@ -188,16 +196,17 @@ def _unrolled(layer, source):
     def copy_output(convolution, inputs):
         config = layer.get_config()
         new_layer, weights = _copy(
-            convolution, name, activity_regularizer=layer.activity_regularizer,
-            **{key: config[key] for key in _OUTPUT_KEYS})
-        return add(new_layer, weights + ([layer.bias.numpy()] if layer.use_bias else []),
-                   inputs)
+            convolution,
+            name,
+            activity_regularizer=layer.activity_regularizer,
+            **{key: config[key] for key in _OUTPUT_KEYS},
+        )
+        return add(new_layer, weights + ([layer.bias.numpy()] if layer.use_bias else []), inputs)
 
     def merge(merge_layer, suffix, inputs):
         return add(merge_layer(name=f"{name}_{suffix}", dtype=layer.dtype_policy), [], inputs)
 
-    fine = [source if layer.connector is None
-            else copy(layer.connector, "connector", [source])]
+    fine = [source if layer.connector is None else copy(layer.connector, "connector", [source])]
     for level, restriction in enumerate(layer.restrictions):
         fine.append(copy(restriction, f"restriction_{level}", [fine[-1]]))
     if not layer.smoothers:
@@ -205,8 +214,7 @@ def _unrolled(layer, source):
         return nodes
     outputs = copy(layer.coarsest, "coarsest", [fine[-1]])
     for level in reversed(range(len(layer.smoothers))):
-        difference = merge(keras.layers.Subtract, f"difference_{level}",
-                           [outputs, fine[level + 1]])
+        difference = merge(keras.layers.Subtract, f"difference_{level}", [outputs, fine[level + 1]])
         correction = copy(layer.prolongations[level], f"prolongation_{level}", [difference])
         corrected = merge(keras.layers.Add, f"corrected_{level}", [fine[level], correction])
         if level:
@@ -264,16 +272,23 @@ def unroll_multigrid(model):
     for entry in config["layers"]:
         layer = model.get_layer(entry["name"])
         if isinstance(layer, MultigridConv2D) or (
-                isinstance(layer, GroupedConv2D) and layer.residual):
+            isinstance(layer, GroupedConv2D) and layer.residual
+        ):
             if len(entry["inbound_nodes"]) != 1:
                 raise ValueError(
                     f"Layer {layer.name!r} is called {len(entry['inbound_nodes'])} "
                     f"times in the model; unrolling needs each multigrid or residual "
-                    f"layer called once. Received: model={model.name!r}.")
+                    f"layer called once. Received: model={model.name!r}."
+                )
             (source,) = entry["inbound_nodes"][0]
             for new_layer, inbound, new_weights in _unrolled(layer, source):
-                layers.append({**keras.layers.serialize(new_layer),
-                               "name": new_layer.name, "inbound_nodes": [inbound]})
+                layers.append(
+                    {
+                        **keras.layers.serialize(new_layer),
+                        "name": new_layer.name,
+                        "inbound_nodes": [inbound],
+                    }
+                )
                 weights[new_layer.name] = new_weights
             continue
         if isinstance(layer, keras.layers.Normalization) and layer.input_mean is None:
@@ -281,8 +296,10 @@ def unroll_multigrid(model):
             # which skips the `finalize_state` that turns an adapted
             # Normalization's variables into the constants it computes with;
             # in the config the statistics survive every clone.
-            entry["config"].update(mean=layer.adapt_mean.numpy().tolist(),
-                                   variance=layer.adapt_variance.numpy().tolist())
+            entry["config"].update(
+                mean=layer.adapt_mean.numpy().tolist(),
+                variance=layer.adapt_variance.numpy().tolist(),
+            )
             weights[layer.name] = []
         else:
             weights[layer.name] = layer.get_weights()
@@ -370,19 +387,26 @@ def quantize_model(model, calibration_data=None):
         # An array is many inputs, not batches of them (as iterating it would give).
         shape = tuple(calibration_data.shape)
         input_shape = tuple(_functional(model).inputs[0].shape[1:])
-        if (len(shape) != len(input_shape) + 1 or not shape[0] or any(
-                size not in (None, actual) for size, actual in zip(input_shape, shape[1:]))):
+        if (
+            len(shape) != len(input_shape) + 1
+            or not shape[0]
+            or any(size not in (None, actual) for size, actual in zip(input_shape, shape[1:]))
+        ):
             raise ValueError(
                 f"`calibration_data` must be an array of the model's inputs, of shape "
                 f"(inputs, {', '.join(map(str, input_shape))}). "
-                f"Received: calibration_data of shape {shape}.")
-        calibration_data = [calibration_data[start:start + _CALIBRATION_BATCH]
-                            for start in range(0, shape[0], _CALIBRATION_BATCH)]
+                f"Received: calibration_data of shape {shape}."
+            )
+        calibration_data = [
+            calibration_data[start : start + _CALIBRATION_BATCH]
+            for start in range(0, shape[0], _CALIBRATION_BATCH)
+        ]
     unrolled = unroll_multigrid(model)
     annotated = tfmot.quantization.keras.quantize_annotate_model(unrolled)
     with quantize_scope():
         qat_model = tfmot.quantization.keras.quantize_apply(
-            annotated, scheme=quantization.MultigridQuantizeScheme())
+            annotated, scheme=quantization.MultigridQuantizeScheme()
+        )
     if calibration_data is not None:
         quantization.calibrate(qat_model, unrolled, calibration_data)
     return qat_model
@@ -411,7 +435,8 @@ def quantize_scope():
     """
     tfmot = _tfmot("quantize_scope")
     return tfmot.quantization.keras.quantize_scope(
-        _private("quantize_scope", "_quantization").CUSTOM_OBJECTS)
+        _private("quantize_scope", "_quantization").CUSTOM_OBJECTS
+    )
 
 
 def tflite_converter(model):
@@ -457,7 +482,8 @@ def tflite_converter(model):
     if not isinstance(model, keras.Model) or not model.built or not model.inputs:
         raise ValueError(
             "`model` must be a built model with known inputs, e.g. functional or "
-            f"Sequential with an Input. Received: model={model!r}.")
+            f"Sequential with an Input. Received: model={model!r}."
+        )
     function = tf.function(lambda *inputs: model(list(inputs), training=False))
     variables = tf.Module()
     variables.model_variables = model.variables
@@ -466,7 +492,8 @@ def tflite_converter(model):
     # not convert ("'tfl.transpose' op has mismatched quantized axes").
     with traced_implementation("grouped"):
         concrete = function.get_concrete_function(
-            *[tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs])
+            *[tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs]
+        )
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete], variables)
 
 
@@ -520,7 +547,8 @@ def export_int8(qat_model, path, verification_data=None):
         source = "verification_data"
     else:
         images = np.random.default_rng(0).random(
-            (8, *(size or 1 for size in model_shape[1:])), np.float32)
+            (8, *(size or 1 for size in model_shape[1:])), np.float32
+        )
         source = "random"
     converter = tflite_converter(qat_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -534,15 +562,23 @@ def export_int8(qat_model, path, verification_data=None):
             file.write(content)
         verification = export._verify(temporary, qat_model, images, source)
         report = export.ExportReport(
-            path=path, quantization="int8", lowering="grouped", size_bytes=len(content),
+            path=path,
+            quantization="int8",
+            lowering="grouped",
+            size_bytes=len(content),
             # QAT wraps each layer as it is: 1 x 1 cycles stay cycles.
-            pointwise="cycle", verification=verification, input_shape=(1, *images.shape[1:]),
-            keras_input_shape=tuple(model_shape), **export._inspect(content))
+            pointwise="cycle",
+            verification=verification,
+            input_shape=(1, *images.shape[1:]),
+            keras_input_shape=tuple(model_shape),
+            **export._inspect(content),
+        )
         if not np.isfinite(verification.max_abs_diff):
             raise RuntimeError(
                 f"The export could not be verified: its outputs or the QAT model's on "
                 f"{verification.examples} examples ({source}) are NaN or infinite: not "
-                f"written to {path}.")
+                f"written to {path}."
+            )
 
     atomic_write(path, write)
     return report
@@ -618,10 +654,12 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
         raise ValueError(
             f"`pruning_schedule` must be a tfmot.sparsity.keras.PruningSchedule, e.g. "
             f"ConstantSparsity(0.5, 0) or PolynomialDecay(0.0, 0.5, 0, 1000). "
-            f"Received: pruning_schedule={pruning_schedule!r}.")
+            f"Received: pruning_schedule={pruning_schedule!r}."
+        )
     if not isinstance(structured, (bool, np.bool_)):
-        raise ValueError(f"`structured` must be True or False. "
-                         f"Received: structured={structured!r}.")
+        raise ValueError(
+            f"`structured` must be True or False. Received: structured={structured!r}."
+        )
 
     def wrap(layer):
         if structured:
@@ -640,7 +678,8 @@ def prune_low_magnitude(model, pruning_schedule, structured=False):
             f"model {model.name!r} has none. The block design's grouped convolutions "
             "feed a BatchNormalization each, whose moving variance would fall to 0 on a "
             "zeroed group and blow up at inference: prune it with structured=False. "
-            "Received: structured=True.")
+            "Received: structured=True."
+        )
     return keras.models.clone_model(model, clone_function=wrap)
 
 
@@ -670,5 +709,4 @@ def prune_scope():
     'GroupPruneLowMagnitude'
     """
     _tfmot("prune_scope")
-    return keras.utils.custom_object_scope(
-        _private("prune_scope", "_pruning").CUSTOM_OBJECTS)
+    return keras.utils.custom_object_scope(_private("prune_scope", "_pruning").CUSTOM_OBJECTS)

@@ -42,15 +42,21 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, after, warmup_steps):
-        if (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral)
-                or warmup_steps <= 0):
+        if (
+            isinstance(warmup_steps, bool)
+            or not isinstance(warmup_steps, numbers.Integral)
+            or warmup_steps <= 0
+        ):
             raise ValueError(
-                f"`warmup_steps` must be an int > 0. Received: warmup_steps={warmup_steps!r}.")
+                f"`warmup_steps` must be an int > 0. Received: warmup_steps={warmup_steps!r}."
+            )
         if not isinstance(after, keras.optimizers.schedules.LearningRateSchedule) and (
-                isinstance(after, bool) or not isinstance(after, numbers.Real) or after <= 0):
+            isinstance(after, bool) or not isinstance(after, numbers.Real) or after <= 0
+        ):
             raise ValueError(
                 "`after` must be a LearningRateSchedule or a positive learning rate. "
-                f"Received: after={after!r}.")
+                f"Received: after={after!r}."
+            )
         self.after = after
         self.warmup_steps = int(warmup_steps)
 

@@ -113,11 +113,15 @@ _MIN_PROGRESS_UPDATES = 10
 
 def _number(name, value, expected, accept):
     """Returns `value` if it is a finite real number that `accept`s, else raises."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or not accept(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not accept(value)
+    ):
         raise ValueError(
-            f"Invalid value for argument `{name}`. Expected {expected}. "
-            f"Received: {name}={value!r}.")
+            f"Invalid value for argument `{name}`. Expected {expected}. Received: {name}={value!r}."
+        )
     return value
 
 
@@ -138,7 +142,8 @@ def make_strategy(name):
         if "TF_CONFIG" not in os.environ:
             raise ValueError(
                 "strategy='multi_worker' reads the cluster from the TF_CONFIG "
-                "environment variable, which is not set. Received: strategy='multi_worker'.")
+                "environment variable, which is not set. Received: strategy='multi_worker'."
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -146,8 +151,8 @@ def make_strategy(name):
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, tf.errors.OpError) as error:
         raise ValueError(
-            f"No TPU found to train on ({str(error).splitlines()[0]}). "
-            f"Received: strategy='tpu'.") from None
+            f"No TPU found to train on ({str(error).splitlines()[0]}). Received: strategy='tpu'."
+        ) from None
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -171,7 +176,8 @@ def _learning_rate(schedule, learning_rate, epochs, steps_per_epoch, warmup_epoc
     elif schedule == "step":
         rate = keras.optimizers.schedules.PiecewiseConstantDecay(
             [int(total * fraction) for fraction in _STEP_BOUNDARIES],
-            [learning_rate, learning_rate / 10, learning_rate / 100])
+            [learning_rate, learning_rate / 10, learning_rate / 100],
+        )
     else:
         rate = learning_rate
     return LinearWarmup(rate, warmup) if warmup else rate
@@ -179,8 +185,9 @@ def _learning_rate(schedule, learning_rate, epochs, steps_per_epoch, warmup_epoc
 
 def _optimizer(name, learning_rate, momentum, weight_decay):
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True,
-                                    weight_decay=weight_decay or None)
+        return keras.optimizers.SGD(
+            learning_rate, momentum=momentum, nesterov=True, weight_decay=weight_decay or None
+        )
     if name == "adam":
         return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay or None)
     return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
@@ -191,6 +198,7 @@ def _write_json(path, content):
         with open(temporary, "w") as file:
             json.dump(content, file, indent=2)
             file.write("\n")
+
     atomic_write(path, write)
 
 
@@ -234,7 +242,8 @@ def _damaged(output_dir, damage):
     return ValueError(
         f"The unfinished run in `output_dir` cannot be resumed: {damage}. Pass "
         f"overwrite=True (`--overwrite`) to start it again, or choose another directory. "
-        f"Received: output_dir={output_dir!r}.")
+        f"Received: output_dir={output_dir!r}."
+    )
 
 
 def _read_history(path, epochs_done):
@@ -250,21 +259,29 @@ def _read_history(path, epochs_done):
         return []
     output_dir = os.path.dirname(path)
     if not os.path.exists(path):
-        raise _damaged(output_dir, f"{path}, the history of its {epochs_done} completed "
-                                   f"epochs, is missing")
+        raise _damaged(
+            output_dir, f"{path}, the history of its {epochs_done} completed epochs, is missing"
+        )
     try:
         with open(path, newline="") as file:
-            rows = [row for row in csv.DictReader(file)
-                    if None not in row.values() and int(row["epoch"]) < epochs_done]
+            rows = [
+                row
+                for row in csv.DictReader(file)
+                if None not in row.values() and int(row["epoch"]) < epochs_done
+            ]
         for row in rows:
             float(row["val_accuracy"]), float(row["epoch_time"])
     except (KeyError, ValueError, csv.Error) as error:
-        raise _damaged(output_dir, f"{path} cannot be read ({type(error).__name__}: "
-                                   f"{str(error)[:200]})") from None
+        raise _damaged(
+            output_dir, f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     epochs = [int(row["epoch"]) for row in rows]
     if epochs != list(range(epochs_done)):
-        raise _damaged(output_dir, f"{path} should hold one row for each of the "
-                                   f"{epochs_done} completed epochs; it holds epochs {epochs}")
+        raise _damaged(
+            output_dir,
+            f"{path} should hold one row for each of the "
+            f"{epochs_done} completed epochs; it holds epochs {epochs}",
+        )
     return rows
 
 
@@ -279,6 +296,7 @@ def _rewrite_history(path, rows):
             writer = csv.DictWriter(file, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
     atomic_write(path, write)
 
 
@@ -300,8 +318,10 @@ def _restore_best(output_dir, run_dir, history):
     latest = _selected_epoch(history) == len(history) - 1
     source = os.path.join(output_dir, "last.keras" if latest else "best.keras")
     if not zipfile.is_zipfile(source):
-        raise _damaged(output_dir, f"{source}, the model of epoch "
-                                   f"{_selected_epoch(history) + 1}, is missing or truncated")
+        raise _damaged(
+            output_dir,
+            f"{source}, the model of epoch {_selected_epoch(history) + 1}, is missing or truncated",
+        )
     target = os.path.join(run_dir, "best.keras")
     if source != target:
         _copy(source, target)
@@ -318,11 +338,13 @@ def _writable_output_dir(output_dir):
     if not os.path.exists(existing):
         raise ValueError(
             f"`output_dir` cannot be created: {existing} is a symbolic link to "
-            f"{os.readlink(existing)}, which does not exist. Received: output_dir={output_dir!r}.")
+            f"{os.readlink(existing)}, which does not exist. Received: output_dir={output_dir!r}."
+        )
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
             f"`output_dir` cannot be written: {existing} is not a writable directory. "
-            f"Received: output_dir={output_dir!r}.")
+            f"Received: output_dir={output_dir!r}."
+        )
     return output_dir
 
 
@@ -345,7 +367,8 @@ def _output_dir_lock(output_dir):
         except OSError as error:
             raise ValueError(
                 f"`output_dir` cannot be created or written ({error.strerror or error}: "
-                f"{error.filename}). Received: output_dir={output_dir!r}.") from None
+                f"{error.filename}). Received: output_dir={output_dir!r}."
+            ) from None
         yield
 
 
@@ -362,7 +385,8 @@ def _resumable(output_dir, config, overwrite):
         raise ValueError(
             f"`output_dir` already holds a finished run (it has summary.json). Choose "
             f"another directory, or pass overwrite=True (`--overwrite`) to train again "
-            f"from scratch. Received: output_dir={output_dir!r}.")
+            f"from scratch. Received: output_dir={output_dir!r}."
+        )
     config_path = os.path.join(output_dir, "config.json")
     if not os.path.exists(config_path):
         return False
@@ -373,15 +397,18 @@ def _resumable(output_dir, config, overwrite):
             raise ValueError(f"a {type(saved).__name__}, not an object")
     except ValueError as error:
         raise _damaged(output_dir, f"{config_path} cannot be read ({error})") from None
-    changed = sorted(key for key in config.keys() | saved.keys()
-                     if config.get(key) != saved.get(key))
+    changed = sorted(
+        key for key in config.keys() | saved.keys() if config.get(key) != saved.get(key)
+    )
     if changed:
-        differences = ", ".join(f"{key}={saved.get(key)!r} there, {config.get(key)!r} now"
-                                for key in changed)
+        differences = ", ".join(
+            f"{key}={saved.get(key)!r} there, {config.get(key)!r} now" for key in changed
+        )
         raise ValueError(
             f"`output_dir` holds an unfinished run with other settings ({differences}). "
             f"Rerun with its settings to resume it, choose another directory, or pass "
-            f"overwrite=True (`--overwrite`). Received: output_dir={output_dir!r}.")
+            f"overwrite=True (`--overwrite`). Received: output_dir={output_dir!r}."
+        )
     return os.path.exists(os.path.join(output_dir, "last.keras"))
 
 
@@ -396,16 +423,25 @@ def _clear_run(output_dir):
     """
     if not os.path.exists(os.path.join(output_dir, "config.json")):
         return
-    exported = [path for model in ("best", "last")
-                for path in glob.glob(os.path.join(glob.escape(output_dir), f"{model}.*.tflite"))]
-    events = glob.glob(os.path.join(glob.escape(output_dir), _LOGS_NAME, "*",
-                                    "events.out.tfevents.*"))
-    for path in (*(os.path.join(output_dir, name) for name in _CHECKPOINT_NAMES),
-                 *exported, *events):
+    exported = [
+        path
+        for model in ("best", "last")
+        for path in glob.glob(os.path.join(glob.escape(output_dir), f"{model}.*.tflite"))
+    ]
+    events = glob.glob(
+        os.path.join(glob.escape(output_dir), _LOGS_NAME, "*", "events.out.tfevents.*")
+    )
+    for path in (
+        *(os.path.join(output_dir, name) for name in _CHECKPOINT_NAMES),
+        *exported,
+        *events,
+    ):
         if os.path.exists(path):
             os.remove(path)
-    for folder in (*sorted({os.path.dirname(path) for path in events}),
-                   os.path.join(output_dir, _LOGS_NAME)):
+    for folder in (
+        *sorted({os.path.dirname(path) for path in events}),
+        os.path.join(output_dir, _LOGS_NAME),
+    ):
         with contextlib.suppress(OSError):  # Not empty: it holds other files.
             os.rmdir(folder)
 
@@ -417,24 +453,40 @@ def _image_shape(info, image_size):
     return (size, size, info.image_shape[2])
 
 
-def _build_model(model, info, image_shape, normalization, multigrid, group_size, width,
-                 batch_norm_momentum, coarsest_channels=None):
+def _build_model(
+    model,
+    info,
+    image_shape,
+    normalization,
+    multigrid,
+    group_size,
+    width,
+    batch_norm_momentum,
+    coarsest_channels=None,
+):
     inputs = keras.Input(shape=image_shape, name="image")
-    multigrid_args = {name: value for name, value in (("group_size", group_size),
-                                                      ("coarsest_channels", coarsest_channels))
-                      if value is not None}
+    multigrid_args = {
+        name: value
+        for name, value in (("group_size", group_size), ("coarsest_channels", coarsest_channels))
+        if value is not None
+    }
     try:
         return MODELS[model](
-            input_tensor=normalization(inputs), classes=info.num_classes,
-            multigrid=multigrid, width=width, batch_norm_momentum=batch_norm_momentum,
-            **multigrid_args)
+            input_tensor=normalization(inputs),
+            classes=info.num_classes,
+            multigrid=multigrid,
+            width=width,
+            batch_norm_momentum=batch_norm_momentum,
+            **multigrid_args,
+        )
     except ValueError as error:
         if "input_shape" not in str(error):
             raise
         height, width_, channels = image_shape
         raise ValueError(
             f"{model} cannot take the {height}x{width_}x{channels} images of {info.name!r}: "
-            f"{error} Pass `image_size` (`--image-size`) to resize them.") from None
+            f"{error} Pass `image_size` (`--image-size`) to resize them."
+        ) from None
 
 
 def _work_around_multi_worker_fit(network):
@@ -450,8 +502,13 @@ def _work_around_multi_worker_fit(network):
     network._distribute_strategy = None
     for name in ("train_step", "test_step"):
         step = getattr(network, name)
-        setattr(network, name, lambda batch, step=step: {
-            key: tf.reshape(value, [1]) for key, value in step(batch).items()})
+        setattr(
+            network,
+            name,
+            lambda batch, step=step: {
+                key: tf.reshape(value, [1]) for key, value in step(batch).items()
+            },
+        )
 
 
 def _synchronize_batch_norm(network):
@@ -464,7 +521,6 @@ def _synchronize_batch_norm(network):
     for layer in network.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
-
 
 
 def _distribute(network, strategy):
@@ -497,8 +553,11 @@ def _test_accuracy(network, test_data, strategy, batch_statistics=False):
     moving = [weight.numpy() for weight in network.non_trainable_weights]
     with strategy.scope():
         evaluated = _BatchStatistics(network)
-        evaluated.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
-                          metrics=["accuracy"], jit_compile=False)
+        evaluated.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+            jit_compile=False,
+        )
     _distribute(evaluated, strategy)
     # Training mode outside `fit` is no training here: a factory model would
     # warn that nothing recomputes its statistics, and shorten their horizon.
@@ -532,14 +591,32 @@ def _test_accuracies(network, selected_path, selected_is_final, test_data, strat
     return {
         "final_test_accuracy": final,
         "final_test_accuracy_batch_statistics": _test_accuracy(
-            network, test_data, strategy, batch_statistics=True),
+            network, test_data, strategy, batch_statistics=True
+        ),
         "selected_test_accuracy": selected,
     }
 
 
-def _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimizer, momentum,
-            weight_decay, multigrid, group_size, width, image_size, batch_norm_momentum,
-            validation_fraction, seed, warmup_epochs, coarsest_channels=None):
+def _config(
+    model,
+    dataset,
+    epochs,
+    batch_size,
+    learning_rate,
+    schedule,
+    optimizer,
+    momentum,
+    weight_decay,
+    multigrid,
+    group_size,
+    width,
+    image_size,
+    batch_norm_momentum,
+    validation_fraction,
+    seed,
+    warmup_epochs,
+    coarsest_channels=None,
+):
     """`train`'s arguments, checked, as `config.json` records them."""
     _arguments.choice("model", model, MODELS)
     multigrid = multigrid_design(multigrid) or False  # False, "layer" or "block"
@@ -549,39 +626,60 @@ def _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimiz
     _arguments.choice("schedule", schedule, SCHEDULES)
     if warmup_epochs is None:
         warmup_epochs = min(_WARMUP_EPOCHS, epochs // 5)
-    elif (isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, numbers.Integral)
-            or not 0 <= warmup_epochs < epochs):
+    elif (
+        isinstance(warmup_epochs, bool)
+        or not isinstance(warmup_epochs, numbers.Integral)
+        or not 0 <= warmup_epochs < epochs
+    ):
         raise ValueError(
             f"`warmup_epochs` must be None or an int from 0 to `epochs` - 1 ({epochs - 1}). "
-            f"Received: warmup_epochs={warmup_epochs!r}.")
+            f"Received: warmup_epochs={warmup_epochs!r}."
+        )
     _arguments.choice("optimizer", optimizer, OPTIMIZERS)
     _number("momentum", momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
     _number("weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0)
-    _number("width", width, "a positive finite multiplier of the block channels",
-            lambda v: v > 0)
+    _number("width", width, "a positive finite multiplier of the block channels", lambda v: v > 0)
     if coarsest_channels is not None:
         coarsest_channels = _arguments.positive_int("coarsest_channels", coarsest_channels)
     if batch_norm_momentum is not None:
-        _number("batch_norm_momentum", batch_norm_momentum,
-                "a number in [0, 1), or None to choose one from the steps per epoch",
-                lambda v: 0 <= v < 1)
-    _number("validation_fraction", validation_fraction, "a number strictly between 0 and 1",
-            lambda v: 0 < v < 1)
+        _number(
+            "batch_norm_momentum",
+            batch_norm_momentum,
+            "a number in [0, 1), or None to choose one from the steps per epoch",
+            lambda v: 0 <= v < 1,
+        )
+    _number(
+        "validation_fraction",
+        validation_fraction,
+        "a number strictly between 0 and 1",
+        lambda v: 0 < v < 1,
+    )
     # keras.utils.set_random_seed takes NumPy's seeds: 0 to 2**32 - 1.
-    if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-            or not 0 <= seed < 2**32):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
         raise ValueError(
             f"Invalid value for argument `seed`. Expected an integer from 0 to 2**32 - 1. "
-            f"Received: seed={seed!r}.")
+            f"Received: seed={seed!r}."
+        )
     seed = int(seed)
     return {
-        "model": model, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
-        "learning_rate": learning_rate, "schedule": schedule,
-        "warmup_epochs": int(warmup_epochs), "optimizer": optimizer,
-        "momentum": momentum, "weight_decay": weight_decay, "multigrid": multigrid,
-        "group_size": group_size, "coarsest_channels": coarsest_channels, "width": width,
-        "image_size": image_size, "batch_norm_momentum": batch_norm_momentum,
-        "validation_fraction": validation_fraction, "seed": seed,
+        "model": model,
+        "dataset": dataset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "schedule": schedule,
+        "warmup_epochs": int(warmup_epochs),
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "multigrid": multigrid,
+        "group_size": group_size,
+        "coarsest_channels": coarsest_channels,
+        "width": width,
+        "image_size": image_size,
+        "batch_norm_momentum": batch_norm_momentum,
+        "validation_fraction": validation_fraction,
+        "seed": seed,
     }
 
 
@@ -593,8 +691,9 @@ def steps_per_execution(steps_per_epoch, most=_MAX_STEPS_PER_EXECUTION):
     Keras runs whole executions, and one that crossed an epoch's end would move
     the epochs' boundaries, and with them the checkpoints and resuming.
     """
-    return max(steps for steps in range(1, min(steps_per_epoch, most) + 1)
-               if steps_per_epoch % steps == 0)
+    return max(
+        steps for steps in range(1, min(steps_per_epoch, most) + 1) if steps_per_epoch % steps == 0
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -615,9 +714,15 @@ class _Plan:
     def pipeline(self, split, **kwargs):
         """`data.image_pipeline` of `split` at the run's batch size, image shape and seed."""
         return data.image_pipeline(
-            self.config["dataset"], split, self.config["batch_size"],
-            image_shape=self.image_shape, data_dir=self.data_dir, manual_dir=self.manual_dir,
-            seed=self.config["seed"], **kwargs)
+            self.config["dataset"],
+            split,
+            self.config["batch_size"],
+            image_shape=self.image_shape,
+            data_dir=self.data_dir,
+            manual_dir=self.manual_dir,
+            seed=self.config["seed"],
+            **kwargs,
+        )
 
 
 def _plan(config, replicas, data_dir, manual_dir):
@@ -633,13 +738,16 @@ def _plan(config, replicas, data_dir, manual_dir):
     if image_shape is None:
         raise ValueError(
             f"Dataset {dataset!r} has images of varying size: pass `image_size` "
-            f"(`--image-size`), e.g. 224. Received: image_size=None.")
+            f"(`--image-size`), e.g. 224. Received: image_size=None."
+        )
     if batch_size % replicas:
         raise ValueError(
             f"`batch_size` is the global batch and must divide evenly between the "
-            f"{replicas} replicas. Received: batch_size={batch_size}.")
+            f"{replicas} replicas. Received: batch_size={batch_size}."
+        )
     fit_split, validation_split, selected_by = data.validation_splits(
-        dataset, data_dir, manual_dir, config["validation_fraction"])
+        dataset, data_dir, manual_dir, config["validation_fraction"]
+    )
     fit_examples = data.split_size(dataset, fit_split, data_dir, manual_dir)
     # Full training batches only: every global batch then has the same size
     # and splits evenly between replicas.
@@ -647,17 +755,29 @@ def _plan(config, replicas, data_dir, manual_dir):
     if steps_per_epoch == 0:
         raise ValueError(
             f"`batch_size` is larger than the {fit_examples} examples of {dataset!r} "
-            f"to fit on. Received: batch_size={batch_size}.")
+            f"to fit on. Received: batch_size={batch_size}."
+        )
     if epochs * steps_per_epoch >= 2**63:
         raise ValueError(
             f"`epochs` of {steps_per_epoch} steps each must number fewer steps than the "
             f"optimizer's 64-bit step counter holds: at most "
-            f"{(2**63 - 1) // steps_per_epoch:,} epochs. Received: epochs={epochs}.")
+            f"{(2**63 - 1) // steps_per_epoch:,} epochs. Received: epochs={epochs}."
+        )
     batch_norm_momentum = config["batch_norm_momentum"]
     if batch_norm_momentum is None:
         batch_norm_momentum = auto_batch_norm_momentum(steps_per_epoch)
-    return _Plan(config, data_dir, manual_dir, info, image_shape, fit_split, validation_split,
-                 selected_by, steps_per_epoch, batch_norm_momentum)
+    return _Plan(
+        config,
+        data_dir,
+        manual_dir,
+        info,
+        image_shape,
+        fit_split,
+        validation_split,
+        selected_by,
+        steps_per_epoch,
+        batch_norm_momentum,
+    )
 
 
 def _model(plan, output_dir, resume, strategy):
@@ -665,9 +785,17 @@ def _model(plan, output_dir, resume, strategy):
     config = plan.config
     keras.utils.set_random_seed(config["seed"])
     # Adapted outside the strategy's scope, which would distribute its statistics.
-    normalization = None if resume else data.normalization_layer(
-        config["dataset"], plan.image_shape, plan.data_dir, plan.manual_dir,
-        split=plan.fit_split)
+    normalization = (
+        None
+        if resume
+        else data.normalization_layer(
+            config["dataset"],
+            plan.image_shape,
+            plan.data_dir,
+            plan.manual_dir,
+            split=plan.fit_split,
+        )
+    )
     with strategy.scope():
         if resume:
             last = os.path.join(output_dir, "last.keras")
@@ -676,25 +804,41 @@ def _model(plan, output_dir, resume, strategy):
             except _UnreadableModel as error:
                 raise _damaged(output_dir, f"{last} {error}") from None
         else:
-            network = _build_model(config["model"], plan.info, plan.image_shape, normalization,
-                                   config["multigrid"], config["group_size"], config["width"],
-                                   plan.batch_norm_momentum, config["coarsest_channels"])
-            learning_rate = _learning_rate(config["schedule"], config["learning_rate"],
-                                           config["epochs"], plan.steps_per_epoch,
-                                           config["warmup_epochs"])
+            network = _build_model(
+                config["model"],
+                plan.info,
+                plan.image_shape,
+                normalization,
+                config["multigrid"],
+                config["group_size"],
+                config["width"],
+                plan.batch_norm_momentum,
+                config["coarsest_channels"],
+            )
+            learning_rate = _learning_rate(
+                config["schedule"],
+                config["learning_rate"],
+                config["epochs"],
+                plan.steps_per_epoch,
+                config["warmup_epochs"],
+            )
             network.compile(
-                optimizer=_optimizer(config["optimizer"], learning_rate, config["momentum"],
-                                     config["weight_decay"]),
+                optimizer=_optimizer(
+                    config["optimizer"], learning_rate, config["momentum"], config["weight_decay"]
+                ),
                 loss=keras.losses.SparseCategoricalCrossentropy(),
-                metrics=["accuracy"], jit_compile=False)
+                metrics=["accuracy"],
+                jit_compile=False,
+            )
     # Set after compiling, so that the saved models' compile config keeps 1:
     # `predict` and `evaluate` of a loaded model then trace one step, not a
     # loop of 20 and another for the last, partial execution (a trained
     # ResNet20's first `predict` of 1,797 digits: 47 s with 20, 5 s with 1).
     # Keras 3.15's multi-step loop fails under MirroredStrategy ("You must
     # feed a value for placeholder tensor ... multi_step_on_iterator").
-    network.steps_per_execution = (steps_per_execution(plan.steps_per_epoch)
-                                   if strategy.num_replicas_in_sync == 1 else 1)
+    network.steps_per_execution = (
+        steps_per_execution(plan.steps_per_epoch) if strategy.num_replicas_in_sync == 1 else 1
+    )
     _distribute(network, strategy)
     return network
 
@@ -723,13 +867,16 @@ def _fit(network, plan, output_dir, run_dir, history, strategy, verbose):
     # checkpoints hold, the model that inference mode will run.
     # The same batches every epoch (those of the first), so that a resumed
     # run computes what an uninterrupted one does.
-    batch_norm_data = plan.pipeline(plan.fit_split, training=True, drop_remainder=True,
-                                    epochs=range(1))
+    batch_norm_data = plan.pipeline(
+        plan.fit_split, training=True, drop_remainder=True, epochs=range(1)
+    )
     callbacks = [
         _EpochTimer(),
         PreciseBatchNormalization(
-            batch_norm_data, min(plan.steps_per_epoch, _BATCH_NORM_STATISTICS_STEPS),
-            validation_data=plan.pipeline(plan.validation_split)),
+            batch_norm_data,
+            min(plan.steps_per_epoch, _BATCH_NORM_STATISTICS_STEPS),
+            validation_data=plan.pipeline(plan.validation_split),
+        ),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
         _Checkpoints(run_dir, best_accuracy),
     ]
@@ -740,14 +887,21 @@ def _fit(network, plan, output_dir, run_dir, history, strategy, verbose):
     # batch between the replicas (and the workers: the pipeline asks for
     # sharding by example); the pipeline has no random state that its
     # rewriting could reset.
-    train_data = plan.pipeline(plan.fit_split, training=True, drop_remainder=True,
-                               epochs=range(completed_epochs, epochs))
+    train_data = plan.pipeline(
+        plan.fit_split, training=True, drop_remainder=True, epochs=range(completed_epochs, epochs)
+    )
     if verbose == "auto":
         verbose = _auto_verbosity(plan.steps_per_epoch, int(network.steps_per_execution))
     with strategy.scope():
-        network.fit(train_data, epochs=epochs, steps_per_epoch=plan.steps_per_epoch,
-                    initial_epoch=completed_epochs, callbacks=callbacks, verbose=verbose,
-                    shuffle=False)  # The pipeline shuffles.
+        network.fit(
+            train_data,
+            epochs=epochs,
+            steps_per_epoch=plan.steps_per_epoch,
+            initial_epoch=completed_epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # The pipeline shuffles.
 
 
 def _auto_verbosity(steps_per_epoch, steps_per_execution):
@@ -774,9 +928,13 @@ def _report(network, plan, run_dir, strategy):
         "image_shape": list(plan.image_shape),
         "num_classes": plan.info.num_classes,
         "replicas": strategy.num_replicas_in_sync,
-        **_test_accuracies(network, os.path.join(run_dir, "best.keras"),
-                           _selected_epoch(history) == epochs - 1,
-                           plan.pipeline(plan.info.test_split), strategy),
+        **_test_accuracies(
+            network,
+            os.path.join(run_dir, "best.keras"),
+            _selected_epoch(history) == epochs - 1,
+            plan.pipeline(plan.info.test_split),
+            strategy,
+        ),
         **_epochs_summary(history, plan.selected_by),
         **_learned(history, plan.info.num_classes),
     }
@@ -795,8 +953,7 @@ def learned_anything(accuracy, num_classes):
 
 def _learned(history, num_classes):
     accuracy = float(history[-1]["accuracy"])
-    return {"final_train_accuracy": accuracy,
-            "learned": learned_anything(accuracy, num_classes)}
+    return {"final_train_accuracy": accuracy, "learned": learned_anything(accuracy, num_classes)}
 
 
 def _multigrid_settings_used(config):
@@ -818,12 +975,32 @@ def _multigrid_settings_used(config):
     return {"group_size": settings.group_size, "coarsest_channels": settings.coarsest_channels}
 
 
-def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=64,
-          learning_rate=0.1, schedule="cosine", optimizer="sgd", momentum=0.9,
-          weight_decay=5e-4, multigrid=True, group_size=None, width=1.0, image_size=None,
-          output_dir="runs/ResNet20-multigrid-digits", data_dir=None, manual_dir=None,
-          strategy="default", batch_norm_momentum=None, validation_fraction=0.1, seed=0,
-          overwrite=False, verbose="auto", warmup_epochs=None, coarsest_channels=None):
+def train(
+    model="ResNet20",
+    dataset=data.DEFAULT_DATASET,
+    epochs=15,
+    batch_size=64,
+    learning_rate=0.1,
+    schedule="cosine",
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=5e-4,
+    multigrid=True,
+    group_size=None,
+    width=1.0,
+    image_size=None,
+    output_dir="runs/ResNet20-multigrid-digits",
+    data_dir=None,
+    manual_dir=None,
+    strategy="default",
+    batch_norm_momentum=None,
+    validation_fraction=0.1,
+    seed=0,
+    overwrite=False,
+    verbose="auto",
+    warmup_epochs=None,
+    coarsest_channels=None,
+):
     """Trains a factory model on a TFDS image-classification dataset with `model.fit`.
 
     The recipe is the paper's: SGD with Nesterov momentum 0.9, weight decay
@@ -898,10 +1075,26 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
     >>> summary["epochs"], summary["replicas"], summary["image_shape"], summary["selected_by"]
     (1, 1, [8, 8, 1], "10% of 'train', stratified")
     """
-    config = _config(model, dataset, epochs, batch_size, learning_rate, schedule, optimizer,
-                     momentum, weight_decay, multigrid, group_size, width, image_size,
-                     batch_norm_momentum, validation_fraction, seed, warmup_epochs,
-                     coarsest_channels)
+    config = _config(
+        model,
+        dataset,
+        epochs,
+        batch_size,
+        learning_rate,
+        schedule,
+        optimizer,
+        momentum,
+        weight_decay,
+        multigrid,
+        group_size,
+        width,
+        image_size,
+        batch_norm_momentum,
+        validation_fraction,
+        seed,
+        warmup_epochs,
+        coarsest_channels,
+    )
     output_dir = _writable_output_dir(output_dir)
     if not isinstance(strategy, tf.distribute.Strategy):
         strategy = make_strategy(strategy)
@@ -919,8 +1112,9 @@ def train(model="ResNet20", dataset=data.DEFAULT_DATASET, epochs=15, batch_size=
         plan = _plan(config, strategy.num_replicas_in_sync, data_dir, manual_dir)
         network = _model(plan, output_dir, resume, strategy)
         completed_epochs = int(network.optimizer.iterations.numpy()) // plan.steps_per_epoch
-        history = _prepare_output_dir(output_dir, run_dir, config, completed_epochs, overwrite,
-                                      writes)
+        history = _prepare_output_dir(
+            output_dir, run_dir, config, completed_epochs, overwrite, writes
+        )
         _fit(network, plan, output_dir, run_dir, history, strategy, verbose)
         summary = _report(network, plan, run_dir, strategy)
         if writes:
@@ -956,13 +1150,15 @@ def load_model(path, argument="model_path"):
             Keras model (truncated, damaged, or not saved by Keras).
     """
     if not os.path.isfile(str(path)) or not str(path).endswith(".keras"):
-        raise ValueError(f"`{argument}` must be an existing .keras file. "
-                         f"Received: {argument}={str(path)!r}.")
+        raise ValueError(
+            f"`{argument}` must be an existing .keras file. Received: {argument}={str(path)!r}."
+        )
     try:
         return _load(path)
     except _UnreadableModel as error:
-        raise ValueError(f"{path} {error}; save or train it again. "
-                         f"Received: {argument}={str(path)!r}.") from None
+        raise ValueError(
+            f"{path} {error}; save or train it again. Received: {argument}={str(path)!r}."
+        ) from None
 
 
 class _UnreadableModel(Exception):
@@ -970,7 +1166,7 @@ class _UnreadableModel(Exception):
 
 
 def _load(path):
-    """`keras.models.load_model(path)`; raises `_UnreadableModel` saying what is wrong with the file."""
+    """`keras.models.load_model(path)`; raises `_UnreadableModel` saying what is wrong with it."""
     # Keras reports a file that is not a zip archive as "File not found".
     problem = None if zipfile.is_zipfile(path) else "not a zip archive"
     if problem is None:
@@ -980,11 +1176,19 @@ def _load(path):
             problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     raise _UnreadableModel(
         f"is not a readable Keras model ({problem}): it is truncated, damaged or was not "
-        f"saved by Keras")
+        f"saved by Keras"
+    )
 
 
-def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=256,
-             data_dir=None, manual_dir=None, verbose="auto"):
+def evaluate(
+    model_path,
+    dataset=data.DEFAULT_DATASET,
+    split=None,
+    batch_size=256,
+    data_dir=None,
+    manual_dir=None,
+    verbose="auto",
+):
     """Evaluates a saved `.keras` classifier on a TFDS dataset split.
 
     The images are brought to the model's input shape (resized, grayscale and
@@ -1014,13 +1218,19 @@ def evaluate(model_path, dataset=data.DEFAULT_DATASET, split=None, batch_size=25
     if classes != info.num_classes:
         raise ValueError(
             f"The model predicts {classes} classes but {dataset!r} has "
-            f"{info.num_classes}. Received: model_path={model_path!r}, dataset={dataset!r}.")
+            f"{info.num_classes}. Received: model_path={model_path!r}, dataset={dataset!r}."
+        )
     split = split or info.test_split
-    images = data.image_pipeline(dataset, split, batch_size, image_shape=network.input_shape[1:],
-                                 data_dir=data_dir, manual_dir=manual_dir)
+    images = data.image_pipeline(
+        dataset,
+        split,
+        batch_size,
+        image_shape=network.input_shape[1:],
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+    )
     network.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     results = network.evaluate(images, verbose=verbose, return_dict=True)
-    return {"loss": float(results["loss"]), "accuracy": float(results["accuracy"]),
-            "split": split}
+    return {"loss": float(results["loss"]), "accuracy": float(results["accuracy"]), "split": split}

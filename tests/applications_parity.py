@@ -26,8 +26,7 @@ def copy_weights(source, target):
     """
     theirs = {layer.name: layer for layer in source.layers if layer.weights}
     ours = {layer.name: layer for layer in target.layers if layer.weights}
-    assert sorted(ours) == sorted(theirs), (
-        sorted(set(ours) ^ set(theirs)))
+    assert sorted(ours) == sorted(theirs), sorted(set(ours) ^ set(theirs))
     for name, layer in theirs.items():
         assert type(ours[name]).__name__ == type(layer).__name__, name
         weights = layer.get_weights()
@@ -46,4 +45,5 @@ def assert_same_function(ours, theirs, inputs):
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(ours(inputs, training=training)),
             keras.ops.convert_to_numpy(theirs(inputs, training=training)),
-            err_msg=f"training={training}")
+            err_msg=f"training={training}",
+        )

@@ -49,8 +49,9 @@ def _seed_and_policy():
 def bottleneck_resnet(**kwargs):
     """ResNet50's blocks, 2 a stage instead of 3, 4, 6, 3."""
     stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
-    return models.ResNet(resnet.bottleneck_block, stages, "imagenet", "projection",
-                         name="resnet50_2222", **kwargs)
+    return models.ResNet(
+        resnet.bottleneck_block, stages, "imagenet", "projection", name="resnet50_2222", **kwargs
+    )
 
 
 # The factories of a family differ only in how often they repeat the same
@@ -73,8 +74,10 @@ def layer_kinds(model):
     What a layer computes, and the TFLite ops it converts to, depend on these
     alone.
     """
+
     def kind(layer):
         config = {key: value for key, value in layer.get_config().items() if key != "name"}
         shapes = keras.tree.map_structure(lambda tensor: tuple(tensor.shape), layer.input)
         return type(layer).__name__, repr(sorted(config.items())), repr(shapes)
+
     return {kind(layer) for layer in model.layers}

@@ -24,7 +24,7 @@ the results' scale.
 
 import numpy as np
 
-UNIT_ROUNDOFF = 2.0 ** -24
+UNIT_ROUNDOFF = 2.0**-24
 
 
 def assert_within_rounding(actual, expected, length, magnitudes):
@@ -39,15 +39,16 @@ def assert_within_rounding(actual, expected, length, magnitudes):
         magnitudes: for every value, the magnitude of its terms: an array, or
             one scale for all.
     """
-    actual, expected, magnitudes = (np.asarray(values, np.float64)
-                                    for values in (actual, expected, magnitudes))
+    actual, expected, magnitudes = (
+        np.asarray(values, np.float64) for values in (actual, expected, magnitudes)
+    )
     gamma = length * UNIT_ROUNDOFF / (1 - length * UNIT_ROUNDOFF)
     difference = np.abs(actual - expected)
     bound = np.broadcast_to(2 * gamma * magnitudes, difference.shape)
-    worst = tuple(int(i) for i in np.unravel_index(np.argmax(difference - bound),
-                                                     difference.shape))
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(difference - bound), difference.shape))
     assert difference[worst] <= bound[worst], (
         f"at {worst}: {actual[worst]} against {expected[worst]}, a difference of "
         f"{difference[worst]:.3g}, more than rounding can make in sums of {length} terms "
         f"of magnitude {np.broadcast_to(magnitudes, difference.shape)[worst]:.3g} "
-        f"({bound[worst]:.3g})")
+        f"({bound[worst]:.3g})"
+    )

@@ -10,9 +10,8 @@ import math
 
 import numpy as np
 
-from keras_mgconv._keras import keras
-
 from float32_rounding import assert_within_rounding
+from keras_mgconv._keras import keras
 
 
 def to_numpy(tensor):
@@ -30,10 +29,15 @@ def v_cycle_sum_length(layer):
     backwards (k * k * C_out / G), and the cycle's additions: per level the
     difference, the correction and the smoother's identity; and the bias.
     """
-    return sum(
-        math.prod(sublayer.kernel.shape[:2])
-        * max(sublayer.kernel.shape[2], sublayer.kernel.shape[3] // sublayer.groups)
-        for sublayer in layer.convolutions) + 3 * len(layer.smoothers) + 1
+    return (
+        sum(
+            math.prod(sublayer.kernel.shape[:2])
+            * max(sublayer.kernel.shape[2], sublayer.kernel.shape[3] // sublayer.groups)
+            for sublayer in layer.convolutions
+        )
+        + 3 * len(layer.smoothers)
+        + 1
+    )
 
 
 def assert_same_predictions(model, arrays):
@@ -44,12 +48,17 @@ def assert_same_predictions(model, arrays):
     """
     multigrid, grouped = model.layers[:2]
     length = v_cycle_sum_length(multigrid) + math.prod(grouped.kernel.shape[:3]) + 1
-    assert_within_rounding(model.predict(arrays["inputs"], verbose=0), arrays["predictions"],
-                           length, np.max(np.abs(arrays["predictions"])))
+    assert_within_rounding(
+        model.predict(arrays["inputs"], verbose=0),
+        arrays["predictions"],
+        length,
+        np.max(np.abs(arrays["predictions"])),
+    )
 
 
-def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_shape,
-                expected_num_weights):
+def check_layer(
+    tmp_path, layer_cls, init_kwargs, input_shape, expected_output_shape, expected_num_weights
+):
     rng = np.random.default_rng(0)
     batch_input_shape = (2, *input_shape[1:])
     batch_output_shape = (2, *expected_output_shape[1:])
@@ -59,8 +68,7 @@ def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_s
     layer = layer_cls(**init_kwargs)
     config = layer.get_config()
     assert layer_cls.from_config(config).get_config() == config
-    revived = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(layer))
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(revived) is layer_cls
     assert revived.get_config() == config
 
@@ -85,8 +93,9 @@ def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_s
     targets = rng.standard_normal(batch_output_shape).astype("float32")
     model.fit(inputs, targets, batch_size=2, epochs=1, verbose=0)
     after = [w.numpy().copy() for w in model.trainable_weights]
-    unchanged = [w.name for w, b, a in zip(model.trainable_weights, before, after)
-                 if np.array_equal(b, a)]
+    unchanged = [
+        w.name for w, b, a in zip(model.trainable_weights, before, after) if np.array_equal(b, a)
+    ]
     assert not unchanged, f"weights not trained by fit: {unchanged}"
 
     # Mixed precision: computes in float16, keeps float32 weights, trains.
@@ -95,7 +104,8 @@ def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_s
     assert "float16" in str(mixed_outputs.dtype)
     assert all(w.dtype == "float32" for w in mixed.weights)
     mixed_model = keras.Sequential(
-        [keras.Input(input_shape[1:]), layer_cls(**init_kwargs, dtype="mixed_float16")])
+        [keras.Input(input_shape[1:]), layer_cls(**init_kwargs, dtype="mixed_float16")]
+    )
     mixed_model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     history = mixed_model.fit(inputs, targets, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
@@ -104,5 +114,6 @@ def check_layer(tmp_path, layer_cls, init_kwargs, input_shape, expected_output_s
     path = str(tmp_path / "layer.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(inputs, verbose=0),
-                                  model.predict(inputs, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0)
+    )

@@ -28,8 +28,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 import keras_mgconv
 from keras_mgconv import data, models, optimization, training
 from keras_mgconv._keras import keras
-from keras_mgconv.layers import MultigridConv2D
-from keras_mgconv.layers import _tensorflow_ops
+from keras_mgconv.layers import MultigridConv2D, _tensorflow_ops
 from keras_mgconv.layers.grouped_conv import GroupedConvBase, grouped_gradient_supported
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -52,15 +51,19 @@ SPARSITY = 0.5
 
 
 def max_difference(first, second, inputs):
-    return float(np.max(np.abs(first.predict(inputs, verbose=0)
-                               - second.predict(inputs, verbose=0))))
+    return float(
+        np.max(np.abs(first.predict(inputs, verbose=0) - second.predict(inputs, verbose=0)))
+    )
 
 
 def compile_for_training(model, learning_rate, epochs, steps_per_epoch):
     """Adam with a cosine decay of `learning_rate` to 0 over the run."""
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)
-    model.compile(keras.optimizers.Adam(schedule),
-                  keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(schedule),
+        keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
 
 
 def accuracy(model, test):
@@ -84,7 +87,8 @@ def check_layers(output_dir, rng):
         path = f"{output_dir}/layers.{extension}"
         model.save(path)
         report[f"{extension}_difference"] = max_difference(
-            model, keras.models.load_model(path), images)
+            model, keras.models.load_model(path), images
+        )
     try:
         optimization.quantize_model(model, calibration_data=[])
     except ValueError as error:
@@ -98,14 +102,17 @@ def check_layers(output_dir, rng):
     unrolled = optimization.unroll_multigrid(model)
     report["unroll_difference"] = max_difference(model, unrolled, images)
     report["unrolled_layers"] = [type(layer).__name__ for layer in unrolled.layers]
-    report["unrolled_residual"] = [layer.residual for layer in unrolled.layers
-                                   if hasattr(layer, "residual")]
+    report["unrolled_residual"] = [
+        layer.residual for layer in unrolled.layers if hasattr(layer, "residual")
+    ]
     # Six multigrid layers (groups of 32), not thirty (groups of 8): the same layer kinds.
     mobilenet = models.MobileNetV2((32, 32, 3), alpha=0.35, classes=10, group_size=32)
     mobilenet.save(f"{output_dir}/mobilenet.keras")
     report["mobilenet_difference"] = max_difference(
-        mobilenet, keras.models.load_model(f"{output_dir}/mobilenet.keras"),
-        rng.random((2, 32, 32, 3)).astype("float32"))
+        mobilenet,
+        keras.models.load_model(f"{output_dir}/mobilenet.keras"),
+        rng.random((2, 32, 32, 3)).astype("float32"),
+    )
     return report
 
 
@@ -117,15 +124,18 @@ def check_keras3_file(output_dir):
     expected = np.load(f"{output_dir}/keras3/expected.npz")
     model = optimization.load_model(path)
     report = {
-        "keras3_load_difference": float(np.max(np.abs(
-            model.predict(expected["inputs"], verbose=0) - expected["outputs"]))),
+        "keras3_load_difference": float(
+            np.max(np.abs(model.predict(expected["inputs"], verbose=0) - expected["outputs"]))
+        ),
         "keras3_layers": sorted({type(layer).__name__ for layer in model.layers}),
         "keras3_policies": sorted({layer.dtype_policy.name for layer in model.layers}),
     }
     with open(f"{output_dir}/damaged.keras", "wb") as file:
         file.write(b"not a zip archive")
-    for name, bad_path in (("missing", f"{output_dir}/missing.keras"),
-                           ("damaged", f"{output_dir}/damaged.keras")):
+    for name, bad_path in (
+        ("missing", f"{output_dir}/missing.keras"),
+        ("damaged", f"{output_dir}/damaged.keras"),
+    ):
         try:
             optimization.load_model(bad_path)
         except ValueError as error:
@@ -139,21 +149,28 @@ def check_calibration_arrays(rng):
     # With 1 channel, against the same array as one batch; with 16 (which
     # used to fail), the array alone.
     for channels, forms in ((1, ("array", "batch")), (16, ("array",))):
-        model = keras.Sequential([keras.Input((8, 8, channels)), keras_mgconv.MultigridConv2D(
-            32, 3, padding="same", group_size=8)])
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8, channels)),
+                keras_mgconv.MultigridConv2D(32, 3, padding="same", group_size=8),
+            ]
+        )
         images = 100 * rng.random((64, 8, 8, channels)).astype("float32")
         expected = model(images)
-        for name, data in ((name, {"array": images, "batch": [images]}[name]) for name in forms):
+        for name, calibration in (
+            (name, {"array": images, "batch": [images]}[name]) for name in forms
+        ):
             try:
-                qat_model = optimization.quantize_model(model, calibration_data=data)
+                qat_model = optimization.quantize_model(model, calibration_data=calibration)
             except ValueError as error:
                 report[f"calibration_{name}_{channels}"] = str(error)
                 continue
             report[f"calibration_{name}_{channels}"] = float(
-                np.max(np.abs(qat_model(images) - expected)) / np.max(np.abs(expected)))
-    for name, data in (("images", list(images)), ("array", images[..., :3])):
+                np.max(np.abs(qat_model(images) - expected)) / np.max(np.abs(expected))
+            )
+    for name, calibration in (("images", list(images)), ("array", images[..., :3])):
         try:
-            optimization.quantize_model(model, calibration_data=data)
+            optimization.quantize_model(model, calibration_data=calibration)
         except ValueError as error:
             report[f"calibration_shape_error_{name}"] = str(error)
     return report
@@ -164,7 +181,8 @@ def check_argument_errors(model):
     calls = {
         "schedule": lambda: optimization.prune_low_magnitude(model, "notaschedule"),
         "structured": lambda: optimization.prune_low_magnitude(
-            model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0), structured="yes"),
+            model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0), structured="yes"
+        ),
         "converter": lambda: optimization.tflite_converter("x"),
     }
     report = {}
@@ -194,7 +212,8 @@ def check_mobilenet_v3(rng):
     # The ops as converted, not as XNNPACK's partitions would hide them.
     interpreter = Interpreter(
         model_content=converter.convert(),
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     interpreter.allocate_tensors()
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
@@ -204,21 +223,35 @@ def check_mobilenet_v3(rng):
         interpreter.invoke()
         outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
     expected = qat_model(images, training=False).numpy()
-    pruned = optimization.prune_low_magnitude(
-        model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
+    pruned = optimization.prune_low_magnitude(model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
     return {
         "mobilenet_v3_ops": sorted({op["op_name"] for op in ops}),
-        "mobilenet_v3_float_ops": sorted(op["op_name"] for op in ops if any(
-            tensors[index]["dtype"] == np.float32 for index in op["outputs"])),
-        "mobilenet_v3_int8_ops": sorted({op["op_name"] for op in ops if all(
-            tensors[index]["dtype"] == np.int8 for index in op["outputs"])}),
+        "mobilenet_v3_float_ops": sorted(
+            op["op_name"]
+            for op in ops
+            if any(tensors[index]["dtype"] == np.float32 for index in op["outputs"])
+        ),
+        "mobilenet_v3_int8_ops": sorted(
+            {
+                op["op_name"]
+                for op in ops
+                if all(tensors[index]["dtype"] == np.int8 for index in op["outputs"])
+            }
+        ),
         "mobilenet_v3_int8_difference": float(np.max(np.abs(np.stack(outputs) - expected))),
-        "mobilenet_v3_int8_top1": float(np.mean(
-            np.argmax(outputs, axis=-1) == np.argmax(expected, axis=-1))),
-        "mobilenet_v3_pruned": sorted({type(layer.layer).__name__ for layer in pruned.layers
-                                       if getattr(layer, "pruning_vars", None)}),
-        "mobilenet_v3_unwrapped": sorted({type(layer).__name__ for layer in pruned.layers
-                                          if not hasattr(layer, "pruning_vars")}),
+        "mobilenet_v3_int8_top1": float(
+            np.mean(np.argmax(outputs, axis=-1) == np.argmax(expected, axis=-1))
+        ),
+        "mobilenet_v3_pruned": sorted(
+            {
+                type(layer.layer).__name__
+                for layer in pruned.layers
+                if getattr(layer, "pruning_vars", None)
+            }
+        ),
+        "mobilenet_v3_unwrapped": sorted(
+            {type(layer).__name__ for layer in pruned.layers if not hasattr(layer, "pruning_vars")}
+        ),
     }
 
 
@@ -226,9 +259,13 @@ def train_float_model(train, test, steps_per_epoch):
     """The multigrid ResNet, with the digits' normalisation, trained from scratch."""
     inputs = keras.Input(data.image_dataset_info("digits").image_shape)
     model = models.CIFARResNet(
-        DEPTH, input_tensor=data.normalization_layer("digits")(inputs), classes=10,
-        group_size=GROUP_SIZE, coarsest_channels=COARSEST_CHANNELS,
-        batch_norm_momentum=training.auto_batch_norm_momentum(steps_per_epoch))
+        DEPTH,
+        input_tensor=data.normalization_layer("digits")(inputs),
+        classes=10,
+        group_size=GROUP_SIZE,
+        coarsest_channels=COARSEST_CHANNELS,
+        batch_norm_momentum=training.auto_batch_norm_momentum(steps_per_epoch),
+    )
     compile_for_training(model, 3e-3, FLOAT_EPOCHS, steps_per_epoch)
     model.fit(train, epochs=FLOAT_EPOCHS, verbose=0)
     return model, accuracy(model, test)
@@ -244,12 +281,21 @@ def tflite_report(tflite_model, test):
         "tflite_accuracy": tflite_accuracy(tflite_model, test),
         "test_examples": len(list(test.unbatch())),
         "conv_ops": sum(op["op_name"] == "CONV_2D" for op in compute_ops),
-        "float_ops": sorted({op["op_name"] for op in ops
-                             if any(tensors[index]["dtype"] == np.float32
-                                    for index in op["outputs"])}),
+        "float_ops": sorted(
+            {
+                op["op_name"]
+                for op in ops
+                if any(tensors[index]["dtype"] == np.float32 for index in op["outputs"])
+            }
+        ),
         # Input, filter and output of every convolution and the classifier.
-        "compute_op_types": sorted({tensors[index]["dtype"].__name__ for op in compute_ops
-                                    for index in (*op["inputs"][:2], *op["outputs"])}),
+        "compute_op_types": sorted(
+            {
+                tensors[index]["dtype"].__name__
+                for op in compute_ops
+                for index in (*op["inputs"][:2], *op["outputs"])
+            }
+        ),
     }
 
 
@@ -266,8 +312,9 @@ def check_quantization(model, output_dir, train, test, steps_per_epoch):
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     unrolled = optimization.unroll_multigrid(model)
     return {
-        "unrolled_convolutions": sum(isinstance(layer, (keras.layers.Conv2D, GroupedConvBase))
-                                     for layer in unrolled.layers),
+        "unrolled_convolutions": sum(
+            isinstance(layer, (keras.layers.Conv2D, GroupedConvBase)) for layer in unrolled.layers
+        ),
         "qat_accuracy": accuracy(qat_model, test),
         "qat_reload_difference": max_difference(qat_model, loaded, images),
         **tflite_report(converter.convert(), test),
@@ -276,13 +323,14 @@ def check_quantization(model, output_dir, train, test, steps_per_epoch):
 
 def check_pruning(model, output_dir, train, test, steps_per_epoch):
     schedule = tfmot.sparsity.keras.PolynomialDecay(
-        0.0, SPARSITY, begin_step=0, end_step=PRUNE_RAMP_EPOCHS * steps_per_epoch,
-        frequency=5)
+        0.0, SPARSITY, begin_step=0, end_step=PRUNE_RAMP_EPOCHS * steps_per_epoch, frequency=5
+    )
     pruned = optimization.prune_low_magnitude(model, schedule)
     wrapped = [layer for layer in pruned.layers if hasattr(layer, "pruning_vars")]
     compile_for_training(pruned, 1e-3, PRUNE_EPOCHS, steps_per_epoch)
-    pruned.fit(train, epochs=PRUNE_EPOCHS, verbose=0,
-               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    pruned.fit(
+        train, epochs=PRUNE_EPOCHS, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
+    )
     kernels = [w.numpy() for layer in wrapped for w, _, _ in layer.pruning_vars]
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     stripped.save(f"{output_dir}/pruned.keras")
@@ -291,9 +339,12 @@ def check_pruning(model, output_dir, train, test, steps_per_epoch):
         "pruned_accuracy": accuracy(pruned, test),
         "stripped_accuracy": accuracy(reloaded, test),
         "sparsity": sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels),
-        "multigrid_sparsities": [float(np.mean(w.numpy() == 0)) for layer in wrapped
-                                 if isinstance(layer.layer, MultigridConv2D)
-                                 for w, _, _ in layer.pruning_vars],
+        "multigrid_sparsities": [
+            float(np.mean(w.numpy() == 0))
+            for layer in wrapped
+            if isinstance(layer.layer, MultigridConv2D)
+            for w, _, _ in layer.pruning_vars
+        ],
         "wrapped": sorted({type(layer.layer).__name__ for layer in wrapped}),
         "stripped_layers": sorted({type(layer).__name__ for layer in reloaded.layers}),
     }
@@ -308,45 +359,61 @@ def group_counts(kernel, groups):
 
 
 def check_structured_pruning(rng):
-    model = keras.Sequential([
-        keras.Input((8, 8, 16)),
-        keras_mgconv.MultigridConv2D(64, 3, padding="same", group_size=8),
-        keras_mgconv.GroupedConv2D(64, 3, groups=8, padding="same", residual=True),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 16)),
+            keras_mgconv.MultigridConv2D(64, 3, padding="same", group_size=8),
+            keras_mgconv.GroupedConv2D(64, 3, groups=8, padding="same", residual=True),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
     pruned = optimization.prune_low_magnitude(
-        model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0, frequency=1),
-        structured=True)
+        model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0, frequency=1), structured=True
+    )
     pruned.compile(keras.optimizers.Adam(1e-3), "mse")
     images = rng.standard_normal((32, 8, 8, 16)).astype("float32")
-    pruned.fit(images, rng.standard_normal((32, 10)).astype("float32"), batch_size=8,
-               verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    pruned.fit(
+        images,
+        rng.standard_normal((32, 10)).astype("float32"),
+        batch_size=8,
+        verbose=0,
+        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+    )
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-    convolutions = [conv for layer in stripped.layers
-                    for conv in getattr(layer, "convolutions", [layer])
-                    if hasattr(conv, "groups")]
+    convolutions = [
+        conv
+        for layer in stripped.layers
+        for conv in getattr(layer, "convolutions", [layer])
+        if hasattr(conv, "groups")
+    ]
     multigrid_outputs = stripped.layers[0](images).numpy()
     return {
         "structured_wrapped": [type(layer).__name__ for layer in pruned.layers],
-        "structured_groups": [[conv.name, conv.groups, *group_counts(conv.kernel.numpy(),
-                                                                     conv.groups)]
-                              for conv in convolutions],
+        "structured_groups": [
+            [conv.name, conv.groups, *group_counts(conv.kernel.numpy(), conv.groups)]
+            for conv in convolutions
+        ],
         "structured_dense_zeros": int(np.sum(stripped.layers[-1].kernel.numpy() == 0)),
         "structured_stripped_difference": max_difference(pruned, stripped, images),
         # No channel of the pruned multigrid layer's output may be dead.
-        "structured_silent_channels": int(np.sum(np.all(multigrid_outputs == 0,
-                                                        axis=(0, 1, 2)))),
+        "structured_silent_channels": int(np.sum(np.all(multigrid_outputs == 0, axis=(0, 1, 2)))),
     }
 
 
 def check_structured_pruning_of_the_block_design():
     """Refused: it used to wrap none of the block design's layers, and say nothing."""
-    model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE,
-                               coarsest_channels=COARSEST_CHANNELS, multigrid="block")
+    model = models.CIFARResNet(
+        DEPTH,
+        input_shape=(8, 8, 1),
+        group_size=GROUP_SIZE,
+        coarsest_channels=COARSEST_CHANNELS,
+        multigrid="block",
+    )
     try:
         optimization.prune_low_magnitude(
-            model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0), structured=True)
+            model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0), structured=True
+        )
     except ValueError as error:
         return {"block_design_structured_error": str(error)}
     return {}
@@ -354,13 +421,19 @@ def check_structured_pruning_of_the_block_design():
 
 def check_tfmot_directly():
     """tfmot's own prune_low_magnitude takes a multigrid factory model whole."""
-    model = models.CIFARResNet(DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE,
-                               coarsest_channels=COARSEST_CHANNELS)
+    model = models.CIFARResNet(
+        DEPTH, input_shape=(8, 8, 1), group_size=GROUP_SIZE, coarsest_channels=COARSEST_CHANNELS
+    )
     pruned = tfmot.sparsity.keras.prune_low_magnitude(
-        model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0))
-    return {"tfmot_multigrid_kernels": sum(
-        len(layer.pruning_vars) for layer in pruned.layers
-        if isinstance(getattr(layer, "layer", None), MultigridConv2D))}
+        model, tfmot.sparsity.keras.ConstantSparsity(SPARSITY, 0)
+    )
+    return {
+        "tfmot_multigrid_kernels": sum(
+            len(layer.pruning_vars)
+            for layer in pruned.layers
+            if isinstance(getattr(layer, "layer", None), MultigridConv2D)
+        )
+    }
 
 
 def main(output_dir, float_model=None):
@@ -369,11 +442,19 @@ def main(output_dir, float_model=None):
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    report = {} if float_model else {
-        **check_layers(output_dir, rng), **check_structured_pruning(rng),
-        **check_structured_pruning_of_the_block_design(), **check_tfmot_directly(),
-        **check_keras3_file(output_dir), **check_calibration_arrays(rng),
-        **check_argument_errors(keras.models.load_model(f"{output_dir}/layers.h5"))}
+    report = (
+        {}
+        if float_model
+        else {
+            **check_layers(output_dir, rng),
+            **check_structured_pruning(rng),
+            **check_structured_pruning_of_the_block_design(),
+            **check_tfmot_directly(),
+            **check_keras3_file(output_dir),
+            **check_calibration_arrays(rng),
+            **check_argument_errors(keras.models.load_model(f"{output_dir}/layers.h5")),
+        }
+    )
     if not float_model:
         report.update(check_mobilenet_v3(rng))
     train = data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0)
@@ -391,8 +472,15 @@ def main(output_dir, float_model=None):
     report.update(check_quantization(model, output_dir, train, test, steps_per_epoch))
     if not float_model:
         # Pruning changes the weights of the model it wraps: prune a fresh copy.
-        report.update(check_pruning(keras.models.load_model(f"{output_dir}/float.keras"),
-                                    output_dir, train, test, steps_per_epoch))
+        report.update(
+            check_pruning(
+                keras.models.load_model(f"{output_dir}/float.keras"),
+                output_dir,
+                train,
+                test,
+                steps_per_epoch,
+            )
+        )
     report["grouped_gradient"] = grouped_gradient_supported(tf.float32)
     report["gradient_source"] = _tensorflow_ops._gradient_source(tf.float32)
     print(json.dumps(report))

@@ -22,22 +22,32 @@ MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
 def run_backend(backend, output_dir, saved):
-    environment = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
-                   # XLA's CPU compiler spends most of the JAX checks' time
-                   # optimizing code that runs a step or two (187 s against 120 s at -O0).
-                   "XLA_FLAGS": " ".join(filter(None, ["--xla_backend_optimization_level=0",
-                                                       os.environ.get("XLA_FLAGS")]))}
+    environment = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        # XLA's CPU compiler spends most of the JAX checks' time
+        # optimizing code that runs a step or two (187 s against 120 s at -O0).
+        "XLA_FLAGS": " ".join(
+            filter(None, ["--xla_backend_optimization_level=0", os.environ.get("XLA_FLAGS")])
+        ),
+    }
     environment.pop("TF_USE_LEGACY_KERAS", None)
     result = subprocess.run(
         [sys.executable, os.path.join(TESTS, "backend_checks.py"), str(output_dir), *saved],
-        env=environment, cwd=TESTS, capture_output=True, text=True, timeout=600)
+        env=environment,
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory):
-    """Where each backend saves its model (BACKEND.keras) with inputs and predictions (BACKEND.npz)."""
+    """Where each backend saves its model (BACKEND.keras), inputs and predictions (BACKEND.npz)."""
     return tmp_path_factory.mktemp("backends")
 
 
@@ -56,18 +66,25 @@ def reports(output_dir):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_and_factories_on_backend(reports, backend):
     if backend not in reports:
-        pytest.skip(f"{backend} is not installed: pip install -e \".[{backend}]\"")
+        pytest.skip(f'{backend} is not installed: pip install -e ".[{backend}]"')
     report = reports[backend]
     assert report["backend"] == backend
-    earlier = [name for name in BACKENDS[:BACKENDS.index(backend)] if name in reports]
+    earlier = [name for name in BACKENDS[: BACKENDS.index(backend)] if name in reports]
     assert report["checks"] == [
-        "grouped_conv_output", "v_cycle_output", "grouped_conv_gradients", "no_tensorflow",
-        "layers", "precise_batch_norm",
-        "save", *(f"load {name}.keras" for name in earlier)]
+        "grouped_conv_output",
+        "v_cycle_output",
+        "grouped_conv_gradients",
+        "no_tensorflow",
+        "layers",
+        "precise_batch_norm",
+        "save",
+        *(f"load {name}.keras" for name in earlier),
+    ]
 
 
-@pytest.mark.parametrize("backend,fastest", [("tensorflow", "grouped"), ("jax", "split"),
-                                              ("torch", "grouped")])
+@pytest.mark.parametrize(
+    "backend,fastest", [("tensorflow", "grouped"), ("jax", "split"), ("torch", "grouped")]
+)
 def test_auto_picks_the_backends_fastest_grouped_convolution_on_cpu(reports, backend, fastest):
     # XLA on CPU trains a 256-channel, group-16 MultigridConv2D 40x slower grouped than split.
     if backend not in reports:
@@ -90,12 +107,12 @@ def test_layers_do_not_import_tensorflow(reports, backend):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_model_trained_on_backend_exports_to_litert_under_tensorflow(reports, output_dir,
-                                                                     backend):
+def test_model_trained_on_backend_exports_to_litert_under_tensorflow(reports, output_dir, backend):
     """The README's path: train under JAX or PyTorch, export to LiteRT under TensorFlow."""
     if backend not in reports:
         pytest.skip(f"{backend} is not installed")
     from keras_mgconv._keras import USE_LEGACY_KERAS
+
     if USE_LEGACY_KERAS:
         pytest.skip("a Keras 3 file: tf_keras cannot read it")
     from keras_mgconv._keras import keras
@@ -103,8 +120,9 @@ def test_model_trained_on_backend_exports_to_litert_under_tensorflow(reports, ou
 
     model = keras.models.load_model(output_dir / f"{backend}.keras")
     arrays = np.load(output_dir / f"{backend}.npz")
-    report = export_tflite(model, output_dir / f"{backend}.tflite",
-                           verification_data=arrays["inputs"])
+    report = export_tflite(
+        model, output_dir / f"{backend}.tflite", verification_data=arrays["inputs"]
+    )
     assert report.builtin_only, report.op_counts
     # Export verifies the file against the loaded model to float32 rounding
     # (or writes nothing); the loaded model must be the trained one.

@@ -40,8 +40,12 @@ def test_statistics_are_the_average_batch_statistics_of_the_current_weights():
     model = small_network()
     images = batches(3)
     trainable = [w.numpy() for w in model.trainable_weights]
-    assert batch_norm.recompute_batch_norm_statistics(
-        model, tf.data.Dataset.from_tensor_slices(np.concatenate(images)).batch(16)) == 2
+    assert (
+        batch_norm.recompute_batch_norm_statistics(
+            model, tf.data.Dataset.from_tensor_slices(np.concatenate(images)).batch(16)
+        )
+        == 2
+    )
     # Reference: the layers called one by one, eagerly, in training mode.
     conv1, bn1, conv2, bn2 = (model.get_layer(n) for n in ("conv1", "bn1", "conv2", "bn2"))
     first, second = [], []
@@ -53,17 +57,22 @@ def test_statistics_are_the_average_batch_statistics_of_the_current_weights():
         x = conv2(x).numpy()
         second.append((x.mean(axis=(0, 1, 2)), moving_variance(x)))
     for layer, moments in ((bn1, first), (bn2, second)):
-        np.testing.assert_allclose(layer.moving_mean, np.mean([m for m, _ in moments], 0),
-                                   rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(layer.moving_variance, np.mean([v for _, v in moments], 0),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            layer.moving_mean, np.mean([m for m, _ in moments], 0), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance, np.mean([v for _, v in moments], 0), rtol=1e-4, atol=1e-5
+        )
     # The weights themselves are untouched.
     for before, after in zip(trainable, model.trainable_weights):
         np.testing.assert_array_equal(before, after.numpy())
 
 
-@pytest.mark.skipif(USE_LEGACY_KERAS, reason="tf_keras' fused batch norm keeps the unbiased "
-                    "variance: inference mode divides by it, training mode by the biased one")
+@pytest.mark.skipif(
+    USE_LEGACY_KERAS,
+    reason="tf_keras' fused batch norm keeps the unbiased "
+    "variance: inference mode divides by it, training mode by the biased one",
+)
 def test_inputs_and_targets_arrays_are_taken_as_inputs_and_targets():
     # As `fit` takes them: once refused inside Keras ("expects 1 input(s), received 2").
     images = batches(1, size=32)[0]
@@ -71,24 +80,29 @@ def test_inputs_and_targets_arrays_are_taken_as_inputs_and_targets():
     for data in [(images, targets), (images, targets, np.ones(32, "float32"))]:
         model = small_network()
         assert batch_norm.recompute_batch_norm_statistics(model, data) == 2
-        np.testing.assert_allclose(model.get_layer("bn1").moving_mean,
-                                   model.get_layer("conv1")(images).numpy().mean(axis=(0, 1, 2)),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            model.get_layer("bn1").moving_mean,
+            model.get_layer("conv1")(images).numpy().mean(axis=(0, 1, 2)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_inference_then_matches_batch_statistics_on_the_same_batch():
     # Stale moving averages (here: Keras' initial ones) make inference mode
     # compute another function than training did; recomputed on the batch
     # itself, the two modes agree.
-    model = models.ResNet20(input_shape=(8, 8, 3), group_size=8, classes=4,
-                            classifier_activation=None)
+    model = models.ResNet20(
+        input_shape=(8, 8, 3), group_size=8, classes=4, classifier_activation=None
+    )
     images = batches(1, size=32)[0][:, :6, :6]
     images = np.pad(images, [(0, 0), (1, 1), (1, 1), (0, 0)])
     training_mode = model(images, training=True).numpy()
     batch_norm.recompute_batch_norm_statistics(model, images)  # One batch of 32.
     inference_mode = model(images, training=False).numpy()
-    np.testing.assert_allclose(inference_mode, training_mode, rtol=1e-3, atol=1e-3 * np.abs(
-        training_mode).max())
+    np.testing.assert_allclose(
+        inference_mode, training_mode, rtol=1e-3, atol=1e-3 * np.abs(training_mode).max()
+    )
 
 
 def test_callback_recomputes_before_validation():
@@ -97,13 +111,14 @@ def test_callback_recomputes_before_validation():
     images = np.concatenate(batches(4))
     targets = np.random.default_rng(1).normal(size=(len(images), 2)).astype("float32")
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(16)
-    callback = batch_norm.PreciseBatchNormalization(dataset, steps=2,
-                                                    validation_data=(images, targets))
-    history = model.fit(images, targets, batch_size=16, epochs=2, verbose=0,
-                        callbacks=[callback])
+    callback = batch_norm.PreciseBatchNormalization(
+        dataset, steps=2, validation_data=(images, targets)
+    )
+    history = model.fit(images, targets, batch_size=16, epochs=2, verbose=0, callbacks=[callback])
     # Validation ran after the recomputation: its loss is the model's loss now.
     assert history.history["val_loss"][-1] == pytest.approx(
-        model.evaluate(images, targets, verbose=0), rel=1e-5)
+        model.evaluate(images, targets, verbose=0), rel=1e-5
+    )
     bn2 = model.get_layer("bn2")
     saved = bn2.moving_mean.numpy()
     batch_norm.recompute_batch_norm_statistics(model, dataset.take(2))
@@ -113,8 +128,9 @@ def test_callback_recomputes_before_validation():
 def nested_network(outer_batch_norm=True):
     """A BatchNormalization inside a nested model, and optionally one outside it."""
     inputs = keras.Input((4, 4, 3))
-    nested = keras.Model(inputs, keras.layers.BatchNormalization(name="inner_bn")(inputs),
-                         name="nested")
+    nested = keras.Model(
+        inputs, keras.layers.BatchNormalization(name="inner_bn")(inputs), name="nested"
+    )
     outer_inputs = keras.Input((4, 4, 3))
     x = nested(outer_inputs)
     if outer_batch_norm:
@@ -134,7 +150,9 @@ def test_nested_models_batch_norm_is_recomputed(outer_batch_norm):
     np.testing.assert_allclose(inner.moving_mean, images.mean(axis=(0, 1, 2)), rtol=1e-5)
     np.testing.assert_allclose(
         inner.moving_variance,
-        np.mean([moving_variance(batch) for batch in np.split(images, 4)], axis=0), rtol=1e-4)
+        np.mean([moving_variance(batch) for batch in np.split(images, 4)], axis=0),
+        rtol=1e-4,
+    )
 
 
 def test_frozen_and_channels_first_layers():
@@ -148,17 +166,25 @@ def test_frozen_and_channels_first_layers():
     # Frozen: training does not update it, nor does this.
     np.testing.assert_array_equal(frozen.moving_mean, np.zeros(5))
     # The frozen layer normalises with its moving statistics (0 and 1).
-    np.testing.assert_allclose(channels_first.moving_mean, images.mean(axis=(0, 2, 3))
-                               / np.sqrt(1 + frozen.epsilon), rtol=1e-5)
+    np.testing.assert_allclose(
+        channels_first.moving_mean,
+        images.mean(axis=(0, 2, 3)) / np.sqrt(1 + frozen.epsilon),
+        rtol=1e-5,
+    )
 
 
-@pytest.mark.parametrize("data", [
-    np.ones((0, 4, 4, 3), "float32"),
-    tf.data.Dataset.from_tensor_slices(np.ones((0, 4, 4, 3), "float32")).batch(4),
-    # Of unknown cardinality.
-    tf.data.Dataset.from_tensor_slices(np.ones((4, 4, 4, 3), "float32")).filter(
-        lambda x: False).batch(4),
-], ids=["array", "dataset", "filtered"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.ones((0, 4, 4, 3), "float32"),
+        tf.data.Dataset.from_tensor_slices(np.ones((0, 4, 4, 3), "float32")).batch(4),
+        # Of unknown cardinality.
+        tf.data.Dataset.from_tensor_slices(np.ones((4, 4, 4, 3), "float32"))
+        .filter(lambda x: False)
+        .batch(4),
+    ],
+    ids=["array", "dataset", "filtered"],
+)
 def test_data_without_a_batch_is_refused_and_changes_nothing(data):
     model = nested_network()
     layers = [model.get_layer("nested").get_layer("inner_bn"), model.get_layer("outer_bn")]
@@ -175,8 +201,9 @@ def test_data_without_a_batch_is_refused_and_changes_nothing(data):
 @pytest.mark.parametrize("steps", [-1, 0, 1.5, True, "2"])
 def test_bad_steps_are_refused(steps):
     with pytest.raises(ValueError, match=re.escape(f"Received: steps={steps!r}.")):
-        batch_norm.recompute_batch_norm_statistics(nested_network(), np.ones((4, 4, 4, 3)),
-                                                   steps=steps)
+        batch_norm.recompute_batch_norm_statistics(
+            nested_network(), np.ones((4, 4, 4, 3)), steps=steps
+        )
     with pytest.raises(ValueError, match=re.escape(f"Received: steps={steps!r}.")):
         batch_norm.PreciseBatchNormalization(np.ones((4, 6, 6, 3)), steps=steps)
 

@@ -2,14 +2,16 @@ import numpy as np
 import pytest
 
 import keras_mgconv
-
 from layer_checks import check_layer
 
 
-@pytest.mark.parametrize("layer_cls,input_shape,output_shape", [
-    (keras_mgconv.ChannelRestriction, (None, 6, 6, 32), (None, 6, 6, 16)),
-    (keras_mgconv.ChannelProlongation, (None, 6, 6, 16), (None, 6, 6, 32)),
-])
+@pytest.mark.parametrize(
+    "layer_cls,input_shape,output_shape",
+    [
+        (keras_mgconv.ChannelRestriction, (None, 6, 6, 32), (None, 6, 6, 16)),
+        (keras_mgconv.ChannelProlongation, (None, 6, 6, 16), (None, 6, 6, 32)),
+    ],
+)
 def test_transfer_layer(tmp_path, layer_cls, input_shape, output_shape):
     check_layer(tmp_path, layer_cls, {"group_size": 8}, input_shape, output_shape, 1)
 
@@ -56,11 +58,18 @@ def test_transfer_accepts_a_custom_initializer():
     assert layer.get_config()["kernel_initializer"]["class_name"] == "Ones"
 
 
-@pytest.mark.parametrize("group_size,message", [
-    (0, "group_size=0"), (-4, "group_size=-4"), (7, "group_size=7"), (2.0, "group_size=2.0"),
-])
-@pytest.mark.parametrize("layer_cls", [keras_mgconv.ChannelRestriction,
-                                       keras_mgconv.ChannelProlongation])
+@pytest.mark.parametrize(
+    "group_size,message",
+    [
+        (0, "group_size=0"),
+        (-4, "group_size=-4"),
+        (7, "group_size=7"),
+        (2.0, "group_size=2.0"),
+    ],
+)
+@pytest.mark.parametrize(
+    "layer_cls", [keras_mgconv.ChannelRestriction, keras_mgconv.ChannelProlongation]
+)
 def test_transfer_rejects_bad_group_size(layer_cls, group_size, message):
     with pytest.raises(ValueError, match=message):
         layer_cls(group_size=group_size)

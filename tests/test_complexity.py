@@ -13,18 +13,24 @@ def _model(input_shape, *layers):
     return keras.Model(inputs, x)
 
 
-@pytest.mark.parametrize("input_shape,layer,expected", [
-    # 10*10 positions, 3*3*4 inputs per output, 8 outputs.
-    ((10, 10, 4), keras.layers.Conv2D(8, 3, padding="same"), 10 * 10 * 3 * 3 * 4 * 8),
-    # valid, stride 2: 4*4 positions.
-    ((9, 9, 4), keras.layers.Conv2D(8, 3, strides=2), 4 * 4 * 3 * 3 * 4 * 8),
-    # Depthwise: one 3x3 filter per channel, 4*4 positions.
-    ((6, 6, 4), keras.layers.DepthwiseConv2D(3), 4 * 4 * 3 * 3 * 4),
-    ((7,), keras.layers.Dense(5), 7 * 5),
-    # 4 groups: each output sees 16/4 inputs.
-    ((6, 6, 16), keras_mgconv.GroupedConv2D(32, 3, groups=4, padding="same"),
-     6 * 6 * 3 * 3 * 4 * 32),
-])
+@pytest.mark.parametrize(
+    "input_shape,layer,expected",
+    [
+        # 10*10 positions, 3*3*4 inputs per output, 8 outputs.
+        ((10, 10, 4), keras.layers.Conv2D(8, 3, padding="same"), 10 * 10 * 3 * 3 * 4 * 8),
+        # valid, stride 2: 4*4 positions.
+        ((9, 9, 4), keras.layers.Conv2D(8, 3, strides=2), 4 * 4 * 3 * 3 * 4 * 8),
+        # Depthwise: one 3x3 filter per channel, 4*4 positions.
+        ((6, 6, 4), keras.layers.DepthwiseConv2D(3), 4 * 4 * 3 * 3 * 4),
+        ((7,), keras.layers.Dense(5), 7 * 5),
+        # 4 groups: each output sees 16/4 inputs.
+        (
+            (6, 6, 16),
+            keras_mgconv.GroupedConv2D(32, 3, groups=4, padding="same"),
+            6 * 6 * 3 * 3 * 4 * 32,
+        ),
+    ],
+)
 def test_counts_known_layers(input_shape, layer, expected):
     assert count_multiply_adds(_model(input_shape, layer)) == expected
 
@@ -55,8 +61,7 @@ def test_frozen_layers_count_as_much():
 
 def test_sums_layers_and_nested_models():
     inner = _model((8, 8, 4), keras.layers.Conv2D(4, 1))
-    outer = _model((8, 8, 4), inner, keras.layers.GlobalAveragePooling2D(),
-                   keras.layers.Dense(3))
+    outer = _model((8, 8, 4), inner, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3))
     assert count_multiply_adds(outer) == 8 * 8 * 4 * 4 + 4 * 3
 
 

@@ -27,8 +27,9 @@ def _arrays(dataset):
 
 
 def test_digits_loads_through_tfds_with_fixed_splits(data_dir):
-    train, info = tfds.load("digits", split="train", data_dir=data_dir, as_supervised=True,
-                            with_info=True)
+    train, info = tfds.load(
+        "digits", split="train", data_dir=data_dir, as_supervised=True, with_info=True
+    )
     test = tfds.load("digits", split="test", data_dir=data_dir, as_supervised=True)
     train_images, train_labels = _arrays(train)
     test_images, test_labels = _arrays(test)
@@ -36,11 +37,15 @@ def test_digits_loads_through_tfds_with_fixed_splits(data_dir):
     # Of each digit's images in scikit-learn's order, every fifth is a test image.
     digits = load_digits()
     expected = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    rank = np.array([np.sum(digits.target[:i + 1] == label)
-                     for i, label in enumerate(digits.target)])
+    rank = np.array(
+        [np.sum(digits.target[: i + 1] == label) for i, label in enumerate(digits.target)]
+    )
     is_test = rank % 5 == 0
-    assert (len(train_labels), len(test_labels)) == (1442, 355) == (
-        int((~is_test).sum()), int(is_test.sum()))
+    assert (
+        (len(train_labels), len(test_labels))
+        == (1442, 355)
+        == (int((~is_test).sum()), int(is_test.sum()))
+    )
     assert np.bincount(test_labels, minlength=10).min() >= 34
     assert np.bincount(train_labels, minlength=10).min() >= 140
     order = np.lexsort(test_images.reshape(len(test_images), -1).T)
@@ -64,27 +69,30 @@ def test_evaluation_pipeline_gives_the_images_in_order_as_float(data_dir):
     batches = data.image_pipeline("digits", "test", 100, data_dir=data_dir)
     images, labels = map(np.concatenate, zip(*tfds.as_numpy(batches)))
     raw_images, raw_labels = _arrays(
-        tfds.load("digits", split="test", data_dir=data_dir, as_supervised=True))
+        tfds.load("digits", split="test", data_dir=data_dir, as_supervised=True)
+    )
     assert images.dtype == np.float32 and images.shape == (355, 8, 8, 1)
     np.testing.assert_array_equal(images, raw_images.astype(np.float32))
     np.testing.assert_array_equal(labels, raw_labels)
 
 
 def test_training_pipeline_shuffles_and_augments(data_dir):
-    batches = data.image_pipeline("digits", "train", 1442, training=True, seed=3,
-                                  data_dir=data_dir)
+    batches = data.image_pipeline("digits", "train", 1442, training=True, seed=3, data_dir=data_dir)
     images, labels = next(iter(batches))
     raw_images, raw_labels = _arrays(
-        tfds.load("digits", split="train", data_dir=data_dir, as_supervised=True))
+        tfds.load("digits", split="train", data_dir=data_dir, as_supervised=True)
+    )
     assert images.shape == (1442, 8, 8, 1)
     assert not np.array_equal(labels, raw_labels)
     assert sorted(labels.numpy()) == sorted(raw_labels)
     # Pad by 1 and crop back: every image is its original shifted by at most one pixel.
     padded = np.pad(raw_images, [(0, 0), (1, 1), (1, 1), (0, 0)]).astype(np.float32)
-    originals = {image.tobytes(): index for index, image in enumerate(raw_images.astype(np.float32))}
+    originals = {
+        image.tobytes(): index for index, image in enumerate(raw_images.astype(np.float32))
+    }
     shifted = 0
     for image, label in zip(images.numpy(), labels.numpy()):
-        crops = [padded[:, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
+        crops = [padded[:, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
         matches = [np.flatnonzero((crop == image).all(axis=(1, 2, 3))) for crop in crops]
         assert any(raw_labels[m].tolist().count(label) for m in matches if len(m))
         shifted += image.tobytes() not in originals
@@ -93,8 +101,16 @@ def test_training_pipeline_shuffles_and_augments(data_dir):
 
 def test_epoch_stream_is_fixed_by_seed_and_epoch(data_dir):
     def batches(epochs, seed=0):
-        stream = data.image_pipeline("digits", "train", 64, training=True, seed=seed,
-                                     drop_remainder=True, epochs=epochs, data_dir=data_dir)
+        stream = data.image_pipeline(
+            "digits",
+            "train",
+            64,
+            training=True,
+            seed=seed,
+            drop_remainder=True,
+            epochs=epochs,
+            data_dir=data_dir,
+        )
         return [images.numpy() for images, _ in stream]
 
     two_epochs = batches(range(2, 4))
@@ -108,9 +124,20 @@ def test_epoch_stream_is_fixed_by_seed_and_epoch(data_dir):
 
 def test_epoch_stream_is_built_once_whatever_the_epoch_count(data_dir):
     def first_batch(epochs):
-        return next(iter(data.image_pipeline("digits", "train", 64, training=True, seed=0,
-                                             drop_remainder=True, epochs=epochs,
-                                             data_dir=data_dir)))[0].numpy()
+        return next(
+            iter(
+                data.image_pipeline(
+                    "digits",
+                    "train",
+                    64,
+                    training=True,
+                    seed=0,
+                    drop_remainder=True,
+                    epochs=epochs,
+                    data_dir=data_dir,
+                )
+            )
+        )[0].numpy()
 
     start = time.perf_counter()
     # One dataset per epoch took 45 s for 2,000 epochs, and never ended for these.
@@ -120,8 +147,9 @@ def test_epoch_stream_is_built_once_whatever_the_epoch_count(data_dir):
 
 
 def test_pipeline_adapts_size_and_channels(data_dir):
-    images, _ = next(iter(data.image_pipeline("digits", "test", 4, image_shape=(16, 16, 3),
-                                              data_dir=data_dir)))
+    images, _ = next(
+        iter(data.image_pipeline("digits", "test", 4, image_shape=(16, 16, 3), data_dir=data_dir))
+    )
     assert images.shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
     with pytest.raises(ValueError, match=r"1-channel images.*image_shape=\(8, 8, 4\)"):
@@ -131,8 +159,7 @@ def test_pipeline_adapts_size_and_channels(data_dir):
 def test_normalization_layer_has_the_training_statistics(data_dir):
     layer = data.normalization_layer("digits", data_dir=data_dir)
     layer.build((None, 8, 8, 1))
-    images, _ = _arrays(tfds.load("digits", split="train", data_dir=data_dir,
-                                  as_supervised=True))
+    images, _ = _arrays(tfds.load("digits", split="train", data_dir=data_dir, as_supervised=True))
     np.testing.assert_allclose(np.ravel(layer.mean), [images.mean()], rtol=1e-4)
     np.testing.assert_allclose(np.ravel(layer.variance), [images.var()], rtol=1e-4)
     normalized = layer(tf.constant(images[:500], tf.float32))
@@ -140,7 +167,9 @@ def test_normalization_layer_has_the_training_statistics(data_dir):
 
 
 def test_unknown_dataset_is_refused():
-    with pytest.raises(ValueError, match=r"no dataset named 'no_such_data'.*dataset='no_such_data'"):
+    with pytest.raises(
+        ValueError, match=r"no dataset named 'no_such_data'.*dataset='no_such_data'"
+    ):
         data.image_dataset_info("no_such_data")
 
 
@@ -153,10 +182,14 @@ class _TwoClassesOfTinyImages:
     def _info(self):
         return tfds.core.DatasetInfo(
             builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(4, 4, 1)),
-                "label": tfds.features.ClassLabel(num_classes=2)}),
-            supervised_keys=("image", "label"))
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(4, 4, 1)),
+                    "label": tfds.features.ClassLabel(num_classes=2),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
 
 
 class UnreachableImages(_TwoClassesOfTinyImages, tfds.core.GeneratorBasedBuilder):
@@ -190,8 +223,11 @@ class HandDownloadedImages(UnreachableImages):
 
 
 def _folders(top):
-    return {os.path.relpath(os.path.join(parent, name), top)
-            for parent, names, _ in os.walk(top) for name in names}
+    return {
+        os.path.relpath(os.path.join(parent, name), top)
+        for parent, names, _ in os.walk(top)
+        for name in names
+    }
 
 
 def test_undownloadable_dataset_fails_fast_and_says_how_to_provide_it(tmp_path):
@@ -216,12 +252,15 @@ def test_failed_first_use_of_a_new_data_dir_leaves_nothing_behind(tmp_path, caps
     were a dozen. The error names the dataset with its config, and its cause whole.
     """
     with pytest.raises(ValueError) as error:
-        data.image_dataset_info("unreachable_configured_images/small",
-                                data_dir=str(tmp_path / "new" / "tensorflow_datasets"))
+        data.image_dataset_info(
+            "unreachable_configured_images/small",
+            data_dir=str(tmp_path / "new" / "tensorflow_datasets"),
+        )
     assert os.listdir(tmp_path) == []
     assert capsys.readouterr() == ("", "")
-    assert not [record.getMessage() for record in caplog.records
-                if record.levelno >= logging.WARNING]
+    assert not [
+        record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING
+    ]
     message = str(error.value)
     assert message.startswith("Dataset 'unreachable_configured_images/small' is not prepared")
     assert "cannot be downloaded (ConnectionError: " in message
@@ -234,7 +273,8 @@ def test_new_data_dir_is_created_and_said_so(tmp_path, capsys):
     assert data.image_dataset_info("digits", str(data_dir)).num_examples["test"] == 355
     assert capsys.readouterr().err == (
         f"Created {data_dir}, the data directory (`data_dir`), which did not exist, and "
-        f"prepared dataset 'digits' in it.\n")
+        f"prepared dataset 'digits' in it.\n"
+    )
     data.image_dataset_info("digits", str(data_dir))
     assert capsys.readouterr().err == ""
 
@@ -263,23 +303,30 @@ def test_preparing_the_embedded_dataset_is_quiet(tmp_path, capsys, caplog):
     data.image_dataset_info("digits", str(tmp_path))
     out, err = capsys.readouterr()
     assert (out, err) == ("", "")
-    assert not [record.getMessage() for record in caplog.records
-                if record.levelno >= logging.WARNING]
+    assert not [
+        record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING
+    ]
 
 
 def test_data_dir_that_is_not_a_folder_is_reported(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    with pytest.raises(ValueError, match=r"'digits' could not be prepared in .*file.*Error: "
-                                         r".*Received: dataset='digits', data_dir="):
+    with pytest.raises(
+        ValueError,
+        match=r"'digits' could not be prepared in .*file.*Error: "
+        r".*Received: dataset='digits', data_dir=",
+    ):
         data.image_dataset_info("digits", str(not_a_folder))
 
 
-@pytest.mark.parametrize("dataset, reason", [
-    ("digits:9.9.9", "cannot be loaded at version 9.9.9, only: 1.0.0"),
-    ("digits:1.0", "Parsing builder name string digits:1.0 failed"),
-    ("digits/nine", "BuilderConfig nine not found"),
-])
+@pytest.mark.parametrize(
+    "dataset, reason",
+    [
+        ("digits:9.9.9", "cannot be loaded at version 9.9.9, only: 1.0.0"),
+        ("digits:1.0", "Parsing builder name string digits:1.0 failed"),
+        ("digits/nine", "BuilderConfig nine not found"),
+    ],
+)
 def test_unknown_version_or_config_is_one_line(dataset, reason):
     with pytest.raises(ValueError) as error:
         data.image_dataset_info(dataset)
@@ -290,8 +337,11 @@ def test_unknown_version_or_config_is_one_line(dataset, reason):
 
 
 def test_manual_dataset_says_where_its_files_go(tmp_path):
-    with pytest.raises(ValueError, match=r"must be downloaded by hand.*manual_dir.*"
-                                         r"Put images.tar in the manual folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be downloaded by hand.*manual_dir.*"
+        r"Put images.tar in the manual folder",
+    ):
         data.image_dataset_info("hand_downloaded_images", data_dir=str(tmp_path))
 
 
@@ -302,17 +352,25 @@ def test_bad_batch_size_is_refused(data_dir):
 
 @pytest.mark.parametrize("split", ["train[:0]", "test[5:5]"])
 def test_split_without_examples_is_refused(data_dir, split):
-    with pytest.raises(ValueError, match=re.escape(f"holds no examples. Received: split={split!r}.")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"holds no examples. Received: split={split!r}.")
+    ):
         data.image_pipeline("digits", split, 32, data_dir=data_dir)
 
 
 def test_batch_larger_than_memory_is_refused_at_once(data_dir):
     start = time.perf_counter()
     # tf.data allocated the 25.6 GB of the batch and retried for a minute.
-    with pytest.raises(ValueError, match=re.escape(
-            "more than this machine's")) as error:
-        data.image_pipeline("digits", "train", 64, training=True, drop_remainder=True,
-                            image_shape=(100_000, 100_000, 1), data_dir=data_dir)
+    with pytest.raises(ValueError, match=re.escape("more than this machine's")) as error:
+        data.image_pipeline(
+            "digits",
+            "train",
+            64,
+            training=True,
+            drop_remainder=True,
+            image_shape=(100_000, 100_000, 1),
+            data_dir=data_dir,
+        )
     assert "Received: batch_size=64, image_shape=(100000, 100000, 1)." in str(error.value)
     assert time.perf_counter() - start < 10
     # A batch larger than the split is the split: the memory of its images alone.
@@ -324,7 +382,9 @@ def _examples_of(batches):
     """The (image bytes, label) pairs in batches of numpy arrays, as a multiset."""
     return collections.Counter(
         (image.tobytes(), int(label))
-        for images, labels in batches for image, label in zip(images, labels))
+        for images, labels in batches
+        for image, label in zip(images, labels)
+    )
 
 
 def _pipeline_examples(*args, **kwargs):
@@ -348,8 +408,15 @@ def test_validation_split_is_a_fixed_stratified_part_of_train(data_dir):
     data._validation_mask.cache_clear()
     for seed in (1, 2):
         epochs = data.image_pipeline(
-            "digits", fit, fitted.total(), training=True, augment=False, seed=seed,
-            epochs=range(2), data_dir=data_dir)
+            "digits",
+            fit,
+            fitted.total(),
+            training=True,
+            augment=False,
+            seed=seed,
+            epochs=range(2),
+            data_dir=data_dir,
+        )
         for images, labels in tfds.as_numpy(epochs):
             assert _examples_of([(images, labels)]) == fitted
 
@@ -360,16 +427,29 @@ def test_pipelines_and_statistics_of_the_parts(data_dir):
     size = data.split_size("digits", fit, data_dir)
     assert size + data.split_size("digits", validation, data_dir) == 1442
     assert abs(size - 0.75 * 1442) <= 10
-    batches = data.image_pipeline("digits", fit, 64, training=True, drop_remainder=True,
-                                  seed=0, epochs=range(3), data_dir=data_dir)
+    batches = data.image_pipeline(
+        "digits",
+        fit,
+        64,
+        training=True,
+        drop_remainder=True,
+        seed=0,
+        epochs=range(3),
+        data_dir=data_dir,
+    )
     assert int(batches.cardinality()) == 3 * (size // 64)
     assert sum(1 for _ in batches) == 3 * (size // 64)
     assert int(data.image_pipeline("digits", validation, 64, data_dir=data_dir).cardinality()) == (
-        -(-(1442 - size) // 64))
+        -(-(1442 - size) // 64)
+    )
     layer = data.normalization_layer("digits", data_dir=data_dir, split=fit)
     layer.build((None, 8, 8, 1))
-    images = np.stack([np.frombuffer(image, np.float32) for image, _ in _pipeline_examples(
-        "digits", fit, 512, data_dir=data_dir).elements()])
+    images = np.stack(
+        [
+            np.frombuffer(image, np.float32)
+            for image, _ in _pipeline_examples("digits", fit, 512, data_dir=data_dir).elements()
+        ]
+    )
     np.testing.assert_allclose(np.ravel(layer.mean), [images.mean()], rtol=1e-4)
 
 
@@ -392,9 +472,11 @@ class ThreeSplitImages(_TwoClassesOfTinyImages, tfds.core.GeneratorBasedBuilder)
     TEST_LABEL = 1
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(20, 0),
-                "validation": self._generate_examples(6, 0),
-                "test": self._generate_examples(4, self.TEST_LABEL)}
+        return {
+            "train": self._generate_examples(20, 0),
+            "validation": self._generate_examples(6, 0),
+            "test": self._generate_examples(4, self.TEST_LABEL),
+        }
 
     def _generate_examples(self, count, label):
         for index in range(count):
@@ -410,7 +492,10 @@ class UnlabelledTestImages(ThreeSplitImages):
 def test_own_validation_split_is_used_where_it_is_not_the_test_split(tmp_path):
     data_dir = str(tmp_path)
     assert data.validation_splits("three_split_images", data_dir) == (
-        "train", "validation", "validation")
+        "train",
+        "validation",
+        "validation",
+    )
     assert data.image_dataset_info("unlabelled_test_images", data_dir).test_split == "validation"
     fit, validation, description = data.validation_splits("unlabelled_test_images", data_dir)
     assert (fit.split, validation.split) == ("train", "train")

@@ -77,9 +77,13 @@ NETWORKS = ["baseline", "multigrid"]
 @pytest.fixture(scope="module")
 def differences():
     """Each network's distance between the trajectories, step by step: one process for both."""
-    result = subprocess.run([sys.executable, "-c", _TRAJECTORIES, *NETWORKS],
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _TRAJECTORIES, *NETWORKS],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -6,14 +6,34 @@ import numpy as np
 import pytest
 
 import keras_mgconv
-from keras_mgconv import (_keras, batch_norm, complexity, data, export, optimization, schedules,
-                          training)
+from keras_mgconv import (
+    _keras,
+    batch_norm,
+    complexity,
+    data,
+    export,
+    optimization,
+    schedules,
+    training,
+)
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import channel_transfer, grouped_conv, multigrid_conv
 from keras_mgconv.models import mobilenet_v2, multigrid_block, resnet
 
-MODULES = [grouped_conv, channel_transfer, multigrid_conv, complexity, resnet, mobilenet_v2,
-           multigrid_block, batch_norm, data, training, export, schedules]
+MODULES = [
+    grouped_conv,
+    channel_transfer,
+    multigrid_conv,
+    complexity,
+    resnet,
+    mobilenet_v2,
+    multigrid_block,
+    batch_norm,
+    data,
+    training,
+    export,
+    schedules,
+]
 # tfmot's helpers run only under tf_keras, where test_optimization.py runs this
 # file's test of them in a subprocess.
 if _keras.USE_LEGACY_KERAS:
@@ -24,10 +44,17 @@ if _keras.USE_LEGACY_KERAS:
 def test_docstring_examples(module, tmp_path):
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    tests = finder.find(module, globs={"np": np, "keras": keras, "keras_mgconv": keras_mgconv,
-                                       "optimization": optimization,
-                                       "count_multiply_adds": complexity.count_multiply_adds,
-                                       "tmp_dir": str(tmp_path)})
+    tests = finder.find(
+        module,
+        globs={
+            "np": np,
+            "keras": keras,
+            "keras_mgconv": keras_mgconv,
+            "optimization": optimization,
+            "count_multiply_adds": complexity.count_multiply_adds,
+            "tmp_dir": str(tmp_path),
+        },
+    )
     examples = sum(len(test.examples) for test in tests)
     assert examples > 0
     for test in tests:

@@ -9,13 +9,17 @@ from keras_mgconv._keras import keras
 from keras_mgconv.export import export_tflite, float32_tolerance, predict_tflite
 
 
-@pytest.mark.parametrize("kwargs,input_channels,connectors", [
-    ({"filters": 32, "kernel_size": 3, "padding": "same"}, 32, 0),
-    ({"filters": 32, "kernel_size": 3, "strides": 2, "padding": "same"}, 16, 1),
-    ({"filters": 32, "kernel_size": 3, "padding": "valid"}, 32, 1),
-])
+@pytest.mark.parametrize(
+    "kwargs,input_channels,connectors",
+    [
+        ({"filters": 32, "kernel_size": 3, "padding": "same"}, 32, 0),
+        ({"filters": 32, "kernel_size": 3, "strides": 2, "padding": "same"}, 16, 1),
+        ({"filters": 32, "kernel_size": 3, "padding": "valid"}, 32, 1),
+    ],
+)
 def test_a_cycle_exports_to_its_convolutions_and_one_addition_and_subtraction_a_level(
-        tmp_path, kwargs, input_channels, connectors):
+    tmp_path, kwargs, input_channels, connectors
+):
     # Levels 32, 16, 8: two restrictions, two prolongations, two smoothers
     # (each with its identity inside the kernel), the coarsest level (with the
     # identity subtracted, so that it gives the correction y_L - x_L itself),
@@ -35,8 +39,11 @@ def _conv_groups(path):
     """(groups, filters per group) of every CONV_2D in a .tflite file, in graph order."""
     model = flatbuffer_utils.read_model(str(path))
     graph = model.subgraphs[0]
-    conv = next(index for index, code in enumerate(model.operatorCodes)
-                if max(code.builtinCode, code.deprecatedBuiltinCode) == 3)  # CONV_2D
+    conv = next(
+        index
+        for index, code in enumerate(model.operatorCodes)
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == 3
+    )  # CONV_2D
     result = []
     for op in graph.operators:
         if op.opcodeIndex == conv:
@@ -54,9 +61,16 @@ def test_int8_export_merges_narrow_groups_into_the_same_function(tmp_path):
     layer = keras_mgconv.MultigridConv2D(32, 3, padding="same", group_size=8)
     model = keras.Model(inputs, layer(inputs))
     images = np.random.default_rng(0).random((16, 8, 8, 32), np.float32)
-    reports = {filters: export_tflite(model, tmp_path / f"{filters}.tflite", "int8",
-                                      representative_data=images, min_group_filters=filters)
-               for filters in ("auto", 1)}
+    reports = {
+        filters: export_tflite(
+            model,
+            tmp_path / f"{filters}.tflite",
+            "int8",
+            representative_data=images,
+            min_group_filters=filters,
+        )
+        for filters in ("auto", 1)
+    }
     assert reports["auto"].min_group_filters == 16 and reports[1].min_group_filters == 1
     assert "groups of fewer than 16 filters merged up to 16" in str(reports["auto"])
     as_trained, merged = _conv_groups(reports[1].path), _conv_groups(reports["auto"].path)
@@ -66,8 +80,9 @@ def test_int8_export_merges_narrow_groups_into_the_same_function(tmp_path):
     assert all(filters >= 16 or groups == 1 for groups, filters in merged)
     assert sum(groups for groups, _ in merged) < sum(groups for groups, _ in as_trained)
     # The same function: with the same calibration, the same int8 outputs.
-    np.testing.assert_array_equal(predict_tflite(reports["auto"].path, images),
-                                  predict_tflite(reports[1].path, images))
+    np.testing.assert_array_equal(
+        predict_tflite(reports["auto"].path, images), predict_tflite(reports[1].path, images)
+    )
     # On request float32 merges too, and computes the same to rounding.
     report = export_tflite(model, tmp_path / "merged.tflite", min_group_filters=16)
     assert _conv_groups(report.path) == merged

@@ -5,10 +5,9 @@ import pytest
 import tensorflow as tf
 
 import keras_mgconv
+from conftest import FAMILY_MEMBER, bottleneck_resnet, layer_kinds
 from keras_mgconv import models
 from keras_mgconv._keras import keras
-
-from conftest import FAMILY_MEMBER, bottleneck_resnet, layer_kinds
 
 # One member of each factory family at the smallest input its architecture
 # takes; the other factories are made of the same layers (below).
@@ -21,8 +20,7 @@ FACTORIES = [
 
 
 def _multigrid_layers(model):
-    return [layer for layer in model.layers
-            if isinstance(layer, keras_mgconv.MultigridConv2D)]
+    return [layer for layer in model.layers if isinstance(layer, keras_mgconv.MultigridConv2D)]
 
 
 @pytest.mark.parametrize("factory", FAMILY_MEMBER, ids=lambda factory: factory.__name__)
@@ -35,8 +33,7 @@ def test_factory_is_made_of_its_family_members_layers(factory):
     assert kinds != layer_kinds(factory(input_shape=input_shape, classes=10, multigrid=False))
 
 
-@pytest.mark.parametrize("factory,input_shape", FACTORIES,
-                         ids=[f.__name__ for f, _ in FACTORIES])
+@pytest.mark.parametrize("factory,input_shape", FACTORIES, ids=[f.__name__ for f, _ in FACTORIES])
 def test_factory_builds_trains_and_reloads(tmp_path, factory, input_shape):
     model = factory(input_shape=input_shape, classes=3)
     baseline = factory(input_shape=input_shape, classes=3, multigrid=False)
@@ -63,7 +60,9 @@ def test_mobilenet_v2_baseline_equals_keras_applications():
     assert ours.count_params() == theirs.count_params() == 3_538_984
     assert ours.name == theirs.name == "mobilenetv2_1.00_224"  # The input's size.
     # Same layers under the same names, up to the (unnamed there) pooling of the top.
-    assert [layer.name for layer in ours.layers[1:-2]] == [layer.name for layer in theirs.layers[1:-2]]
+    assert [layer.name for layer in ours.layers[1:-2]] == [
+        layer.name for layer in theirs.layers[1:-2]
+    ]
 
 
 @pytest.mark.parametrize("alpha", [0.35, 0.5, 1.3])
@@ -94,8 +93,9 @@ def test_multigrid_true_is_the_layer_design():
 def test_baseline_and_multigrid_share_the_graph():
     baseline = models.ResNet20(multigrid=False)
     multigrid = models.ResNet20(group_size=8, coarsest_channels=8)
-    assert ([layer.name for layer in baseline.layers[1:]]
-            == [layer.name for layer in multigrid.layers[1:]])
+    assert [layer.name for layer in baseline.layers[1:]] == [
+        layer.name for layer in multigrid.layers[1:]
+    ]
     # Every block convolution above the coarsest width became multigrid; the stem stayed.
     swapped = {layer.name for layer in _multigrid_layers(multigrid)}
     assert "conv1_conv" not in swapped
@@ -111,8 +111,9 @@ def test_by_default_layers_of_32_channels_or_fewer_stay_dense():
     assert {(layer.group_size, layer.levels) for layer in swapped} == {(8, (64, 32))}
     assert type(model.get_layer("conv3_block1_1_conv")) is keras.layers.Conv2D
     # A group size above 32 is its own coarsest width: 64 channels stay dense.
-    assert {layer.levels for layer in _multigrid_layers(models.ResNet20(
-        width=4, group_size=64))} == {(128, 64), (256, 128, 64)}
+    assert {
+        layer.levels for layer in _multigrid_layers(models.ResNet20(width=4, group_size=64))
+    } == {(128, 64), (256, 128, 64)}
     # MobileNetV2's 16-, 24- and 32-channel projections stay dense too.
     mobile = models.MobileNetV2((32, 32, 3))
     assert type(mobile.get_layer("block_2_project")) is keras.layers.Conv2D
@@ -151,9 +152,13 @@ def test_include_top_false_with_pooling_and_input_tensor():
     model = models.ResNet20(input_tensor=tensor, include_top=False)
     assert model.output_shape == (None, 8, 8, 64)
     # An `input_shape` that agrees with the tensor, where both are known, is fine.
-    model = models.ResNet20(input_shape=(None, 32, 3), input_tensor=tensor,
-                            include_top=False, width=np.float32(1.0),
-                            batch_norm_momentum=np.float64(0.0))
+    model = models.ResNet20(
+        input_shape=(None, 32, 3),
+        input_tensor=tensor,
+        include_top=False,
+        width=np.float32(1.0),
+        batch_norm_momentum=np.float64(0.0),
+    )
     assert model.output_shape == (None, 8, 8, 64)
 
 
@@ -166,45 +171,56 @@ def test_weights_file_is_loaded(tmp_path):
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: models.CIFARResNet(58), "depth=58"),
-    (lambda: models.CIFARResNet(2), "depth=2"),
-    (lambda: models.MobileNetV2(alpha=0), "alpha=0"),
-    (lambda: models.MobileNetV2(alpha=-1.0), "alpha=-1.0"),
-    (lambda: models.ResNet20(width=0), "width=0"),
-    (lambda: models.ResNet50(width=-2), "width=-2"),
-    (lambda: models.ResNet20(group_size=24), "group_size=24"),
-    (lambda: models.ResNet20(group_size=7), "group_size=7"),
-    (lambda: models.MobileNetV2(weights="imagenet"), "weights='imagenet'"),
-    (lambda: models.ResNet50(weights="missing.weights.h5"), "weights='missing.weights.h5'"),
-    (lambda: models.ResNet18(include_top=True, pooling="avg"), "pooling='avg'"),
-    (lambda: models.ResNet18(include_top=False, pooling="mean"), "pooling='mean'"),
-    (lambda: models.ResNet56(classes=0), "classes=0"),
-    (lambda: models.MobileNetV2(input_shape=(16, 16, 3)), r"input_shape=\(16, 16, 3\)"),
-    (lambda: models.ResNet20(multigrid="blocks"), "multigrid='blocks'"),
-    (lambda: models.ResNet50(multigrid=None), "multigrid=None"),
-    (lambda: models.CIFARResNet(8, multigrid=1), "multigrid=1"),
-    (lambda: models.MobileNetV2(multigrid="block"), "only the layer design.*multigrid='block'"),
-    # Accepted before, and NaN predictions after one fit.
-    (lambda: models.ResNet20(batch_norm_momentum=float("nan")), r"batch_norm_momentum=nan\."),
-    (lambda: models.ResNet50(batch_norm_momentum=1.5), r"batch_norm_momentum=1\.5\."),
-    (lambda: models.CIFARResNet(8, batch_norm_momentum=-0.1), "batch_norm_momentum=-0.1"),
-    (lambda: models.ResNet20(multigrid="block", batch_norm_momentum=1.0),
-     r"batch_norm_momentum=1\.0\."),
-    (lambda: models.MobileNetV2(batch_norm_momentum=float("inf")), "batch_norm_momentum=inf"),
-    (lambda: models.ResNet20(batch_norm_momentum="0.9"), "batch_norm_momentum='0.9'"),
-    # `cannot convert float NaN to integer` and OverflowError before.
-    (lambda: models.ResNet20(width=float("nan")), r"`width`.*width=nan\."),
-    (lambda: models.ResNet18(width=float("inf")), r"`width`.*width=inf\."),
-    (lambda: models.MobileNetV2(alpha=float("nan")), r"`alpha`.*alpha=nan\."),
-    (lambda: models.MobileNetV2(alpha=float("inf")), r"`alpha`.*alpha=inf\."),
-    (lambda: models.MobileNetV2(width=float("inf")), r"`width`.*width=inf\."),
-    # Ignored before, as keras.applications does not.
-    (lambda: models.ResNet20(input_shape=(16, 16, 3), input_tensor=keras.Input((32, 32, 3))),
-     r"disagree.*input_shape=\(16, 16, 3\), input_tensor.shape=\(None, 32, 32, 3\)"),
-    (lambda: models.MobileNetV2(input_shape=(64, 64, 1), input_tensor=keras.Input((64, 64, 3))),
-     r"input_shape=\(64, 64, 1\)"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: models.CIFARResNet(58), "depth=58"),
+        (lambda: models.CIFARResNet(2), "depth=2"),
+        (lambda: models.MobileNetV2(alpha=0), "alpha=0"),
+        (lambda: models.MobileNetV2(alpha=-1.0), "alpha=-1.0"),
+        (lambda: models.ResNet20(width=0), "width=0"),
+        (lambda: models.ResNet50(width=-2), "width=-2"),
+        (lambda: models.ResNet20(group_size=24), "group_size=24"),
+        (lambda: models.ResNet20(group_size=7), "group_size=7"),
+        (lambda: models.MobileNetV2(weights="imagenet"), "weights='imagenet'"),
+        (lambda: models.ResNet50(weights="missing.weights.h5"), "weights='missing.weights.h5'"),
+        (lambda: models.ResNet18(include_top=True, pooling="avg"), "pooling='avg'"),
+        (lambda: models.ResNet18(include_top=False, pooling="mean"), "pooling='mean'"),
+        (lambda: models.ResNet56(classes=0), "classes=0"),
+        (lambda: models.MobileNetV2(input_shape=(16, 16, 3)), r"input_shape=\(16, 16, 3\)"),
+        (lambda: models.ResNet20(multigrid="blocks"), "multigrid='blocks'"),
+        (lambda: models.ResNet50(multigrid=None), "multigrid=None"),
+        (lambda: models.CIFARResNet(8, multigrid=1), "multigrid=1"),
+        (lambda: models.MobileNetV2(multigrid="block"), "only the layer design.*multigrid='block'"),
+        # Accepted before, and NaN predictions after one fit.
+        (lambda: models.ResNet20(batch_norm_momentum=float("nan")), r"batch_norm_momentum=nan\."),
+        (lambda: models.ResNet50(batch_norm_momentum=1.5), r"batch_norm_momentum=1\.5\."),
+        (lambda: models.CIFARResNet(8, batch_norm_momentum=-0.1), "batch_norm_momentum=-0.1"),
+        (
+            lambda: models.ResNet20(multigrid="block", batch_norm_momentum=1.0),
+            r"batch_norm_momentum=1\.0\.",
+        ),
+        (lambda: models.MobileNetV2(batch_norm_momentum=float("inf")), "batch_norm_momentum=inf"),
+        (lambda: models.ResNet20(batch_norm_momentum="0.9"), "batch_norm_momentum='0.9'"),
+        # `cannot convert float NaN to integer` and OverflowError before.
+        (lambda: models.ResNet20(width=float("nan")), r"`width`.*width=nan\."),
+        (lambda: models.ResNet18(width=float("inf")), r"`width`.*width=inf\."),
+        (lambda: models.MobileNetV2(alpha=float("nan")), r"`alpha`.*alpha=nan\."),
+        (lambda: models.MobileNetV2(alpha=float("inf")), r"`alpha`.*alpha=inf\."),
+        (lambda: models.MobileNetV2(width=float("inf")), r"`width`.*width=inf\."),
+        # Ignored before, as keras.applications does not.
+        (
+            lambda: models.ResNet20(input_shape=(16, 16, 3), input_tensor=keras.Input((32, 32, 3))),
+            r"disagree.*input_shape=\(16, 16, 3\), input_tensor.shape=\(None, 32, 32, 3\)",
+        ),
+        (
+            lambda: models.MobileNetV2(
+                input_shape=(64, 64, 1), input_tensor=keras.Input((64, 64, 3))
+            ),
+            r"input_shape=\(64, 64, 1\)",
+        ),
+    ],
+)
 def test_invalid_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -213,15 +229,31 @@ def test_invalid_arguments_raise(call, message):
 @pytest.mark.parametrize("multigrid", ["layer", "block"])
 def test_numpy_integer_arguments_build_a_model_whose_config_is_json(multigrid):
     """`np.int64(8)`, as read from an array, is an integer: accepted, and saved as one."""
-    model = models.CIFARResNet(8, input_shape=(8, 8, 1), classes=3, weights=None,
-                               multigrid=multigrid, group_size=np.int64(8),
-                               coarsest_channels=np.int64(8))
+    model = models.CIFARResNet(
+        8,
+        input_shape=(8, 8, 1),
+        classes=3,
+        weights=None,
+        multigrid=multigrid,
+        group_size=np.int64(8),
+        coarsest_channels=np.int64(8),
+    )
     config = json.loads(json.dumps(model.get_config()))
-    assert model.count_params() == models.CIFARResNet(
-        8, input_shape=(8, 8, 1), classes=3, weights=None, multigrid=multigrid,
-        group_size=8, coarsest_channels=8).count_params()
-    layer = keras_mgconv.MultigridConv2D(np.int64(16), 3, group_size=np.int64(8),
-                                         coarsest_channels=np.int64(8))
+    assert (
+        model.count_params()
+        == models.CIFARResNet(
+            8,
+            input_shape=(8, 8, 1),
+            classes=3,
+            weights=None,
+            multigrid=multigrid,
+            group_size=8,
+            coarsest_channels=8,
+        ).count_params()
+    )
+    layer = keras_mgconv.MultigridConv2D(
+        np.int64(16), 3, group_size=np.int64(8), coarsest_channels=np.int64(8)
+    )
     assert json.loads(json.dumps(layer.get_config()))["group_size"] == 8
     assert config["name"] == model.name
 
@@ -240,8 +272,10 @@ def test_classifier_computes_in_float32_under_mixed_precision(policy):
     predictions.bias.assign([30.0, 0.0, 0.0])
     images = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
     with tf.GradientTape() as tape:
-        loss = keras.losses.SparseCategoricalCrossentropy()(
-            np.ones(4), model(images, training=True)) * 32768.0  # Keras' first loss scale.
+        loss = (
+            keras.losses.SparseCategoricalCrossentropy()(np.ones(4), model(images, training=True))
+            * 32768.0
+        )  # Keras' first loss scale.
     gradient = tape.gradient(loss, predictions.kernel)
     assert np.all(np.isfinite(gradient.numpy()))
 
@@ -249,8 +283,11 @@ def test_classifier_computes_in_float32_under_mixed_precision(policy):
 def test_imagenet_weights_for_a_baseline_say_where_to_get_them():
     # The baseline is keras.applications' ResNet50: "no weights exist for
     # multigrid networks" was all it said.
-    with pytest.raises(ValueError, match=r"build keras\.applications' model with "
-                                         r"weights='imagenet' and copy its weights into the "
-                                         r"baseline layer by layer\. "
-                                         r"Received: weights='imagenet'\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"build keras\.applications' model with "
+        r"weights='imagenet' and copy its weights into the "
+        r"baseline layer by layer\. "
+        r"Received: weights='imagenet'\.$",
+    ):
         models.ResNet50(multigrid=False, weights="imagenet")

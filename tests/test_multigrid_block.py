@@ -14,29 +14,34 @@ import pytest
 import tensorflow as tf
 
 import keras_mgconv
+from conftest import bottleneck_resnet
 from keras_mgconv import models
 from keras_mgconv._keras import keras
 from keras_mgconv.layers import ChannelProlongation, ChannelRestriction, MultigridConv2D
 from keras_mgconv.layers.grouped_conv import GroupedConvBase
 
-from conftest import bottleneck_resnet
-
 MOMENTUM = 0.9
 EPSILON = 1e-3
 
 
-def _block_model(input_channels, filters, strides=1, bottleneck=False, group_size=8,
-                 name="block"):
-    build = (models.multigrid_bottleneck_block if bottleneck
-             else models.multigrid_basic_block)
+def _block_model(input_channels, filters, strides=1, bottleneck=False, group_size=8, name="block"):
+    build = models.multigrid_bottleneck_block if bottleneck else models.multigrid_basic_block
     inputs = keras.Input((8, 8, input_channels))
-    outputs = build(inputs, filters, strides, group_size=group_size,
-                    batch_norm_momentum=MOMENTUM, batch_norm_epsilon=EPSILON, name=name)
+    outputs = build(
+        inputs,
+        filters,
+        strides,
+        group_size=group_size,
+        batch_norm_momentum=MOMENTUM,
+        batch_norm_epsilon=EPSILON,
+        name=name,
+    )
     return keras.Model(inputs, outputs)
 
 
-def _reference_block(input_channels, filters, strides, bottleneck, connector_groups,
-                     group_size, name):
+def _reference_block(
+    input_channels, filters, strides, bottleneck, connector_groups, group_size, name
+):
     """The block design written out from its definition with plain Keras layers.
 
     `Conv2D(groups=...)` for the grouped convolutions and transfers; the
@@ -46,10 +51,16 @@ def _reference_block(input_channels, filters, strides, bottleneck, connector_gro
     layers = keras.layers
 
     def conv_bn(x, conv_filters, kernel_size, groups, prefix, conv_strides=1):
-        x = layers.Conv2D(conv_filters, kernel_size, strides=conv_strides, padding="same",
-                          groups=groups, use_bias=False, name=f"{prefix}_conv")(x)
-        return layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON,
-                                         name=f"{prefix}_bn")(x)
+        x = layers.Conv2D(
+            conv_filters,
+            kernel_size,
+            strides=conv_strides,
+            padding="same",
+            groups=groups,
+            use_bias=False,
+            name=f"{prefix}_conv",
+        )(x)
+        return layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON, name=f"{prefix}_bn")(x)
 
     def unit(z, width, groups, prefix):
         if bottleneck:
@@ -66,20 +77,23 @@ def _reference_block(input_channels, filters, strides, bottleneck, connector_gro
         if width <= group_size:
             return unit(x, width, 1, prefix)
         groups = width // group_size
-        coarse = layers.Conv2D(expansion * width // 2, 1, groups=groups, use_bias=False,
-                               name=f"{prefix}_restrict")(x)
-        correction = layers.Conv2D(expansion * width, 1, groups=groups, use_bias=False,
-                                   name=f"{prefix}_prolong")(cycle(coarse, width // 2, level + 1)
-                                                             - coarse)
-        correction = layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON,
-                                               name=f"{prefix}_prolong_bn")(correction)
+        coarse = layers.Conv2D(
+            expansion * width // 2, 1, groups=groups, use_bias=False, name=f"{prefix}_restrict"
+        )(x)
+        correction = layers.Conv2D(
+            expansion * width, 1, groups=groups, use_bias=False, name=f"{prefix}_prolong"
+        )(cycle(coarse, width // 2, level + 1) - coarse)
+        correction = layers.BatchNormalization(
+            momentum=MOMENTUM, epsilon=EPSILON, name=f"{prefix}_prolong_bn"
+        )(correction)
         return unit(x + correction, width, groups, prefix)
 
     inputs = keras.Input((8, 8, input_channels))
     x = inputs
     if strides != 1 or input_channels != expansion * filters:
-        x = layers.ReLU()(conv_bn(x, expansion * filters, 3, connector_groups,
-                                  f"{name}_connector", strides))
+        x = layers.ReLU()(
+            conv_bn(x, expansion * filters, 3, connector_groups, f"{name}_connector", strides)
+        )
     return keras.Model(inputs, cycle(x, filters, 0))
 
 
@@ -88,25 +102,36 @@ def _randomize(model, rng):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, variance = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
-                               rng.normal(0, 0.2, mean.shape),
-                               rng.uniform(0.5, 1.5, variance.shape)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape),
+                    rng.normal(0, 0.2, beta.shape),
+                    rng.normal(0, 0.2, mean.shape),
+                    rng.uniform(0.5, 1.5, variance.shape),
+                ]
+            )
         elif isinstance(layer, (ChannelRestriction, ChannelProlongation)):
             (kernel,) = layer.get_weights()
             layer.set_weights([rng.normal(0, 0.5, kernel.shape)])
 
 
-@pytest.mark.parametrize("input_channels,filters,strides,bottleneck,connector_groups", [
-    (16, 32, 2, False, 2),   # connector in groups of 8 inputs, levels 32-16-8
-    (32, 32, 1, False, None),  # no connector
-    (32, 16, 2, True, 4),    # bottleneck: 64 channels, levels 16-8 (x4)
-], ids=["basic-connector", "basic", "bottleneck"])
-def test_block_equals_a_reference_of_plain_keras_layers(input_channels, filters, strides,
-                                                        bottleneck, connector_groups):
+@pytest.mark.parametrize(
+    "input_channels,filters,strides,bottleneck,connector_groups",
+    [
+        (16, 32, 2, False, 2),  # connector in groups of 8 inputs, levels 32-16-8
+        (32, 32, 1, False, None),  # no connector
+        (32, 16, 2, True, 4),  # bottleneck: 64 channels, levels 16-8 (x4)
+    ],
+    ids=["basic-connector", "basic", "bottleneck"],
+)
+def test_block_equals_a_reference_of_plain_keras_layers(
+    input_channels, filters, strides, bottleneck, connector_groups
+):
     rng = np.random.default_rng(0)
     model = _block_model(input_channels, filters, strides, bottleneck)
-    reference = _reference_block(input_channels, filters, strides, bottleneck,
-                                 connector_groups, 8, "block")
+    reference = _reference_block(
+        input_channels, filters, strides, bottleneck, connector_groups, 8, "block"
+    )
     _randomize(model, rng)
     weighted = {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
     assert weighted.keys() == {layer.name for layer in reference.layers if layer.weights}
@@ -116,8 +141,9 @@ def test_block_equals_a_reference_of_plain_keras_layers(input_channels, filters,
 
     x = rng.normal(size=(4, 8, 8, input_channels)).astype("float32")
     for training in (False, True):
-        np.testing.assert_allclose(model(x, training=training),
-                                   reference(x, training=training), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            model(x, training=training), reference(x, training=training), rtol=1e-4, atol=1e-4
+        )
 
 
 def _coupling(model, x):
@@ -146,8 +172,13 @@ def test_every_output_channel_depends_on_every_input_channel():
 
 
 def test_factories_build_the_block_design_where_widths_allow():
-    model = models.ResNet20(input_shape=(8, 8, 3), multigrid="block", group_size=16,
-                            coarsest_channels=16, batch_norm_momentum=0.9)
+    model = models.ResNet20(
+        input_shape=(8, 8, 3),
+        multigrid="block",
+        group_size=16,
+        coarsest_channels=16,
+        batch_norm_momentum=0.9,
+    )
     names = {layer.name for layer in model.layers}
     # 16 channels at coarsest width 16 is a single level: the baseline block, shortcut and all.
     assert isinstance(model.get_layer("conv2_block1_1_conv"), keras.layers.Conv2D)
@@ -157,30 +188,60 @@ def test_factories_build_the_block_design_where_widths_allow():
     assert model.get_layer("conv4_block3_level1_restrict").groups == 2
     assert {"conv3_block1_pad", "conv3_block1_add"}.isdisjoint(names)
     assert not any(isinstance(layer, MultigridConv2D) for layer in model.layers)
-    assert {layer.momentum for layer in model.layers
-            if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+    assert {
+        layer.momentum
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    } == {0.9}
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda x: models.multigrid_basic_block(x, 24, group_size=8), "filters=24"),
-    (lambda x: models.multigrid_basic_block(x, 8, group_size=8), "two levels.*filters=8"),
-    (lambda x: models.multigrid_basic_block(x, 32, group_size=8, coarsest_channels=32),
-     "two levels.*coarsest_channels=32"),
-    (lambda x: models.multigrid_basic_block(x, 32, group_size=7), "group_size=7"),
-    (lambda x: models.multigrid_basic_block(x, 32, strides=0), "strides=0"),
-    (lambda x: models.multigrid_bottleneck_block(x, 48, group_size=16), "filters=48"),
-    (lambda x: models.multigrid_basic_block(keras.Input((8, 8, None)), 32),
-     r"x.shape=\(None, 8, 8, None\)"),
-    (lambda x: models.multigrid_basic_block(x, 32, batch_norm_momentum=float("nan")),
-     r"batch_norm_momentum=nan\."),
-    (lambda x: models.multigrid_bottleneck_block(x, 32, batch_norm_momentum=1.5),
-     r"batch_norm_momentum=1\.5\."),
-    (lambda x: models.multigrid_basic_block(x, 32, batch_norm_epsilon=0.0),
-     r"batch_norm_epsilon=0\.0\."),
-    (lambda x: models.multigrid_basic_block(x, 32, batch_norm_epsilon=float("inf")),
-     r"batch_norm_epsilon=inf\."),
-], ids=["indivisible", "one-level", "coarsest", "odd-group", "strides", "bottleneck",
-        "unknown-channels", "momentum-nan", "momentum-above-1", "epsilon-0", "epsilon-inf"])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda x: models.multigrid_basic_block(x, 24, group_size=8), "filters=24"),
+        (lambda x: models.multigrid_basic_block(x, 8, group_size=8), "two levels.*filters=8"),
+        (
+            lambda x: models.multigrid_basic_block(x, 32, group_size=8, coarsest_channels=32),
+            "two levels.*coarsest_channels=32",
+        ),
+        (lambda x: models.multigrid_basic_block(x, 32, group_size=7), "group_size=7"),
+        (lambda x: models.multigrid_basic_block(x, 32, strides=0), "strides=0"),
+        (lambda x: models.multigrid_bottleneck_block(x, 48, group_size=16), "filters=48"),
+        (
+            lambda x: models.multigrid_basic_block(keras.Input((8, 8, None)), 32),
+            r"x.shape=\(None, 8, 8, None\)",
+        ),
+        (
+            lambda x: models.multigrid_basic_block(x, 32, batch_norm_momentum=float("nan")),
+            r"batch_norm_momentum=nan\.",
+        ),
+        (
+            lambda x: models.multigrid_bottleneck_block(x, 32, batch_norm_momentum=1.5),
+            r"batch_norm_momentum=1\.5\.",
+        ),
+        (
+            lambda x: models.multigrid_basic_block(x, 32, batch_norm_epsilon=0.0),
+            r"batch_norm_epsilon=0\.0\.",
+        ),
+        (
+            lambda x: models.multigrid_basic_block(x, 32, batch_norm_epsilon=float("inf")),
+            r"batch_norm_epsilon=inf\.",
+        ),
+    ],
+    ids=[
+        "indivisible",
+        "one-level",
+        "coarsest",
+        "odd-group",
+        "strides",
+        "bottleneck",
+        "unknown-channels",
+        "momentum-nan",
+        "momentum-above-1",
+        "epsilon-0",
+        "epsilon-inf",
+    ],
+)
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call(keras.Input((8, 8, 16)))
@@ -204,7 +265,8 @@ def test_block_trains_saves_loads_and_exports_to_tflite(tmp_path):
     assert report.verification.max_rel_diff < 1e-5
     # One CONV_2D per convolution and transfer, the batch norms folded into them.
     assert report.op_counts["CONV_2D"] == sum(
-        isinstance(layer, GroupedConvBase) for layer in model.layers)
+        isinstance(layer, GroupedConvBase) for layer in model.layers
+    )
     assert "MUL" not in report.op_counts
 
 
@@ -220,23 +282,22 @@ def test_resnet56_counts_match_the_authors():
     # per group, 9 * C_out weights; ours has `group_size` inputs per group, as
     # MultigridConv2D's: 16 -> 32 in 2 groups at 16x16, 32 -> 64 in 4 at 8x8.
     connectors = [(16, 32, 2, 16 * 16), (32, 64, 4, 8 * 8)]
-    weights = sum(9 * c_in * c_out // groups - 9 * c_out
-                  for c_in, c_out, groups, _ in connectors)
+    weights = sum(9 * c_in * c_out // groups - 9 * c_out for c_in, c_out, groups, _ in connectors)
     assert weights == 6_048
 
     # A CIFAR ResNet of depth 6n+2 is ResNet8 plus n-1 more of the blocks that
     # ResNet14 adds to it (building ResNet56 itself takes 15 s).
     def counts(depth):
-        model = models.CIFARResNet(depth, multigrid="block", group_size=8,
-                                   coarsest_channels=4)
-        return np.array([_trainable_parameters(model),
-                         keras_mgconv.count_multiply_adds(model)])
+        model = models.CIFARResNet(depth, multigrid="block", group_size=8, coarsest_channels=4)
+        return np.array([_trainable_parameters(model), keras_mgconv.count_multiply_adds(model)])
 
     resnet8 = counts(8)
     parameters, multiply_adds = resnet8 + 8 * (counts(14) - resnet8)
     assert parameters == 294_778 + weights
-    multiply_adds -= sum(pixels * (9 * c_in * c_out // groups - 9 * c_out)
-                         for c_in, c_out, groups, pixels in connectors)
+    multiply_adds -= sum(
+        pixels * (9 * c_in * c_out // groups - 9 * c_out)
+        for c_in, c_out, groups, pixels in connectors
+    )
     assert round(multiply_adds / 1e6, 1) == 67.8
 
 
@@ -259,33 +320,39 @@ def tf_keras_report(output_dir):
     rng = np.random.default_rng(0)
     block = _block_model(16, 32, strides=2)
     outputs = keras.layers.Dense(10, activation="softmax")(
-        keras.layers.GlobalAveragePooling2D()(block.output))
+        keras.layers.GlobalAveragePooling2D()(block.output)
+    )
     model = keras.Model(block.input, outputs)
     x = rng.random((64, 8, 8, 16), dtype=np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((x, rng.integers(0, 10, 64))).batch(32)
-    report = {"convolutions": sum(isinstance(layer, GroupedConvBase)
-                                  for layer in model.layers)}
+    report = {"convolutions": sum(isinstance(layer, GroupedConvBase) for layer in model.layers)}
 
     # Calibrated, not fine-tuned: test_optimization.py fine-tunes QAT models.
     qat_model = optimization.quantize_model(model, calibration_data=[x])
-    report["qat_relative_difference"] = (max_difference(qat_model, model)
-                                         / float(np.max(np.abs(model(x)))))
+    report["qat_relative_difference"] = max_difference(qat_model, model) / float(
+        np.max(np.abs(model(x)))
+    )
     converter = optimization.tflite_converter(qat_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     report.update(tflite_report(converter.convert(), dataset))
 
     pruned = optimization.prune_low_magnitude(
-        model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1))
+        model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1)
+    )
     pruned.compile("adam", "sparse_categorical_crossentropy", run_eagerly=True)
     pruned.fit(dataset, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
     wrapped = [layer for layer in pruned.layers if hasattr(layer, "pruning_vars")]
     report["wrapped"] = sorted({type(layer.layer).__name__ for layer in wrapped})
-    report["sparsities"] = [float(np.mean(weight.numpy() == 0))
-                            for layer in wrapped for weight, _, _ in layer.pruning_vars]
+    report["sparsities"] = [
+        float(np.mean(weight.numpy() == 0))
+        for layer in wrapped
+        for weight, _, _ in layer.pruning_vars
+    ]
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     stripped.save(f"{output_dir}/pruned.keras")
     report["pruned_reload_difference"] = max_difference(
-        stripped, keras.models.load_model(f"{output_dir}/pruned.keras"))
+        stripped, keras.models.load_model(f"{output_dir}/pruned.keras")
+    )
     report["pruned_difference"] = max_difference(stripped, pruned)
     return report
 
@@ -301,15 +368,17 @@ def test_quantization_and_pruning_under_tf_keras(tmp_path):
     assert report["compute_op_types"] == ["int8"]
     assert report["conv_ops"] == report["convolutions"]
     assert set(report["float_ops"]) <= {"DELEGATE", "DEQUANTIZE"}
-    assert {"GroupedConv2D", "ChannelRestriction", "ChannelProlongation",
-            "Dense"} <= set(report["wrapped"])
+    assert {"GroupedConv2D", "ChannelRestriction", "ChannelProlongation", "Dense"} <= set(
+        report["wrapped"]
+    )
     assert all(abs(sparsity - 0.5) <= 0.02 for sparsity in report["sparsities"])
     assert report["pruned_difference"] == report["pruned_reload_difference"] == 0.0
 
 
 def test_bottleneck_resnet_block_design_builds():
-    model = bottleneck_resnet(input_shape=(32, 32, 3), classes=10, multigrid="block",
-                              group_size=16, width=0.25)
+    model = bottleneck_resnet(
+        input_shape=(32, 32, 3), classes=10, multigrid="block", group_size=16, width=0.25
+    )
     # ResNet50's stages at width 0.25: bottleneck widths 16 (one level at group
     # size 16: the baseline block), 32, 64, 128.
     assert "conv2_block1_add" in {layer.name for layer in model.layers}

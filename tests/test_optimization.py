@@ -25,20 +25,32 @@ TF_KERAS = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3
 # norm statistics that `train` recomputes every epoch, and the optimization
 # module's docstring examples.
 TF_KERAS_TESTS = [
-    "test_grouped_conv.py", "test_channel_transfer.py", "test_multigrid_conv.py",
+    "test_grouped_conv.py",
+    "test_channel_transfer.py",
+    "test_multigrid_conv.py",
     "test_models.py::test_factory_builds_trains_and_reloads[ResNet20]",
-    *(f"test_batch_norm.py::{name}" for name in (
-        "test_statistics_are_the_average_batch_statistics_of_the_current_weights",
-        "test_callback_recomputes_before_validation",
-        "test_nested_models_batch_norm_is_recomputed",
-        "test_data_without_a_batch_is_refused_and_changes_nothing")),
+    *(
+        f"test_batch_norm.py::{name}"
+        for name in (
+            "test_statistics_are_the_average_batch_statistics_of_the_current_weights",
+            "test_callback_recomputes_before_validation",
+            "test_nested_models_batch_norm_is_recomputed",
+            "test_data_without_a_batch_is_refused_and_changes_nothing",
+        )
+    ),
     "test_docstrings.py::test_docstring_examples[keras_mgconv.optimization]",
 ]
 
 
 def run_under_tf_keras(*args, **environment):
-    result = subprocess.run([sys.executable, *args], env={**TF_KERAS, **environment},
-                            cwd=TESTS, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, *args],
+        env={**TF_KERAS, **environment},
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     return result.stdout
 
@@ -68,13 +80,21 @@ def keras3_file(optimization_dir):
     normalization = keras.layers.Normalization()
     normalization.adapt(inputs_array)
     inner_inputs = keras.Input((8, 8, 3))
-    inner = keras.Model(inner_inputs, keras.layers.BatchNormalization()(
-        keras_mgconv.MultigridConv2D(16, 3, padding="same", group_size=8)(inner_inputs)),
-        name="inner")
-    sequential = keras.Sequential([
-        keras.Input((8, 8, 16)),
-        keras_mgconv.GroupedConv2D(16, 3, groups=2, padding="same", residual=True),
-        keras.layers.Activation("relu")], name="sequential_block")
+    inner = keras.Model(
+        inner_inputs,
+        keras.layers.BatchNormalization()(
+            keras_mgconv.MultigridConv2D(16, 3, padding="same", group_size=8)(inner_inputs)
+        ),
+        name="inner",
+    )
+    sequential = keras.Sequential(
+        [
+            keras.Input((8, 8, 16)),
+            keras_mgconv.GroupedConv2D(16, 3, groups=2, padding="same", residual=True),
+            keras.layers.Activation("relu"),
+        ],
+        name="sequential_block",
+    )
     inputs = keras.Input((8, 8, 3))
     x = sequential(inner(normalization(inputs)))
     x = keras.layers.GlobalAveragePooling2D()(x)
@@ -87,8 +107,11 @@ def keras3_file(optimization_dir):
     directory = optimization_dir / "keras3"
     directory.mkdir()
     model.save(directory / "model.keras")
-    np.savez(directory / "expected.npz", inputs=inputs_array,
-             outputs=model.predict(inputs_array, verbose=0))
+    np.savez(
+        directory / "expected.npz",
+        inputs=inputs_array,
+        outputs=model.predict(inputs_array, verbose=0),
+    )
     return directory
 
 
@@ -110,15 +133,17 @@ def report_without_onednn(optimization_dir, report, tmp_path_factory):
     """
     if report["gradient_source"] == "onednn":
         return report
-    output = run_under_tf_keras("optimization_checks.py",
-                                str(tmp_path_factory.mktemp("optimization_without_onednn")),
-                                str(optimization_dir / "float.keras"), TF_ENABLE_ONEDNN_OPTS="0")
+    output = run_under_tf_keras(
+        "optimization_checks.py",
+        str(tmp_path_factory.mktemp("optimization_without_onednn")),
+        str(optimization_dir / "float.keras"),
+        TF_ENABLE_ONEDNN_OPTS="0",
+    )
     return json.loads(output.strip().splitlines()[-1])
 
 
 def test_layer_and_model_tests_pass_under_tf_keras():
-    output = run_under_tf_keras("-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                *TF_KERAS_TESTS)
+    output = run_under_tf_keras("-m", "pytest", "-q", "-p", "no:cacheprovider", *TF_KERAS_TESTS)
     summary = output.strip().splitlines()[-1]
     assert int(re.search(r"(\d+) passed", summary).group(1)) > 130
     assert not re.search(r"failed|skipped|error|deselected", summary), summary
@@ -143,21 +168,22 @@ def test_unroll_multigrid_spells_out_the_v_cycle(report):
 
 def test_empty_calibration_data_is_refused(report):
     assert report["empty_calibration_error"] == (
-        "`calibration_data` must hold at least one batch. Received: calibration_data=[].")
-
+        "`calibration_data` must hold at least one batch. Received: calibration_data=[]."
+    )
 
 
 @pytest.mark.parametrize("name", ["nan", "inf"])
 def test_non_finite_calibration_data_is_refused(report, name):
     # Accepted before: NaN quantizer ranges, and every output NaN.
-    assert re.match(r"`calibration_data` must give finite activations: its batch 1 gives layer "
-                    r"'\w+' the range \[.*(nan|inf).*\].*Received: calibration_data=\[array",
-                    report[f"{name}_calibration_error"]), report.get(f"{name}_calibration_error")
+    assert re.match(
+        r"`calibration_data` must give finite activations: its batch 1 gives layer "
+        r"'\w+' the range \[.*(nan|inf).*\].*Received: calibration_data=\[array",
+        report[f"{name}_calibration_error"],
+    ), report.get(f"{name}_calibration_error")
 
 
 @pytest.mark.parametrize("onednn", ["default", "off"])
-def test_quantization_aware_training_exports_an_int8_model_as_accurate(
-        onednn, request):
+def test_quantization_aware_training_exports_an_int8_model_as_accurate(onednn, request):
     # Converted from the QAT model, the TFLite model computes in int8 and loses
     # at most 1 point of the float model's test accuracy, whether the layers
     # trained through TensorFlow's grouped gradient or oneDNN's kernels called
@@ -188,7 +214,8 @@ def test_mobilenet_v3_quantizes_to_int8_and_is_wrapped_for_pruning(report):
     # quantizer, and the float output, are float.
     assert report["mobilenet_v3_float_ops"] == ["ADD", "DEQUANTIZE", "DEQUANTIZE", "MUL"]
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "MEAN"} <= set(
-        report["mobilenet_v3_int8_ops"])
+        report["mobilenet_v3_int8_ops"]
+    )
     # The int8 file computes the QAT model's function: softmax outputs within a few steps.
     assert report["mobilenet_v3_int8_difference"] < 0.01
     assert report["mobilenet_v3_int8_top1"] >= 7 / 8
@@ -226,10 +253,11 @@ def test_structured_pruning_zeroes_whole_groups(report):
 
 
 def test_structured_pruning_refuses_the_block_design(report):
-    assert re.match(r"Structured pruning prunes the groups of MultigridConv2D .* model 'resnet8' "
-                    r"has none\..*structured=False\. Received: structured=True\.$",
-                    report["block_design_structured_error"]), report.get(
-                        "block_design_structured_error")
+    assert re.match(
+        r"Structured pruning prunes the groups of MultigridConv2D .* model 'resnet8' "
+        r"has none\..*structured=False\. Received: structured=True\.$",
+        report["block_design_structured_error"],
+    ), report.get("block_design_structured_error")
 
 
 @pytest.fixture(scope="module")
@@ -237,18 +265,31 @@ def keras3_model():
     return models.ResNet20(input_shape=(8, 8, 1), group_size=16)
 
 
-@pytest.mark.parametrize("call", [
-    lambda model: optimization.quantize_model(model),
-    lambda model: optimization.unroll_multigrid(model),
-    lambda model: optimization.prune_low_magnitude(model, None),
-    lambda model: optimization.quantize_scope(),
-    lambda model: optimization.prune_scope(),
-    lambda model: optimization.tflite_converter(model),
-], ids=["quantize_model", "unroll_multigrid", "prune_low_magnitude", "quantize_scope",
-        "prune_scope", "tflite_converter"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model: optimization.quantize_model(model),
+        lambda model: optimization.unroll_multigrid(model),
+        lambda model: optimization.prune_low_magnitude(model, None),
+        lambda model: optimization.quantize_scope(),
+        lambda model: optimization.prune_scope(),
+        lambda model: optimization.tflite_converter(model),
+    ],
+    ids=[
+        "quantize_model",
+        "unroll_multigrid",
+        "prune_low_magnitude",
+        "quantize_scope",
+        "prune_scope",
+        "tflite_converter",
+    ],
+)
 def test_helpers_refuse_keras_3_with_the_way_out(call, keras3_model):
-    with pytest.raises(RuntimeError, match=r'pip install "keras-mgconv\[optimization\]"'
-                                           r".*TF_USE_LEGACY_KERAS=1.*Received: Keras 3"):
+    with pytest.raises(
+        RuntimeError,
+        match=r'pip install "keras-mgconv\[optimization\]"'
+        r".*TF_USE_LEGACY_KERAS=1.*Received: Keras 3",
+    ):
         call(keras3_model)
     # Importing tfmot would have switched this process' environment to tf_keras.
     assert "tensorflow_model_optimization" not in sys.modules
@@ -258,14 +299,19 @@ def test_helpers_refuse_keras_3_with_the_way_out(call, keras3_model):
 def test_a_keras_3_file_loads_into_tf_keras_with_its_weights(report):
     # tf_keras' own load_model: "Unrecognized keyword arguments: ['batch_shape']".
     assert report["keras3_load_difference"] < 1e-5
-    assert {"Normalization", "Functional", "Sequential", "Dense"} <= set(
-        report["keras3_layers"])
+    assert {"Normalization", "Functional", "Sequential", "Dense"} <= set(report["keras3_layers"])
     assert "mixed_float16" in report["keras3_policies"]
-    assert re.fullmatch(r"`path` must be an existing \.keras file\. Received: "
-                        r"path='.*missing\.keras'\.", report["load_missing_error"])
-    assert re.fullmatch(r".*damaged\.keras is not a readable Keras model \(BadZipFile: .*\): "
-                        r"it is truncated, damaged or was not saved by Keras\. "
-                        r"Received: path='.*damaged\.keras'\.", report["load_damaged_error"])
+    assert re.fullmatch(
+        r"`path` must be an existing \.keras file\. Received: "
+        r"path='.*missing\.keras'\.",
+        report["load_missing_error"],
+    )
+    assert re.fullmatch(
+        r".*damaged\.keras is not a readable Keras model \(BadZipFile: .*\): "
+        r"it is truncated, damaged or was not saved by Keras\. "
+        r"Received: path='.*damaged\.keras'\.",
+        report["load_damaged_error"],
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 16])
@@ -284,20 +330,34 @@ def test_calibration_data_as_an_array_is_batched(report, channels):
 def test_calibration_batches_of_the_wrong_shape_are_refused(report):
     assert report["calibration_shape_error_images"].startswith(
         "`calibration_data` must give batches of the model's inputs, of shape "
-        "(batch, 8, 8, 16): its batch 0 has shape (8, 8, 16).")
+        "(batch, 8, 8, 16): its batch 0 has shape (8, 8, 16)."
+    )
     assert report["calibration_shape_error_array"] == (
         "`calibration_data` must be an array of the model's inputs, of shape (inputs, 8, 8, "
-        "16). Received: calibration_data of shape (64, 8, 8, 3).")
+        "16). Received: calibration_data of shape (64, 8, 8, 3)."
+    )
 
 
-@pytest.mark.parametrize("name,message", [
-    ("schedule", "ValueError: `pruning_schedule` must be a tfmot.sparsity.keras."
-                 "PruningSchedule, e.g. ConstantSparsity(0.5, 0) or PolynomialDecay(0.0, 0.5, "
-                 "0, 1000). Received: pruning_schedule='notaschedule'."),
-    ("structured", "ValueError: `structured` must be True or False. Received: structured='yes'."),
-    ("converter", "ValueError: `model` must be a built model with known inputs, e.g. "
-                  "functional or Sequential with an Input. Received: model='x'."),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        (
+            "schedule",
+            "ValueError: `pruning_schedule` must be a tfmot.sparsity.keras."
+            "PruningSchedule, e.g. ConstantSparsity(0.5, 0) or PolynomialDecay(0.0, 0.5, "
+            "0, 1000). Received: pruning_schedule='notaschedule'.",
+        ),
+        (
+            "structured",
+            "ValueError: `structured` must be True or False. Received: structured='yes'.",
+        ),
+        (
+            "converter",
+            "ValueError: `model` must be a built model with known inputs, e.g. "
+            "functional or Sequential with an Input. Received: model='x'.",
+        ),
+    ],
+)
 def test_helpers_refuse_bad_arguments_when_called(report, name, message):
     # Accepted before, and failed inside fit, or (tflite_converter) an AttributeError.
     assert report[f"{name}_error"] == message
@@ -311,8 +371,10 @@ def _test_accuracy(model_path):
 
     model = keras.models.load_model(model_path)
     batches = list(data.image_pipeline("digits", "test", 256))
-    correct = sum(int(np.sum(np.argmax(model(images, training=False), -1) == labels))
-                  for images, labels in batches)
+    correct = sum(
+        int(np.sum(np.argmax(model(images, training=False), -1) == labels))
+        for images, labels in batches
+    )
     count = sum(len(labels) for _, labels in batches)
     return correct / count, count
 
@@ -325,15 +387,36 @@ def test_quantize_command_fine_tunes_a_trained_model_to_int8(digits_run, tmp_pat
     model_path = os.path.join(output_dir, "best.keras")
     output = tmp_path / "model.int8.tflite"
     # A short run: 2 steps after calibrating on 2 batches.
-    assert cli.main(["quantize", model_path, "--dataset", "digits", "--epochs", "1",
-                     "--steps-per-epoch", "2", "--calibration-batches", "2",
-                     "--output", str(output)]) == 0
+    assert (
+        cli.main(
+            [
+                "quantize",
+                model_path,
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "2",
+                "--calibration-batches",
+                "2",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     printed = capfd.readouterr().out
-    figures = re.search(r"Test accuracy on (\d+) images: float ([\d.]+), QAT ([\d.]+), int8 "
-                        r"LiteRT ([\d.]+)\.", printed)
+    figures = re.search(
+        r"Test accuracy on (\d+) images: float ([\d.]+), QAT ([\d.]+), int8 "
+        r"LiteRT ([\d.]+)\.",
+        printed,
+    )
     assert figures, printed
     count, float_accuracy, qat_accuracy, int8_accuracy = (
-        int(figures[1]), *map(float, figures.groups()[1:]))
+        int(figures[1]),
+        *map(float, figures.groups()[1:]),
+    )
     # tf_keras read the Keras 3 file whole: the accuracy Keras 3 gives it.
     keras3_accuracy, keras3_count = _test_accuracy(model_path)
     assert count == keras3_count
@@ -353,5 +436,7 @@ def test_quantize_command_refuses_a_missing_model_in_one_line(capfd):
         cli.main(["quantize", "missing.keras"])
     assert exit_info.value.code == 2
     error = capfd.readouterr().err.strip().splitlines()
-    assert error == ["keras-mgconv quantize: error: `model` must be an existing .keras file. "
-                     "Received: model='missing.keras'."]
+    assert error == [
+        "keras-mgconv quantize: error: `model` must be an existing .keras file. "
+        "Received: model='missing.keras'."
+    ]

@@ -22,11 +22,16 @@ def digits():
 
 @pytest.mark.parametrize("multigrid", [False, "layer", "block"])
 def test_every_design_is_a_precise_batch_norm_model(multigrid):
-    assert isinstance(models.CIFARResNet(8, input_shape=(8, 8, 1), multigrid=multigrid,
-                                         group_size=8), PreciseBatchNormModel)
-    assert isinstance(models.MobileNetV2((32, 32, 3), alpha=0.5, classes=2,
-                                         multigrid=bool(multigrid), group_size=8),
-                      PreciseBatchNormModel)
+    assert isinstance(
+        models.CIFARResNet(8, input_shape=(8, 8, 1), multigrid=multigrid, group_size=8),
+        PreciseBatchNormModel,
+    )
+    assert isinstance(
+        models.MobileNetV2(
+            (32, 32, 3), alpha=0.5, classes=2, multigrid=bool(multigrid), group_size=8
+        ),
+        PreciseBatchNormModel,
+    )
 
 
 def test_fit_then_evaluate_scores_as_with_recomputed_statistics(digits):
@@ -37,15 +42,19 @@ def test_fit_then_evaluate_scores_as_with_recomputed_statistics(digits):
     # `finish_model` and take minutes to train on 2 cores.
     (train_images, train_labels), (test_images, test_labels) = digits
     keras.utils.set_random_seed(0)
-    model = models.CIFARResNet(8, input_shape=(8, 8, 1), multigrid=False,
-                               classifier_activation=None)
-    model.compile(keras.optimizers.Adam(1e-3),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model = models.CIFARResNet(
+        8, input_shape=(8, 8, 1), multigrid=False, classifier_activation=None
+    )
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     model.fit(train_images, train_labels, batch_size=64, epochs=2, verbose=0)
     _, after_fit = model.evaluate(test_images, test_labels, verbose=0)
     batch_norm.recompute_batch_norm_statistics(
-        model, tf.data.Dataset.from_tensor_slices(train_images).shuffle(1200, seed=0).batch(64))
+        model, tf.data.Dataset.from_tensor_slices(train_images).shuffle(1200, seed=0).batch(64)
+    )
     _, recomputed = model.evaluate(test_images, test_labels, verbose=0)
     assert recomputed > 0.6  # It trained.
     assert after_fit == pytest.approx(recomputed, abs=0.03)
@@ -86,13 +95,13 @@ def test_statistics_come_from_the_training_part_of_a_validation_split():
     model = small_model()
     images, targets = regression_data()
     images[48:] += 100.0  # The validation part, which must not count.
-    history = model.fit(images, targets, batch_size=48, epochs=2, validation_split=0.25,
-                        verbose=0)
+    history = model.fit(images, targets, batch_size=48, epochs=2, validation_split=0.25, verbose=0)
     mean, _ = moments_of_batch_norm_input(model, images[:48])
     np.testing.assert_allclose(model.layers[2].moving_mean, mean, rtol=1e-4, atol=1e-5)
     # The last validation judged the final weights with these statistics.
     assert history.history["val_loss"][-1] == pytest.approx(
-        model.evaluate(images[48:], targets[48:], verbose=0), rel=1e-5)
+        model.evaluate(images[48:], targets[48:], verbose=0), rel=1e-5
+    )
 
 
 def test_moving_averages_stay_where_asked_or_where_data_cannot_be_read_again():
@@ -105,10 +114,9 @@ def test_moving_averages_stay_where_asked_or_where_data_cannot_be_read_again():
     assert np.abs(model.layers[2].moving_mean.numpy()).max() < 0.05 * np.abs(mean).max() + 1e-3
 
     model = small_model()
-    generator = ((images[i:i + 16], targets[i:i + 16]) for i in range(0, 64, 16))
+    generator = ((images[i : i + 16], targets[i : i + 16]) for i in range(0, 64, 16))
     with pytest.warns(UserWarning, match="cannot recompute"):
         model.fit(generator, epochs=1, verbose=0)
-
 
 
 @pytest.mark.parametrize("value", [-1, 2.0, True, "50"])
@@ -136,8 +144,9 @@ def test_saved_model_loads_as_a_precise_batch_norm_model(tmp_path):
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, PreciseBatchNormModel)
     images, _ = regression_data(8)
-    np.testing.assert_array_equal(loaded.predict(images, verbose=0),
-                                  model.predict(images, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(images, verbose=0), model.predict(images, verbose=0)
+    )
 
 
 def test_fit_without_steps_leaves_the_statistics_as_they_are():
@@ -176,8 +185,9 @@ def test_epoch_checkpoints_hold_the_statistics_of_their_weights(tmp_path, callba
     else:
         saving = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     try:
-        model.fit(images, targets, batch_size=32, epochs=2, verbose=0,
-                  callbacks=[saving, Interrupt()])
+        model.fit(
+            images, targets, batch_size=32, epochs=2, verbose=0, callbacks=[saving, Interrupt()]
+        )
     except KeyboardInterrupt:
         pass
     if callback == "checkpoint":
@@ -196,8 +206,11 @@ def batch_statistics_accuracy(model, images, labels):
 
     The model's layers in training mode, but for its augmentation.
     """
-    layers = [layer for layer in model.layers
-              if not isinstance(layer, (keras.layers.InputLayer, keras.layers.RandomTranslation))]
+    layers = [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, (keras.layers.InputLayer, keras.layers.RandomTranslation))
+    ]
     if not isinstance(model, keras.Sequential):
         layers = [model]
 
@@ -210,8 +223,9 @@ def batch_statistics_accuracy(model, images, labels):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="keras_mgconv: ")  # Not training.
-            logits = np.concatenate([logits(images[i:i + 256])
-                                     for i in range(0, len(images), 256)])
+            logits = np.concatenate(
+                [logits(images[i : i + 256]) for i in range(0, len(images), 256)]
+            )
     finally:
         for weight, value in zip(model.non_trainable_weights, moving):
             weight.assign(value)
@@ -220,11 +234,18 @@ def batch_statistics_accuracy(model, images, labels):
 
 def nested(pattern):
     """A factory backbone inside a model of the user's."""
-    backbone = models.CIFARResNet(8, input_shape=(8, 8, 1), include_top=False, pooling="avg",
-                                  multigrid=False)
+    backbone = models.CIFARResNet(
+        8, input_shape=(8, 8, 1), include_top=False, pooling="avg", multigrid=False
+    )
     if pattern == "sequential":
-        return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.RandomTranslation(
-            0.1, 0.1, fill_mode="constant"), backbone, keras.layers.Dense(10)])
+        return keras.Sequential(
+            [
+                keras.Input((8, 8, 1)),
+                keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
+                backbone,
+                keras.layers.Dense(10),
+            ]
+        )
     inputs = keras.Input((8, 8, 1))
     return keras.Model(inputs, keras.layers.Dense(10)(backbone(inputs)))
 
@@ -237,21 +258,35 @@ def test_a_nested_factory_model_scores_as_with_batch_statistics(digits, pattern)
     (train_images, train_labels), (test_images, test_labels) = digits
     keras.utils.set_random_seed(0)
     model = nested(pattern)
-    model.compile(keras.optimizers.Adam(1e-3),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callbacks = []
         if pattern == "functional_with_callback":
-            callbacks = [batch_norm.PreciseBatchNormalization(
-                tf.data.Dataset.from_tensor_slices(train_images).batch(64), steps=10)]
+            callbacks = [
+                batch_norm.PreciseBatchNormalization(
+                    tf.data.Dataset.from_tensor_slices(train_images).batch(64), steps=10
+                )
+            ]
         for epochs in (2, 1):  # Two fits: it warns once.
-            model.fit(train_images, train_labels, batch_size=64, epochs=epochs, verbose=0,
-                      callbacks=callbacks)
+            model.fit(
+                train_images,
+                train_labels,
+                batch_size=64,
+                epochs=epochs,
+                verbose=0,
+                callbacks=callbacks,
+            )
     ours = [str(w.message) for w in caught if str(w.message).startswith("keras_mgconv: ")]
-    momenta = {layer.momentum for layer in model._flatten_layers()
-               if isinstance(layer, keras.layers.BatchNormalization)}
+    momenta = {
+        layer.momentum
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
     if callbacks:
         assert not ours and momenta == {0.99}  # Recomputed: nothing to change.
     else:

@@ -17,16 +17,19 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCUMENTS = ["README.md", *sorted(os.path.relpath(path, ROOT) for path in
-                                  glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
-                                            recursive=True))]
+DOCUMENTS = [
+    "README.md",
+    *sorted(
+        os.path.relpath(path, ROOT)
+        for path in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    ),
+]
 TRAINED_MODEL = "runs/ResNet20-multigrid-digits/best.keras"
 # Blocks that take minutes, with what runs the same steps instead.
 NOT_RUN = {
-    "model.fit(train, epochs=10)":
-        "trains, fine-tunes and prunes for minutes under tf_keras; "
-        "examples/quantization_aware_training.py and examples/pruning.py run these steps, "
-        "tests/test_optimization.py checks them",
+    "model.fit(train, epochs=10)": "trains, fine-tunes and prunes for minutes under tf_keras; "
+    "examples/quantization_aware_training.py and examples/pruning.py run these steps, "
+    "tests/test_optimization.py checks them",
 }
 
 
@@ -35,8 +38,11 @@ def _python_blocks(document):
         return re.findall(r"^```python\n(.*?)^```", file.read(), flags=re.DOTALL | re.MULTILINE)
 
 
-BLOCKS = [(document, index, code) for document in DOCUMENTS
-          for index, code in enumerate(_python_blocks(document))]
+BLOCKS = [
+    (document, index, code)
+    for document in DOCUMENTS
+    for index, code in enumerate(_python_blocks(document))
+]
 
 
 # Runs blocks one after another in one process, each with nothing in its namespace
@@ -56,9 +62,15 @@ def _run(blocks, directory, timeout=600):
     """Runs `[(name, code)]` in a fresh Python process in `directory`."""
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     environment.pop("TF_USE_LEGACY_KERAS", None)  # A block that wants tf_keras says so itself.
-    result = subprocess.run([sys.executable, "-c", _RUN_EACH], input=json.dumps(blocks),
-                            cwd=directory, env=environment, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_EACH],
+        input=json.dumps(blocks),
+        cwd=directory,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -85,13 +97,18 @@ def _name(document, index):
 
 
 def test_the_readme_has_a_quick_start():
-    assert any("export_tflite(" in code and ".fit(" in code
-               for document, _, code in BLOCKS if document == "README.md")
+    assert any(
+        "export_tflite(" in code and ".fit(" in code
+        for document, _, code in BLOCKS
+        if document == "README.md"
+    )
 
 
-@pytest.mark.parametrize("index, code", [(index, code) for document, index, code in BLOCKS
-                                         if document == "README.md"],
-                         ids=lambda value: f"block{value}" if isinstance(value, int) else "")
+@pytest.mark.parametrize(
+    "index, code",
+    [(index, code) for document, index, code in BLOCKS if document == "README.md"],
+    ids=lambda value: f"block{value}" if isinstance(value, int) else "",
+)
 def test_readme_block_runs_on_its_own(index, code, tmp_path, request):
     """Each README block in a fresh process of its own."""
     output_dir = _with_trained_model(request, tmp_path) if TRAINED_MODEL in code else None

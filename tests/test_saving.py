@@ -34,13 +34,16 @@ def _saved_kinds():
         "prolongation": _layer_model(keras_mgconv.ChannelProlongation(4), 8),
         # ResNet8: the layers of every CIFAR ResNet (test_models), zero-padded shortcuts.
         "resnet8_layer": models.CIFARResNet(8, input_shape=(8, 8, 1), group_size=8, **small),
-        "resnet8_block": models.CIFARResNet(8, input_shape=(8, 8, 1), group_size=8,
-                                            multigrid="block", **small),
-        "mobilenet_v2": models.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
-                                           group_size=8, **small),
+        "resnet8_block": models.CIFARResNet(
+            8, input_shape=(8, 8, 1), group_size=8, multigrid="block", **small
+        ),
+        "mobilenet_v2": models.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, group_size=8, **small
+        ),
         # Hard-swish, squeeze-and-excitation and preprocessing: layers of Keras' own.
-        "mobilenet_v3": models.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75,
-                                                group_size=32, **small),
+        "mobilenet_v3": models.MobileNetV3Small(
+            input_shape=(32, 32, 3), alpha=0.75, group_size=32, **small
+        ),
     }
 
 
@@ -75,24 +78,33 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("order", ["keras_mgconv first", "keras first"])
 def test_every_saved_kind_loads_in_a_fresh_process(saved, order):
-    result = subprocess.run([sys.executable, "-c", LOAD, order, *saved],
-                            capture_output=True, text=True, env=os.environ)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD, order, *saved], capture_output=True, text=True, env=os.environ
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for path in saved:
         # The same weights and graph on the same machine: the same arithmetic.
-        np.testing.assert_array_equal(np.load(path + ".loaded.npy"),
-                                      np.load(path + ".expected.npy"), err_msg=path)
+        np.testing.assert_array_equal(
+            np.load(path + ".loaded.npy"), np.load(path + ".expected.npy"), err_msg=path
+        )
 
 
 def test_every_serializable_class_is_defined_where_the_hook_imports():
-    """The hook imports `_keras.SAVED_CLASS_MODULES` only: every registered class must live there."""
+    """The hook imports `_keras.SAVED_CLASS_MODULES` only: every registered class lives there."""
     for module in pkgutil.walk_packages(keras_mgconv.__path__, "keras_mgconv."):
         if module.name.endswith(("optimization", "_quantization", "_pruning")) and (
-                not USE_LEGACY_KERAS):
+            not USE_LEGACY_KERAS
+        ):
             continue  # tensorflow-model-optimization switches the process to Keras 2.
         importlib.import_module(module.name)
-    registered = {name: value for name, value in keras.saving.get_custom_objects().items()
-                  if name.startswith("keras_mgconv>")}
+    registered = {
+        name: value
+        for name, value in keras.saving.get_custom_objects().items()
+        if name.startswith("keras_mgconv>")
+    }
     assert "keras_mgconv>ChannelZeroPadding" in registered
-    assert {name: value.__module__ for name, value in registered.items()
-            if not value.__module__.startswith(SAVED_CLASS_MODULES)} == {}
+    assert {
+        name: value.__module__
+        for name, value in registered.items()
+        if not value.__module__.startswith(SAVED_CLASS_MODULES)
+    } == {}

@@ -21,8 +21,9 @@ def test_rises_linearly_then_runs_the_whole_schedule_after_it():
 
 
 def test_saved_with_the_optimizer_it_computes_the_same_rates(tmp_path):
-    schedule = LinearWarmup(keras.optimizers.schedules.PiecewiseConstantDecay(
-        [3], [0.1, 0.01]), warmup_steps=2)
+    schedule = LinearWarmup(
+        keras.optimizers.schedules.PiecewiseConstantDecay([3], [0.1, 0.01]), warmup_steps=2
+    )
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile(keras.optimizers.SGD(schedule), "mse")
@@ -33,12 +34,15 @@ def test_saved_with_the_optimizer_it_computes_the_same_rates(tmp_path):
     np.testing.assert_array_equal(rates(loaded, 8), rates(schedule, 8))
 
 
-@pytest.mark.parametrize("arguments,message", [
-    ((0.1, 0), "warmup_steps=0"),
-    ((0.1, 2.5), "warmup_steps=2.5"),
-    ((-0.1, 2), "after=-0.1"),
-    (("0.1", 2), "after='0.1'"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        ((0.1, 0), "warmup_steps=0"),
+        ((0.1, 2.5), "warmup_steps=2.5"),
+        ((-0.1, 2), "after=-0.1"),
+        (("0.1", 2), "after='0.1'"),
+    ],
+)
 def test_bad_arguments_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):
         LinearWarmup(*arguments)
@@ -46,10 +50,23 @@ def test_bad_arguments_are_refused(arguments, message):
 
 def test_train_warms_up_for_two_epochs_or_a_fifth_of_the_run():
     # Without a warm-up, SGD's 0.1 left the block design at chance (18.9%).
-    config = dict(model="ResNet20", dataset="digits", batch_size=64, learning_rate=0.1,
-                  schedule="cosine", optimizer="sgd", momentum=0.9, weight_decay=0.0,
-                  multigrid="block", group_size=None, width=1.0, image_size=None,
-                  batch_norm_momentum=None, validation_fraction=0.1, seed=0)
+    config = dict(
+        model="ResNet20",
+        dataset="digits",
+        batch_size=64,
+        learning_rate=0.1,
+        schedule="cosine",
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=0.0,
+        multigrid="block",
+        group_size=None,
+        width=1.0,
+        image_size=None,
+        batch_norm_momentum=None,
+        validation_fraction=0.1,
+        seed=0,
+    )
     assert training._config(epochs=15, warmup_epochs=None, **config)["warmup_epochs"] == 2
     assert training._config(epochs=6, warmup_epochs=None, **config)["warmup_epochs"] == 1
     assert training._config(epochs=6, warmup_epochs=0, **config)["warmup_epochs"] == 0

@@ -11,7 +11,6 @@ also spares the user TensorFlow's error-level cuInit line, in either order;
 and its own probes and command leave out the TensorFlow lines they cause.
 """
 
-
 import json
 import os
 import platform
@@ -77,11 +76,11 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(mode, **environment):
-    env = {key: value for key, value in os.environ.items()
-           if key != "TF_ENABLE_ONEDNN_OPTS"}
+    env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
     env.update(environment, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["changed"] == report["total"] == 8
@@ -132,19 +131,33 @@ def _assert_trains_through_onednn_kernels(report):
     assert report["pooled"] is True
 
 
-@pytest.mark.skipif(sys.platform != "linux" or _environment._has_accelerator_runtime(),
-                    reason="the cuInit error appears only on Linux without a GPU runtime")
+@pytest.mark.skipif(
+    sys.platform != "linux" or _environment._has_accelerator_runtime(),
+    reason="the cuInit error appears only on Linux without a GPU runtime",
+)
 def test_no_cuda_error_without_a_gpu_in_either_import_order():
-    script = ("import sys\nif sys.argv[1] != 'keras_mgconv first': import tensorflow\n"
-              "if sys.argv[1] != 'tensorflow alone': import keras_mgconv\n"
-              "import tensorflow as tf\n"
-              "print([d.device_type for d in tf.config.list_physical_devices()])")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("TF_ENABLED_DEVICE_TYPES", "TF_CPP_MIN_LOG_LEVEL")}
+    script = (
+        "import sys\nif sys.argv[1] != 'keras_mgconv first': import tensorflow\n"
+        "if sys.argv[1] != 'tensorflow alone': import keras_mgconv\n"
+        "import tensorflow as tf\n"
+        "print([d.device_type for d in tf.config.list_physical_devices()])"
+    )
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("TF_ENABLED_DEVICE_TYPES", "TF_CPP_MIN_LOG_LEVEL")
+    }
     modes = ("keras_mgconv first", "tensorflow first", "tensorflow alone")
-    processes = {mode: subprocess.Popen([sys.executable, "-c", script, mode], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True) for mode in modes}
+    processes = {
+        mode: subprocess.Popen(
+            [sys.executable, "-c", script, mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mode in modes
+    }
     outputs = {mode: process.communicate(timeout=300) for mode, process in processes.items()}
     for mode, process in processes.items():
         assert process.returncode == 0, outputs[mode][1][-3000:]
@@ -152,9 +165,11 @@ def test_no_cuda_error_without_a_gpu_in_either_import_order():
         stdout, stderr = outputs[mode]
         assert "cuInit" not in stderr and stdout.strip() == "['CPU']", mode
     # Only the GPU type is disabled: TensorFlow says so in one line, not one a type.
-    assert [line.split("] ", 1)[1] for line in outputs["keras_mgconv first"][1].splitlines()
-            if "TF_ENABLED_DEVICE_TYPES" in line] == [
-        "Device factory 'GPU' disabled by TF_ENABLED_DEVICE_TYPES environment variable."]
+    assert [
+        line.split("] ", 1)[1]
+        for line in outputs["keras_mgconv first"][1].splitlines()
+        if "TF_ENABLED_DEVICE_TYPES" in line
+    ] == ["Device factory 'GPU' disabled by TF_ENABLED_DEVICE_TYPES environment variable."]
     # What it spares: TensorFlow on its own logs the error.
     assert "failed call to cuInit" in outputs["tensorflow alone"][1]
 
@@ -167,8 +182,9 @@ def test_gradient_probe_logs_nothing(capfd):
 
     capfd.readouterr()
     # Probed afresh, past the cache: in float16 and bfloat16 at least one fails on most CPUs.
-    answers = [_tensorflow_ops._gradient_source.__wrapped__(dtype)
-               for dtype in (tf.float16, tf.bfloat16)]
+    answers = [
+        _tensorflow_ops._gradient_source.__wrapped__(dtype) for dtype in (tf.float16, tf.bfloat16)
+    ]
     assert capfd.readouterr().err == "", answers
 
 
@@ -187,8 +203,7 @@ def test_hidden_tensorflow_lines_are_only_those_picked(capfd):
             os.write(2, line.encode())
     assert capfd.readouterr().err == "".join(lines[2:])
     startup = [
-        "WARNING: All log messages before absl::InitializeLog() is called are written to "
-        "STDERR\n",
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
         "I0000 00:00:1796235295.373644    6269 cudart_stub.cc:31] Could not find cuda drivers "
         "on your machine, GPU will not be used.\n",
     ]

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from float32_rounding import UNIT_ROUNDOFF
 from keras_mgconv import cli, data, models, training
 from keras_mgconv._keras import keras
 from keras_mgconv.schedules import LinearWarmup
-
-from float32_rounding import UNIT_ROUNDOFF
 
 _QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -61,9 +60,11 @@ def test_train_command_reaches_90_percent_on_digits(digits_run, capsys):
     assert on_validation["accuracy"] == pytest.approx(max(accuracies), abs=1e-6)
     # The test figures are best.keras's and last.keras's on the test split.
     assert training.evaluate(best_path, "digits")["accuracy"] == pytest.approx(
-        summary["selected_test_accuracy"], abs=1e-6)
+        summary["selected_test_accuracy"], abs=1e-6
+    )
     assert training.evaluate(os.path.join(output_dir, "last.keras"), "digits")[
-        "accuracy"] == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
+        "accuracy"
+    ] == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
     # A finished run is not trained again by accident.
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--epochs", "6", "--output-dir", output_dir])
@@ -88,7 +89,8 @@ def tiny(monkeypatch):
 
 
 def test_test_split_is_evaluated_only_after_training_and_chooses_nothing(
-        tmp_path, tiny, monkeypatch):
+    tmp_path, tiny, monkeypatch
+):
     fit_split, validation_split, _ = data.validation_splits("digits")
     split_of = {}
     pipeline = data.image_pipeline
@@ -129,8 +131,9 @@ def test_test_split_is_evaluated_only_after_training_and_chooses_nothing(
     # ...and the test split is evaluated only once training is over: the final
     # model in inference mode and with batch statistics, and the selected one
     # unless it is the final one.
-    assert calls[returned + 1:] == [("evaluate", "test")] * (
-        2 if summary["selected_epoch"] == 2 else 3)
+    assert calls[returned + 1 :] == [("evaluate", "test")] * (
+        2 if summary["selected_epoch"] == 2 else 3
+    )
 
 
 def test_batch_statistics_accuracy_uses_each_batch_and_restores_the_moving_statistics():
@@ -148,8 +151,9 @@ def test_batch_statistics_accuracy_uses_each_batch_and_restores_the_moving_stati
     # each batch of 64 by its own statistics, computed on a copy.
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    labels = np.concatenate([np.argmax(copy(images[i:i + 64], training=True), -1)
-                             for i in range(0, 355, 64)])
+    labels = np.concatenate(
+        [np.argmax(copy(images[i : i + 64], training=True), -1) for i in range(0, 355, 64)]
+    )
     assert np.bincount(labels).max() < 0.9 * len(labels)
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(64)
     strategy = tf.distribute.get_strategy()
@@ -171,16 +175,30 @@ def test_steps_per_execution_is_the_largest_divisor_of_the_epoch_up_to_the_cap()
 
 def test_plan_settles_data_and_steps_before_anything_is_built():
     config = training._config(
-        "ResNet20", "digits", epochs=2, batch_size=64, learning_rate=0.1, schedule="cosine",
-        optimizer="sgd", momentum=0.9, weight_decay=0.0, multigrid=True, group_size=None,
-        width=1.0, image_size=None, batch_norm_momentum=None, validation_fraction=0.1, seed=0,
-        warmup_epochs=None)
+        "ResNet20",
+        "digits",
+        epochs=2,
+        batch_size=64,
+        learning_rate=0.1,
+        schedule="cosine",
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=0.0,
+        multigrid=True,
+        group_size=None,
+        width=1.0,
+        image_size=None,
+        batch_norm_momentum=None,
+        validation_fraction=0.1,
+        seed=0,
+        warmup_epochs=None,
+    )
     assert config["multigrid"] == "layer"
     plan = training._plan(config, replicas=1, data_dir=None, manual_dir=None)
     assert plan.steps_per_epoch == _fit_steps()
     assert plan.batch_norm_momentum == training.auto_batch_norm_momentum(_fit_steps())
     assert plan.image_shape == (8, 8, 1)
-    (images, labels), = plan.pipeline(plan.validation_split).take(1).as_numpy_iterator()
+    ((images, labels),) = plan.pipeline(plan.validation_split).take(1).as_numpy_iterator()
     assert images.shape == (64, 8, 8, 1) and labels.shape == (64,)
     with pytest.raises(ValueError, match="divide evenly between the 3 replicas"):
         training._plan(config, replicas=3, data_dir=None, manual_dir=None)
@@ -191,21 +209,46 @@ def test_coarsest_channels_reach_the_factory_and_are_checked():
 
     import keras_mgconv
 
-    arguments = dict(epochs=2, batch_size=64, learning_rate=0.1, schedule="cosine",
-                     optimizer="sgd", momentum=0.9, weight_decay=0.0, multigrid=True,
-                     group_size=8, width=1.0, image_size=None, batch_norm_momentum=None,
-                     validation_fraction=0.1, seed=0, warmup_epochs=None)
+    arguments = dict(
+        epochs=2,
+        batch_size=64,
+        learning_rate=0.1,
+        schedule="cosine",
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=0.0,
+        multigrid=True,
+        group_size=8,
+        width=1.0,
+        image_size=None,
+        batch_norm_momentum=None,
+        validation_fraction=0.1,
+        seed=0,
+        warmup_epochs=None,
+    )
     info = types.SimpleNamespace(num_classes=10, name="digits")
 
     def coarsest_levels(coarsest_channels):
-        config = training._config("ResNet20", "digits", coarsest_channels=coarsest_channels,
-                                  **arguments)
+        config = training._config(
+            "ResNet20", "digits", coarsest_channels=coarsest_channels, **arguments
+        )
         assert config["coarsest_channels"] == coarsest_channels
         network = training._build_model(
-            "ResNet20", info, (8, 8, 1), lambda x: x, config["multigrid"],
-            config["group_size"], config["width"], 0.9, config["coarsest_channels"])
-        return {(layer.filters, layer.levels[-1]) for layer in network._flatten_layers()
-                if isinstance(layer, keras_mgconv.MultigridConv2D)}
+            "ResNet20",
+            info,
+            (8, 8, 1),
+            lambda x: x,
+            config["multigrid"],
+            config["group_size"],
+            config["width"],
+            0.9,
+            config["coarsest_channels"],
+        )
+        return {
+            (layer.filters, layer.levels[-1])
+            for layer in network._flatten_layers()
+            if isinstance(layer, keras_mgconv.MultigridConv2D)
+        }
 
     # ResNet20's 16-, 32- and 64-channel layers: by default (32) the layers of
     # 16 and 32 channels are dense convolutions; with 8, cycles down to 8 channels.
@@ -248,8 +291,11 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     assert set(trained_steps_per_execution) == {training.steps_per_execution(steps)}
     assert training.steps_per_execution(steps) > 1
     assert after_epoch_1.steps_per_execution == 1
-    assert any(np.abs(v.numpy()).sum() > 0 for v in after_epoch_1.optimizer.variables
-               if "momentum" in v.path)
+    assert any(
+        np.abs(v.numpy()).sum() > 0
+        for v in after_epoch_1.optimizer.variables
+        if "momentum" in v.path
+    )
     schedule = after_epoch_1.optimizer._learning_rate
     assert isinstance(schedule, LinearWarmup) and schedule.warmup_steps == steps
 
@@ -265,11 +311,11 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
     for mine, theirs in zip(last.get_weights(), whole.get_weights()):
         np.testing.assert_array_equal(mine, theirs)
     assert resumed["final_test_accuracy"] == pytest.approx(
-        uninterrupted["final_test_accuracy"], abs=0.01)
+        uninterrupted["final_test_accuracy"], abs=0.01
+    )
 
 
-def test_run_killed_after_its_last_checkpoint_is_completed_by_a_rerun(tmp_path, tiny,
-                                                                     monkeypatch):
+def test_run_killed_after_its_last_checkpoint_is_completed_by_a_rerun(tmp_path, tiny, monkeypatch):
     output_dir = str(tmp_path / "run")
     copy = training._copy
 
@@ -284,8 +330,12 @@ def test_run_killed_after_its_last_checkpoint_is_completed_by_a_rerun(tmp_path, 
             training.train(output_dir=output_dir, **tiny)
     assert sorted(os.listdir(output_dir)) == ["config.json", "history.csv", "last.keras", "logs"]
     # A temporary file of a killed write, and one of a live process's write.
-    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     stale = os.path.join(output_dir, f".last.{dead_pid}.tmp.keras")
     live = os.path.join(output_dir, f".best.int8.{os.getpid()}.tmp.tflite")
     for path in (stale, live):
@@ -315,8 +365,12 @@ _HOLD_LOCK = textwrap.dedent("""
 def test_second_run_into_one_output_dir_is_refused_until_the_first_dies(tmp_path, tiny, capsys):
     output_dir = str(tmp_path / "run")
     command = ["train", "--model", "Tiny", "--epochs", "1", "--output-dir", output_dir]
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, output_dir, training._LOCK_NAME],
-                              env=_QUIET, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, output_dir, training._LOCK_NAME],
+        env=_QUIET,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit) as exit_info:
@@ -340,18 +394,22 @@ def test_unreadable_config_json_is_named_with_the_way_out(tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     (output_dir / "config.json").write_text('{"model": "ResNet20", "epo')
-    with pytest.raises(ValueError, match=re.escape(
-            f"{output_dir / 'config.json'} cannot be read (")) as error:
+    with pytest.raises(
+        ValueError, match=re.escape(f"{output_dir / 'config.json'} cannot be read (")
+    ) as error:
         training.train(output_dir=str(output_dir), epochs=1, verbose=0)
     assert "`--overwrite`" in str(error.value)
     assert os.listdir(output_dir) == ["config.json"]
 
 
-@pytest.mark.parametrize("arguments", [
-    dict(multigrid="blok"),
-    dict(multigrid=1),
-    dict(model="MobileNetV2", multigrid="block"),
-])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(multigrid="blok"),
+        dict(multigrid=1),
+        dict(model="MobileNetV2", multigrid="block"),
+    ],
+)
 def test_multigrid_takes_a_design_or_false(tmp_path, arguments):
     with pytest.raises(ValueError, match=re.escape(f"multigrid={arguments['multigrid']!r}.")):
         training.train(output_dir=str(tmp_path / "run"), epochs=1, verbose=0, **arguments)
@@ -421,13 +479,20 @@ _MIRRORED = textwrap.dedent("""
 def test_mirrored_two_devices_take_the_one_device_step(tmp_path):
     # Both runs stop after their first step: a whole epoch on two replicas is
     # test_multi_worker_run_on_loopback_completes_an_epoch's.
-    result = subprocess.run([sys.executable, "-c", _MIRRORED, str(tmp_path)], env=_QUIET,
-                            capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED, str(tmp_path)],
+        env=_QUIET,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     assert (first["replicas"], second["replicas"]) == (1, 2)
-    one, two = ([run[name] for name in run.files]
-                for run in (np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")))
+    one, two = (
+        [run[name] for name in run.files]
+        for run in (np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz"))
+    )
     count = len(one) // 2
     for initial, theirs in zip(one[:count], two[:count]):
         np.testing.assert_array_equal(initial, theirs)
@@ -440,14 +505,16 @@ def test_mirrored_two_devices_take_the_one_device_step(tmp_path):
     # Storing the new weight rounds it by u |w| on top. Later steps are not
     # compared: how much a trajectory amplifies differences in the last bits
     # of its weights is no rounding argument's to bound.
-    length = (2 * second["tolerance"] / (2 * UNIT_ROUNDOFF)
-              + second["pixels"] * (1 + 4 * second["batch_norms"]))
+    length = 2 * second["tolerance"] / (2 * UNIT_ROUNDOFF) + second["pixels"] * (
+        1 + 4 * second["batch_norms"]
+    )
     for initial, mine, theirs in zip(one[:count], one[count:], two[count:]):
         bound = 2 * UNIT_ROUNDOFF * (np.abs(mine) + length * np.max(np.abs(mine - initial)))
         excess = np.abs(theirs - mine) - bound
         assert np.max(excess) <= 0, (
             f"the first step differs by up to {np.max(np.abs(theirs - mine)):.3g} for a weight "
-            f"of shape {mine.shape}, more than rounding makes it ({np.max(excess):.3g} over)")
+            f"of shape {mine.shape}, more than rounding makes it ({np.max(excess):.3g} over)"
+        )
 
 
 def _free_ports(count):
@@ -467,13 +534,35 @@ def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
     output_dir = str(tmp_path / "run")
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "keras_mgconv.cli", "train", "--strategy", "multi_worker",
-             "--epochs", "1", "--width", "0.25", "--batch-size", "256", "--no-multigrid",
-             "--output-dir", output_dir],
-            env=dict(_QUIET, TF_CONFIG=json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}})),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for index in range(2)]
+            [
+                sys.executable,
+                "-m",
+                "keras_mgconv.cli",
+                "train",
+                "--strategy",
+                "multi_worker",
+                "--epochs",
+                "1",
+                "--width",
+                "0.25",
+                "--batch-size",
+                "256",
+                "--no-multigrid",
+                "--output-dir",
+                output_dir,
+            ],
+            env=dict(
+                _QUIET,
+                TF_CONFIG=json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                ),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
     try:
         outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     finally:
@@ -485,35 +574,39 @@ def test_multi_worker_run_on_loopback_completes_an_epoch(tmp_path):
         summary = json.load(file)
     assert summary["replicas"] == 2
     assert len(_history(output_dir)) == 1
-    assert keras.models.load_model(os.path.join(output_dir, "last.keras")).optimizer.iterations \
-        .numpy() == _fit_steps(256)
+    assert keras.models.load_model(
+        os.path.join(output_dir, "last.keras")
+    ).optimizer.iterations.numpy() == _fit_steps(256)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--model", "ResNet99"], "Received: model='ResNet99'"),
-    (["--dataset", "no_such_data"], "no dataset named 'no_such_data'"),
-    (["--dataset", "digits:9.9.9"], "digits:9.9.9"),
-    (["--epochs", "0"], "Received: epochs=0"),
-    (["--batch-size", "-8"], "Received: batch_size=-8"),
-    (["--model", "ResNet18"], "ResNet18 cannot take the 8x8x1 images of 'digits'"),
-    (["--learning-rate", "nan"], "Received: learning_rate=nan"),
-    (["--learning-rate", "inf"], "Received: learning_rate=inf"),
-    (["--weight-decay", "nan"], "Received: weight_decay=nan"),
-    (["--weight-decay", "inf"], "Received: weight_decay=inf"),
-    (["--momentum", "nan"], "Received: momentum=nan"),
-    (["--momentum", "inf"], "Received: momentum=inf"),
-    (["--batch-norm-momentum", "5"], "Received: batch_norm_momentum=5.0"),
-    (["--batch-norm-momentum", "-1"], "Received: batch_norm_momentum=-1.0"),
-    (["--width", "inf"], "Received: width=inf"),
-    (["--width", "nan"], "Received: width=nan"),
-    (["--validation-fraction", "1"], "Received: validation_fraction=1.0"),
-    (["--no-multigrid", "--design", "block"], "Received: design='block'"),
-    (["--model", "MobileNetV2", "--design", "block"], "multigrid='block'"),
-    # Refused before an epoch's dataset was made for each of them.
-    (["--epochs", "99999999999999999999"], "Received: epochs=99999999999999999999"),
-    # Refused before the images are made, not out of memory after a minute.
-    (["--image-size", "100000"], "image_shape=(100000, 100000, 1)"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model", "ResNet99"], "Received: model='ResNet99'"),
+        (["--dataset", "no_such_data"], "no dataset named 'no_such_data'"),
+        (["--dataset", "digits:9.9.9"], "digits:9.9.9"),
+        (["--epochs", "0"], "Received: epochs=0"),
+        (["--batch-size", "-8"], "Received: batch_size=-8"),
+        (["--model", "ResNet18"], "ResNet18 cannot take the 8x8x1 images of 'digits'"),
+        (["--learning-rate", "nan"], "Received: learning_rate=nan"),
+        (["--learning-rate", "inf"], "Received: learning_rate=inf"),
+        (["--weight-decay", "nan"], "Received: weight_decay=nan"),
+        (["--weight-decay", "inf"], "Received: weight_decay=inf"),
+        (["--momentum", "nan"], "Received: momentum=nan"),
+        (["--momentum", "inf"], "Received: momentum=inf"),
+        (["--batch-norm-momentum", "5"], "Received: batch_norm_momentum=5.0"),
+        (["--batch-norm-momentum", "-1"], "Received: batch_norm_momentum=-1.0"),
+        (["--width", "inf"], "Received: width=inf"),
+        (["--width", "nan"], "Received: width=nan"),
+        (["--validation-fraction", "1"], "Received: validation_fraction=1.0"),
+        (["--no-multigrid", "--design", "block"], "Received: design='block'"),
+        (["--model", "MobileNetV2", "--design", "block"], "multigrid='block'"),
+        # Refused before an epoch's dataset was made for each of them.
+        (["--epochs", "99999999999999999999"], "Received: epochs=99999999999999999999"),
+        # Refused before the images are made, not out of memory after a minute.
+        (["--image-size", "100000"], "image_shape=(100000, 100000, 1)"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
     output_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
@@ -574,9 +667,11 @@ def test_output_dir_unwritable_midway_is_one_line(tmp_path, tiny, monkeypatch, c
         cli.main(["train", "--model", "Tiny", "--epochs", "1", "--output-dir", output_dir])
     assert exit_info.value.code == 1
     error = capsys.readouterr().err.strip()
-    assert error == (f"keras-mgconv train: error: [Errno 13] Permission denied: "
-                     f"'{output_dir}/last.keras'. No epoch had completed: there is nothing "
-                     f"to resume.")
+    assert error == (
+        f"keras-mgconv train: error: [Errno 13] Permission denied: "
+        f"'{output_dir}/last.keras'. No epoch had completed: there is nothing "
+        f"to resume."
+    )
 
 
 def test_overwrite_removes_the_old_runs_logs(tmp_path):
@@ -617,16 +712,20 @@ def _truncate(path):
     with open(path, "rb") as file:
         content = file.read()
     with open(path, "wb") as file:
-        file.write(content[:len(content) // 2])
+        file.write(content[: len(content) // 2])
 
 
-@pytest.mark.parametrize("name, damage, problem", [
-    ("history.csv", _delete, "the history of its 1 completed epochs, is missing"),
-    ("history.csv", _garble, "cannot be read (ValueError: invalid literal for int()"),
-    ("last.keras", _truncate, "is not a readable Keras model (not a zip archive)"),
-])
-def test_damaged_run_state_is_named_with_the_way_out(tmp_path, tiny, monkeypatch,
-                                                     name, damage, problem):
+@pytest.mark.parametrize(
+    "name, damage, problem",
+    [
+        ("history.csv", _delete, "the history of its 1 completed epochs, is missing"),
+        ("history.csv", _garble, "cannot be read (ValueError: invalid literal for int()"),
+        ("last.keras", _truncate, "is not a readable Keras model (not a zip archive)"),
+    ],
+)
+def test_damaged_run_state_is_named_with_the_way_out(
+    tmp_path, tiny, monkeypatch, name, damage, problem
+):
     output_dir = str(tmp_path / "run")
     _unfinished_run(output_dir, tiny, monkeypatch)
     path = os.path.join(output_dir, name)
@@ -642,8 +741,12 @@ def test_damaged_run_state_is_named_with_the_way_out(tmp_path, tiny, monkeypatch
 def test_missing_best_model_of_an_earlier_epoch_is_named(tmp_path):
     history = [{"epoch": "0", "val_accuracy": "0.9"}, {"epoch": "1", "val_accuracy": "0.8"}]
     (tmp_path / "last.keras").write_text("")
-    with pytest.raises(ValueError, match=re.escape(
-            f"{tmp_path / 'best.keras'}, the model of epoch 1, is missing or truncated")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{tmp_path / 'best.keras'}, the model of epoch 1, is missing or truncated"
+        ),
+    ):
         training._restore_best(str(tmp_path), str(tmp_path), history)
 
 
@@ -660,17 +763,34 @@ def test_weights_file_that_is_not_weights_is_named(tmp_path, name):
 
 def test_train_command_exits_2_from_the_shell(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "keras_mgconv.cli", "train", "--epochs", "-1",
-         "--output-dir", str(tmp_path / "run")],
-        env=_QUIET, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "keras_mgconv.cli",
+            "train",
+            "--epochs",
+            "-1",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env=_QUIET,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("keras-mgconv train: error:")
     assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_refuses_a_model_for_other_classes(tmp_path):
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     path = str(tmp_path / "three.keras")
     model.save(path)
     with pytest.raises(ValueError, match="predicts 3 classes but 'digits' has 10"):
@@ -680,12 +800,17 @@ def test_evaluate_refuses_a_model_for_other_classes(tmp_path):
 
 
 def test_damaged_keras_file_is_named_not_reported_missing(tmp_path):
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(10, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     whole = tmp_path / "whole.keras"
     model.save(whole)
     cut = tmp_path / "cut.keras"
-    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     text = tmp_path / "text.keras"
     text.write_text("not a model")
     for path in (cut, text):

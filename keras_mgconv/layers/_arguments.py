@@ -105,8 +105,10 @@ def conv_output_shape(layer, input_shape, filters, kernel_size, strides, padding
     a "valid" kernel larger than the input.
     """
     batch, height, width, _ = tuple(input_shape)
-    size = tuple(conv_output_length(length, kernel, stride, padding)
-                 for length, kernel, stride in zip((height, width), kernel_size, strides))
+    size = tuple(
+        conv_output_length(length, kernel, stride, padding)
+        for length, kernel, stride in zip((height, width), kernel_size, strides)
+    )
     if any(length is not None and length <= 0 for length in size):
         raise ValueError(
             f"Layer {layer.name!r} would give an empty output: its "

@@ -13,7 +13,7 @@ from keras import ops
 
 
 def grouped_gradient_supported(dtype="float32"):
-    """True: JAX and PyTorch differentiate grouped convolutions in every dtype and on every device."""
+    """True: JAX and PyTorch differentiate grouped convolutions in every dtype, on every device."""
     return True
 
 
@@ -43,8 +43,9 @@ SPLIT_POINTWISE_AS_ONE_PRODUCT = True
 
 def conv(inputs, kernel, strides, padding):
     """2D convolution of channels-last `inputs`, grouped where `kernel` has fewer input channels."""
-    return ops.conv(inputs, kernel, strides=tuple(strides), padding=padding,
-                    data_format="channels_last")
+    return ops.conv(
+        inputs, kernel, strides=tuple(strides), padding=padding, data_format="channels_last"
+    )
 
 
 def trainable_conv(inputs, kernel, strides, padding, training=None):

@@ -13,4 +13,5 @@ from keras_mgconv._keras import keras
 TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 ops = importlib.import_module(
-    "keras_mgconv.layers._tensorflow_ops" if TENSORFLOW else "keras_mgconv.layers._keras_ops")
+    "keras_mgconv.layers._tensorflow_ops" if TENSORFLOW else "keras_mgconv.layers._keras_ops"
+)

@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import tensorflow as tf
+
 # Private TensorFlow modules, for calling its oneDNN kernels by name (no public
 # API reaches them while oneDNN is off); `onednn_kernels_work` checks the
 # calls once against TensorFlow's public ops, and the package falls back to
@@ -30,7 +31,6 @@ from tensorflow.python.framework import op_def_library
 from tensorflow.python.ops import control_flow_util
 
 from keras_mgconv import _tensorflow_logs
-
 
 _STRIDES = [1, 1, 1, 1]
 
@@ -60,13 +60,16 @@ def grouped_gradient_supported(dtype=tf.float32):
 
 # What TensorFlow logs when a probe finds no gradient: the answer, not news.
 _PROBE_FAILURES = _tensorflow_logs.records_saying(
-    "Gradients for grouped convolutions are not supported", "Local rendezvous is aborting",
-    "OP_REQUIRES failed at mkl_conv", "oneDNN supports DT_")
+    "Gradients for grouped convolutions are not supported",
+    "Local rendezvous is aborting",
+    "OP_REQUIRES failed at mkl_conv",
+    "oneDNN supports DT_",
+)
 
 
 @functools.lru_cache(maxsize=None)
 def _gradient_source(dtype):
-    """"tensorflow", "onednn" or None: what differentiates a grouped convolution in `dtype`."""
+    """ "tensorflow", "onednn" or None: what differentiates a grouped convolution in `dtype`."""
     with _tensorflow_logs.hidden(_PROBE_FAILURES):
         return _probe_gradient_source(dtype)
 
@@ -78,21 +81,32 @@ def _probe_gradient_source(dtype):
         inputs, kernel = tf.ones((1, 4, 4, 4), dtype), tf.ones((3, 3, 2, 4), dtype)
         try:
             tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=inputs.shape, filter=kernel, out_backprop=inputs,
-                strides=_STRIDES, padding="SAME")
+                input_sizes=inputs.shape,
+                filter=kernel,
+                out_backprop=inputs,
+                strides=_STRIDES,
+                padding="SAME",
+            )
             tf.raw_ops.Conv2DBackpropFilter(
-                input=inputs, filter_sizes=kernel.shape, out_backprop=inputs,
-                strides=_STRIDES, padding="SAME")
+                input=inputs,
+                filter_sizes=kernel.shape,
+                out_backprop=inputs,
+                strides=_STRIDES,
+                padding="SAME",
+            )
             return "tensorflow"
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
-                tf.errors.NotFoundError):
+        except (
+            tf.errors.InvalidArgumentError,
+            tf.errors.UnimplementedError,
+            tf.errors.NotFoundError,
+        ):
             pass
     return "onednn" if onednn_kernels_work(dtype) else None
 
 
 @functools.lru_cache(maxsize=None)
 def onednn_kernels_work(dtype=tf.float32):
-    """Whether TensorFlow's oneDNN kernels, called directly, compute a grouped convolution's gradients.
+    """Whether TensorFlow's oneDNN kernels, called directly, give grouped convolution gradients.
 
     Checked once per dtype on a tiny convolution against each group's
     gradients from TensorFlow's ungrouped kernels, which every build has.
@@ -100,25 +114,46 @@ def onednn_kernels_work(dtype=tf.float32):
     dtype = tf.as_dtype(dtype)
     with tf.init_scope():
         rng = np.random.default_rng(0)
-        inputs, kernel = (tf.constant(rng.standard_normal(shape), dtype)
-                          for shape in ((1, 5, 5, 4), (3, 3, 2, 4)))
+        inputs, kernel = (
+            tf.constant(rng.standard_normal(shape), dtype) for shape in ((1, 5, 5, 4), (3, 3, 2, 4))
+        )
         try:
             gradients = _onednn_conv_backprop(inputs, kernel, inputs, _STRIDES, "SAME")
         except Exception:  # noqa: BLE001 (private API: whatever a build without it raises)
             return False
-        expected = [tf.concat([
-            backprop(**{argument: value}, out_backprop=group_backprop,
-                     strides=_STRIDES, padding="SAME")
-            for group_backprop, value in zip(
-                tf.split(inputs, 2, axis=-1), tf.split(values, 2, axis=-1))], axis=-1)
+        expected = [
+            tf.concat(
+                [
+                    backprop(
+                        **{argument: value},
+                        out_backprop=group_backprop,
+                        strides=_STRIDES,
+                        padding="SAME",
+                    )
+                    for group_backprop, value in zip(
+                        tf.split(inputs, 2, axis=-1), tf.split(values, 2, axis=-1)
+                    )
+                ],
+                axis=-1,
+            )
             for backprop, argument, values in (
-                (functools.partial(tf.raw_ops.Conv2DBackpropInput,
-                                   input_sizes=(1, 5, 5, 2)), "filter", kernel),
-                (functools.partial(tf.raw_ops.Conv2DBackpropFilter,
-                                   filter_sizes=(3, 3, 2, 2)), "input", inputs))]
+                (
+                    functools.partial(tf.raw_ops.Conv2DBackpropInput, input_sizes=(1, 5, 5, 2)),
+                    "filter",
+                    kernel,
+                ),
+                (
+                    functools.partial(tf.raw_ops.Conv2DBackpropFilter, filter_sizes=(3, 3, 2, 2)),
+                    "input",
+                    inputs,
+                ),
+            )
+        ]
     tolerance = 1e-2 if dtype.size < 4 else 1e-4
-    return all(np.allclose(got, want, rtol=tolerance, atol=tolerance)
-               for got, want in zip(gradients, expected))
+    return all(
+        np.allclose(got, want, rtol=tolerance, atol=tolerance)
+        for got, want in zip(gradients, expected)
+    )
 
 
 # TensorFlow runs its oneDNN kernels only for graph nodes that carry this
@@ -127,11 +162,17 @@ _ONEDNN_LABEL = {"_kernel": attr_value_pb2.AttrValue(s=b"MklNameChangeOp")}
 
 
 def _onednn_op(op_type, name, **arguments):
-    """One output of TensorFlow's oneDNN convolution kernel `op_type`, added to the current graph."""
+    """One output of TensorFlow's oneDNN convolution kernel `op_type`, added to the graph."""
     with tf.compat.v1.get_default_graph()._attr_scope(_ONEDNN_LABEL):
         *_, outputs = op_def_library._apply_op_helper(
-            op_type, name=name, use_cudnn_on_gpu=False, explicit_paddings=[],
-            data_format="NHWC", dilations=[1, 1, 1, 1], **arguments)
+            op_type,
+            name=name,
+            use_cudnn_on_gpu=False,
+            explicit_paddings=[],
+            data_format="NHWC",
+            dilations=[1, 1, 1, 1],
+            **arguments,
+        )
     return outputs[0]
 
 
@@ -172,8 +213,9 @@ def _graph_function(python_function):
         if not tf.executing_eagerly():
             return in_graphs(*tensors, strides, padding)
         tensors = [tf.convert_to_tensor(tensor) for tensor in tensors]
-        function = for_any_shape(tuple((tensor.dtype, tensor.shape.rank) for tensor in tensors),
-                                 tuple(strides), padding)
+        function = for_any_shape(
+            tuple((tensor.dtype, tensor.shape.rank) for tensor in tensors), tuple(strides), padding
+        )
         return function(*tensors, list(strides), padding)
 
     return call
@@ -185,8 +227,15 @@ def _onednn_conv(inputs, kernel, strides, padding):
 
     A `tf.function`, because kernel labels exist only in graphs.
     """
-    return _onednn_op("_MklNativeConv2D", "convolution", input=inputs, filter=kernel,
-                      strides=strides, padding=padding, is_filter_const=False)
+    return _onednn_op(
+        "_MklNativeConv2D",
+        "convolution",
+        input=inputs,
+        filter=kernel,
+        strides=strides,
+        padding=padding,
+        is_filter_const=False,
+    )
 
 
 @_graph_function
@@ -200,12 +249,23 @@ def _onednn_conv_backprop(inputs, kernel, out_backprop, strides, padding):
         `(input_gradient, kernel_gradient)`.
     """
     input_gradient = _onednn_op(
-        "_MklNativeConv2DBackpropInput", "input_gradient", input_sizes=tf.shape(inputs),
-        filter=kernel, out_backprop=out_backprop, strides=strides, padding=padding)
+        "_MklNativeConv2DBackpropInput",
+        "input_gradient",
+        input_sizes=tf.shape(inputs),
+        filter=kernel,
+        out_backprop=out_backprop,
+        strides=strides,
+        padding=padding,
+    )
     kernel_gradient = _onednn_op(
-        "_MklNativeConv2DBackpropFilter", "kernel_gradient", input=inputs,
-        filter_sizes=tf.shape(kernel), out_backprop=out_backprop, strides=strides,
-        padding=padding)
+        "_MklNativeConv2DBackpropFilter",
+        "kernel_gradient",
+        input=inputs,
+        filter_sizes=tf.shape(kernel),
+        out_backprop=out_backprop,
+        strides=strides,
+        padding=padding,
+    )
     return input_gradient, kernel_gradient
 
 
@@ -227,17 +287,21 @@ def _conv_with_onednn_gradient(inputs, kernel, strides, padding, training):
         if training:
             # Unwatched inputs: an eager tape would otherwise ask the function
             # call for a gradient of its own, which oneDNN's op lacks.
-            outputs = _onednn_conv(tf.stop_gradient(inputs), tf.stop_gradient(kernel),
-                                   onednn_strides, padding)
+            outputs = _onednn_conv(
+                tf.stop_gradient(inputs), tf.stop_gradient(kernel), onednn_strides, padding
+            )
         else:
-            outputs = concatenate([
-                tf.nn.conv2d(group_inputs, group_kernel, strides, padding)
-                for group_inputs, group_kernel in zip(split(inputs, groups),
-                                                      split(kernel, groups))])
+            outputs = concatenate(
+                [
+                    tf.nn.conv2d(group_inputs, group_kernel, strides, padding)
+                    for group_inputs, group_kernel in zip(
+                        split(inputs, groups), split(kernel, groups)
+                    )
+                ]
+            )
 
         def gradient(out_backprop):
-            return _onednn_conv_backprop(inputs, kernel, out_backprop, onednn_strides,
-                                         padding)
+            return _onednn_conv_backprop(inputs, kernel, out_backprop, onednn_strides, padding)
 
         return outputs, gradient
 
@@ -247,11 +311,15 @@ def _conv_with_onednn_gradient(inputs, kernel, strides, padding, training):
 def _why_no_grouped_gradient(dtype):
     """The cause, and the remedy where there is one, of a missing grouped gradient."""
     if dtype != tf.float32:
-        return (f"TensorFlow has no grouped-convolution gradient for {dtype.name} on "
-                f"this CPU; train in float32 for the fast path")
-    return ("TensorFlow's oneDNN is off and its oneDNN kernels cannot be called "
-            "directly in this build; set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow "
-            "is imported, where the CPU supports it, for the fast path")
+        return (
+            f"TensorFlow has no grouped-convolution gradient for {dtype.name} on "
+            f"this CPU; train in float32 for the fast path"
+        )
+    return (
+        "TensorFlow's oneDNN is off and its oneDNN kernels cannot be called "
+        "directly in this build; set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow "
+        "is imported, where the CPU supports it, for the fast path"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,7 +329,9 @@ def _warn_split_fallback(dtype):
         "keras_mgconv: grouped convolutions run as per-group convolutions here, which "
         "train about 2x slower (a 256-channel MultigridConv2D step: 1.07x of Conv2D's "
         f"time against 0.47x on the fast path): {_why_no_grouped_gradient(dtype)}.",
-        RuntimeWarning, stacklevel=3)
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def auto_implementation(dtype):
@@ -306,13 +376,13 @@ def trainable_conv(inputs, kernel, strides, padding, training=None):
             convolution through oneDNN too.
     """
     strides, padding = tuple(strides), padding.upper()
-    if (inputs.shape[0] == 0
-            or _gradient_source(tf.as_dtype(inputs.dtype)) != "onednn"
-            or control_flow_util.GraphOrParentsInXlaContext(
-                tf.compat.v1.get_default_graph())):
+    if (
+        inputs.shape[0] == 0
+        or _gradient_source(tf.as_dtype(inputs.dtype)) != "onednn"
+        or control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    ):
         return conv(inputs, kernel, strides, padding)
-    return _conv_with_onednn_gradient(inputs, kernel, strides, padding,
-                                      training is True)
+    return _conv_with_onednn_gradient(inputs, kernel, strides, padding, training is True)
 
 
 def cast(values, dtype):
@@ -355,5 +425,3 @@ def name_scope(name):
     `<parent>/kernel:0`, names that collide in an HDF5 file.
     """
     return tf.name_scope(name)
-
-

@@ -17,9 +17,15 @@ class _ChannelTransfer(GroupedConvBase):
     initialisation each output channel is the mean of its group's inputs.
     """
 
-    def __init__(self, group_size=16, kernel_initializer=None,
-                 kernel_regularizer=None, kernel_constraint=None,
-                 implementation="auto", **kwargs):
+    def __init__(
+        self,
+        group_size=16,
+        kernel_initializer=None,
+        kernel_regularizer=None,
+        kernel_constraint=None,
+        implementation="auto",
+        **kwargs,
+    ):
         self.group_size = _arguments.group_size(group_size)
         self._default_initializer = kernel_initializer is None
         super().__init__(

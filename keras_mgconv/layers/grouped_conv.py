@@ -32,7 +32,7 @@ _TRACED_MIN_GROUP_FILTERS = contextvars.ContextVar("traced_min_group_filters", d
 
 @contextlib.contextmanager
 def traced_implementation(implementation, min_group_filters=1):
-    """Within this context, layers set to "auto" compute grouped convolutions `implementation`'s way.
+    """Within this context, "auto" layers compute grouped convolutions `implementation`'s way.
 
     For tracing a graph that is converted, not run by TensorFlow: a TFLite
     converter only needs the forward graph, which every runtime supports as
@@ -47,8 +47,10 @@ def traced_implementation(implementation, min_group_filters=1):
     """
     _arguments.implementation_mode(implementation)
     _arguments.positive_int("min_group_filters", min_group_filters)
-    tokens = (_TRACED_IMPLEMENTATION.set(implementation),
-              _TRACED_MIN_GROUP_FILTERS.set(min_group_filters))
+    tokens = (
+        _TRACED_IMPLEMENTATION.set(implementation),
+        _TRACED_MIN_GROUP_FILTERS.set(min_group_filters),
+    )
     try:
         yield
     finally:
@@ -72,8 +74,9 @@ def resolve_implementation(implementation, dtype):
     return _TRACED_IMPLEMENTATION.get() or ops.auto_implementation(dtype)
 
 
-def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
-                   implementation="auto", training=None):
+def grouped_conv2d(
+    inputs, kernel, groups, strides=(1, 1), padding="same", implementation="auto", training=None
+):
     """Grouped 2D convolution of channels-last `inputs`.
 
     Input channel group `g` (channels `g*C_in/G .. (g+1)*C_in/G - 1`) is
@@ -107,11 +110,14 @@ def grouped_conv2d(inputs, kernel, groups, strides=(1, 1), padding="same",
         return convolve(inputs, kernel, strides, padding)
     if ops.SPLIT_POINTWISE_AS_ONE_PRODUCT and tuple(kernel.shape[:2]) == (1, 1):
         return _grouped_pointwise(inputs, kernel, groups, strides)
-    return ops.concatenate([
-        convolve(group_inputs, group_kernel, strides, padding)
-        for group_inputs, group_kernel in zip(ops.split(inputs, groups),
-                                              ops.split(kernel, groups))
-    ])
+    return ops.concatenate(
+        [
+            convolve(group_inputs, group_kernel, strides, padding)
+            for group_inputs, group_kernel in zip(
+                ops.split(inputs, groups), ops.split(kernel, groups)
+            )
+        ]
+    )
 
 
 def merge_groups(kernel, groups, min_group_filters):
@@ -139,16 +145,22 @@ def merge_groups(kernel, groups, min_group_filters):
     """
     kh, kw, group_inputs, filters = kernel.shape
     group_filters = filters // groups
-    merged = next((m for m in range(1, groups + 1)
-                   if groups % m == 0 and m * group_filters >= min_group_filters), groups)
+    merged = next(
+        (
+            m
+            for m in range(1, groups + 1)
+            if groups % m == 0 and m * group_filters >= min_group_filters
+        ),
+        groups,
+    )
     if merged == 1:
         return kernel, groups
     # Axes (kh, kw, q, input, merged group, p, filter): the inputs of original
     # group q within a merged group feed only the filters of group p = q.
-    blocks = ops.reshape(kernel, (kh, kw, 1, group_inputs, groups // merged, merged,
-                                  group_filters))
-    diagonal = blocks * ops.reshape(ops.eye(merged, dtype=kernel.dtype),
-                                    (1, 1, merged, 1, 1, merged, 1))
+    blocks = ops.reshape(kernel, (kh, kw, 1, group_inputs, groups // merged, merged, group_filters))
+    diagonal = blocks * ops.reshape(
+        ops.eye(merged, dtype=kernel.dtype), (1, 1, merged, 1, 1, merged, 1)
+    )
     return ops.reshape(diagonal, (kh, kw, merged * group_inputs, filters)), groups // merged
 
 
@@ -162,13 +174,14 @@ def _grouped_pointwise(inputs, kernel, groups, strides):
     pixel a stride, which "same" and "valid" padding choose alike.
     """
     if tuple(strides) != (1, 1):
-        inputs = inputs[:, ::strides[0], ::strides[1], :]
+        inputs = inputs[:, :: strides[0], :: strides[1], :]
     _, height, width, channels = ops.shape(inputs)
     filters = kernel.shape[-1]
     products = ops.einsum(
         "...gi,igo->...go",
         ops.reshape(inputs, (-1, height, width, groups, channels // groups)),
-        ops.reshape(kernel, (channels // groups, groups, filters // groups)))
+        ops.reshape(kernel, (channels // groups, groups, filters // groups)),
+    )
     return ops.reshape(products, (-1, height, width, filters))
 
 
@@ -181,8 +194,7 @@ def identity_kernel(kernel_shape):
     kh, kw, group_channels, channels = kernel_shape
     kernel = np.zeros(tuple(kernel_shape), "float32")
     output_channels = np.arange(channels)
-    kernel[(kh - 1) // 2, (kw - 1) // 2, output_channels % group_channels,
-           output_channels] = 1.0
+    kernel[(kh - 1) // 2, (kw - 1) // 2, output_channels % group_channels, output_channels] = 1.0
     return kernel
 
 
@@ -193,12 +205,22 @@ class GroupedConvBase(keras.layers.Layer):
     (`_output_channels`, `_groups`, validating there) and what their config is.
     """
 
-    def __init__(self, kernel_size, strides=(1, 1), padding="valid",
-                 use_bias=True, kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", kernel_regularizer=None,
-                 bias_regularizer=None, kernel_constraint=None,
-                 bias_constraint=None, implementation="auto", residual=False,
-                 **kwargs):
+    def __init__(
+        self,
+        kernel_size,
+        strides=(1, 1),
+        padding="valid",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        implementation="auto",
+        residual=False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.kernel_size = _arguments.pair("kernel_size", kernel_size)
         self.strides = _arguments.pair("strides", strides)
@@ -274,15 +296,22 @@ class GroupedConvBase(keras.layers.Layer):
         if identity:
             # Not `+=`: under tf_keras the cast of a float32 variable to
             # float32 is the variable itself.
-            kernel = kernel + ops.cast(identity * identity_kernel(self.kernel.shape),
-                                       self.compute_dtype)
-        return grouped_conv2d(inputs, kernel, self.groups, self.strides, self.padding,
-                              self.implementation, training)
+            kernel = kernel + ops.cast(
+                identity * identity_kernel(self.kernel.shape), self.compute_dtype
+            )
+        return grouped_conv2d(
+            inputs, kernel, self.groups, self.strides, self.padding, self.implementation, training
+        )
 
     def compute_output_shape(self, input_shape):
         return _arguments.conv_output_shape(
-            self, input_shape, self._output_channels(input_shape[-1]), self.kernel_size,
-            self.strides, self.padding)
+            self,
+            input_shape,
+            self._output_channels(input_shape[-1]),
+            self.kernel_size,
+            self.strides,
+            self.padding,
+        )
 
     def get_prunable_weights(self):
         """The kernel: what tensorflow-model-optimization's pruning may zero.
@@ -354,18 +383,41 @@ class GroupedConv2D(GroupedConvBase):
     (2, 8, 8, 64)
     """
 
-    def __init__(self, filters, kernel_size, groups=1, strides=(1, 1),
-                 padding="valid", data_format=None, activation=None,
-                 use_bias=True, kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", kernel_regularizer=None,
-                 bias_regularizer=None, kernel_constraint=None,
-                 bias_constraint=None, implementation="auto", residual=False,
-                 **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        groups=1,
+        strides=(1, 1),
+        padding="valid",
+        data_format=None,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        implementation="auto",
+        residual=False,
+        **kwargs,
+    ):
         super().__init__(
-            kernel_size, strides, padding, use_bias, kernel_initializer,
-            bias_initializer, kernel_regularizer, bias_regularizer,
-            kernel_constraint, bias_constraint, implementation, residual,
-            **kwargs)
+            kernel_size,
+            strides,
+            padding,
+            use_bias,
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            kernel_constraint,
+            bias_constraint,
+            implementation,
+            residual,
+            **kwargs,
+        )
         self.filters = _arguments.positive_int("filters", filters)
         self.groups = _arguments.positive_int("groups", groups)
         if filters % groups:

@@ -73,13 +73,15 @@ def _refuse_dilation_and_groups(kwargs):
         raise ValueError(
             "MultigridConv2D does not support dilated convolutions: its levels "
             "convolve with `kernel_size` undilated. Use keras.layers.Conv2D for a "
-            f"dilated layer. Received: dilation_rate={dilation_rate!r}.")
+            f"dilated layer. Received: dilation_rate={dilation_rate!r}."
+        )
     groups = kwargs.pop("groups", 1)
     if groups != 1:
         raise ValueError(
             "MultigridConv2D chooses its groups itself: pass `group_size` (channels "
             "per group of its grouped convolutions, default 16), not `groups`. "
-            f"Received: groups={groups!r}.")
+            f"Received: groups={groups!r}."
+        )
 
 
 def connector_groups(input_channels, filters, group_size):
@@ -101,8 +103,9 @@ def _copy(keras_object):
     From the config rather than through Keras' serialization, which imports
     TensorFlow on every backend where it is installed.
     """
-    return None if keras_object is None else type(keras_object).from_config(
-        keras_object.get_config())
+    return (
+        None if keras_object is None else type(keras_object).from_config(keras_object.get_config())
+    )
 
 
 def _build_sublayer(layer, input_shape):
@@ -190,12 +193,26 @@ class MultigridConv2D(keras.layers.Layer):
     ((2, 16, 16, 64), (64, 32, 16))
     """
 
-    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid",
-                 data_format=None, activation=None, use_bias=True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 kernel_regularizer=None, bias_regularizer=None,
-                 kernel_constraint=None, bias_constraint=None, group_size=16,
-                 coarsest_channels=None, implementation="auto", **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=(1, 1),
+        padding="valid",
+        data_format=None,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        group_size=16,
+        coarsest_channels=None,
+        implementation="auto",
+        **kwargs,
+    ):
         _refuse_dilation_and_groups(kwargs)
         super().__init__(**kwargs)
         self.filters = _arguments.positive_int("filters", filters)
@@ -213,8 +230,10 @@ class MultigridConv2D(keras.layers.Layer):
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.group_size = _arguments.group_size(group_size)
         self.coarsest_channels = (
-            None if coarsest_channels is None
-            else _arguments.positive_int("coarsest_channels", coarsest_channels))
+            None
+            if coarsest_channels is None
+            else _arguments.positive_int("coarsest_channels", coarsest_channels)
+        )
         self._levels = level_widths(self.filters, self.group_size, self.coarsest_channels)
         self.implementation = _arguments.implementation_mode(implementation)
         self.input_spec = keras.layers.InputSpec(ndim=4)
@@ -229,15 +248,13 @@ class MultigridConv2D(keras.layers.Layer):
         """The V-cycle's convolution layers, after `build`: the connector (if
         any), restrictions, prolongations, smoothers and the coarsest level."""
         connector = [] if self.connector is None else [self.connector]
-        return (*connector, *self.restrictions, *self.prolongations,
-                *self.smoothers, self.coarsest)
+        return (*connector, *self.restrictions, *self.prolongations, *self.smoothers, self.coarsest)
 
     def get_prunable_weights(self):
         """The kernels of all `convolutions`, for tensorflow-model-optimization's pruning."""
         return [convolution.kernel for convolution in self.convolutions]
 
-    def _conv(self, name, filters, groups, strides=(1, 1), padding="same",
-              residual=False):
+    def _conv(self, name, filters, groups, strides=(1, 1), padding="same", residual=False):
         return GroupedConv2D(
             filters,
             self.kernel_size,
@@ -265,8 +282,7 @@ class MultigridConv2D(keras.layers.Layer):
         self.prolongations = []
         self.smoothers = []
         if len(self._levels) == 1:
-            self.coarsest = self._conv(
-                "coarsest", coarsest_width, 1, self.strides, self.padding)
+            self.coarsest = self._conv("coarsest", coarsest_width, 1, self.strides, self.padding)
             _build_sublayer(self.coarsest, input_shape)
         else:
             changes_shape = (
@@ -276,21 +292,31 @@ class MultigridConv2D(keras.layers.Layer):
             )
             if changes_shape:
                 self.connector = self._conv(
-                    "connector", self.filters, connector_groups(channels, self.filters, self.group_size),
-                    self.strides, self.padding)
+                    "connector",
+                    self.filters,
+                    connector_groups(channels, self.filters, self.group_size),
+                    self.strides,
+                    self.padding,
+                )
                 _build_sublayer(self.connector, input_shape)
             for level, width in enumerate(self._levels[:-1]):
                 shape = (None, None, None, width)
                 coarse_shape = (None, None, None, width // 2)
                 restriction = ChannelRestriction(
-                    self.group_size, implementation=self.implementation,
-                    dtype=self.dtype_policy, name=f"restriction_{level}")
+                    self.group_size,
+                    implementation=self.implementation,
+                    dtype=self.dtype_policy,
+                    name=f"restriction_{level}",
+                )
                 prolongation = ChannelProlongation(
-                    self.group_size, implementation=self.implementation,
-                    dtype=self.dtype_policy, name=f"prolongation_{level}")
+                    self.group_size,
+                    implementation=self.implementation,
+                    dtype=self.dtype_policy,
+                    name=f"prolongation_{level}",
+                )
                 smoother = self._conv(
-                    f"smoother_{level}", width, width // self.group_size,
-                    residual=True)
+                    f"smoother_{level}", width, width // self.group_size, residual=True
+                )
                 _build_sublayer(restriction, shape)
                 _build_sublayer(prolongation, coarse_shape)
                 _build_sublayer(smoother, shape)
@@ -312,8 +338,10 @@ class MultigridConv2D(keras.layers.Layer):
         # matrix trains 1.3-4x faster than the cycle up to 512 x 512 channels,
         # 1.2x slower at 1024 x 1024.
         self._dense_pointwise_training = (
-            self.kernel_size == (1, 1) and bool(self.restrictions)
-            and channels * self.filters <= _DENSE_POINTWISE_MAX_WEIGHTS)
+            self.kernel_size == (1, 1)
+            and bool(self.restrictions)
+            and channels * self.filters <= _DENSE_POINTWISE_MAX_WEIGHTS
+        )
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         self.built = True
 
@@ -339,8 +367,10 @@ class MultigridConv2D(keras.layers.Layer):
         linearly, so the cycle is one matrix: its rows are the cycle applied to
         the unit vectors, here a batch of one-pixel images.
         """
-        unit_vectors = ops.reshape(ops.eye(input_channels, dtype=self.compute_dtype),
-                                   (input_channels, 1, 1, input_channels))
+        unit_vectors = ops.reshape(
+            ops.eye(input_channels, dtype=self.compute_dtype),
+            (input_channels, 1, 1, input_channels),
+        )
         return ops.reshape(self._v_cycle(unit_vectors), (1, 1, input_channels, self.filters))
 
     def call(self, inputs, training=None):
@@ -351,7 +381,8 @@ class MultigridConv2D(keras.layers.Layer):
             # faster. Inference keeps the cycle, so that exported models keep
             # the small grouped kernels.
             outputs = ops.conv(
-                inputs, self._pointwise_kernel(inputs.shape[-1]), self.strides, self.padding)
+                inputs, self._pointwise_kernel(inputs.shape[-1]), self.strides, self.padding
+            )
         else:
             outputs = self._v_cycle(inputs, training)
         if self.bias is not None:
@@ -360,7 +391,8 @@ class MultigridConv2D(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return _arguments.conv_output_shape(
-            self, input_shape, self.filters, self.kernel_size, self.strides, self.padding)
+            self, input_shape, self.filters, self.kernel_size, self.strides, self.padding
+        )
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object

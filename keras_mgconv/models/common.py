@@ -11,9 +11,8 @@ import numbers
 import os
 
 from keras_mgconv._keras import keras
-from keras_mgconv.layers import MultigridConv2D, _arguments
 from keras_mgconv.batch_norm import PreciseBatchNormModel
-
+from keras_mgconv.layers import MultigridConv2D, _arguments
 
 DESIGNS = ("layer", "block")
 # The factories keep block convolutions of at most this many channels dense
@@ -62,20 +61,24 @@ class ConvSettings:
             branch) or False (of none); see `residual_gamma`.
     """
 
-    def __init__(self, multigrid, group_size, coarsest_channels, use_bias=False,
-                 zero_init_residual=None):
+    def __init__(
+        self, multigrid, group_size, coarsest_channels, use_bias=False, zero_init_residual=None
+    ):
         self.design = multigrid_design(multigrid)
         self.multigrid = self.design is not None
         self.group_size = _arguments.group_size(group_size)
         self.coarsest_channels = (
-            max(DENSE_CHANNELS, self.group_size) if coarsest_channels is None
-            else _arguments.positive_int("coarsest_channels", coarsest_channels))
+            max(DENSE_CHANNELS, self.group_size)
+            if coarsest_channels is None
+            else _arguments.positive_int("coarsest_channels", coarsest_channels)
+        )
         self.use_bias = use_bias
         if zero_init_residual not in (None, True, False):
             raise ValueError(
                 "Invalid value for argument `zero_init_residual`. Expected None (zero "
                 "scale in multigrid blocks only), True or False. "
-                f"Received: zero_init_residual={zero_init_residual!r}.")
+                f"Received: zero_init_residual={zero_init_residual!r}."
+            )
         self.zero_init_residual = zero_init_residual
 
     def zero_init(self, multigrid_block):
@@ -103,8 +106,9 @@ class ConvSettings:
         Widths above `coarsest_channels` that are multiples of `group_size` do;
         the others stay full convolutions, which couple all their channels anyway.
         """
-        return (self.multigrid and filters > self.coarsest_channels
-                and filters % self.group_size == 0)
+        return (
+            self.multigrid and filters > self.coarsest_channels and filters % self.group_size == 0
+        )
 
     def coarsest_width(self, filters):
         """The coarsest level for `filters`: channels halve while they stay
@@ -131,11 +135,23 @@ def conv(settings, filters, kernel_size, strides=1, padding="same", name=None):
     """A block convolution: MultigridConv2D in the layer design, else Conv2D."""
     if settings.design == "layer" and settings.is_multigrid(filters):
         return MultigridConv2D(
-            filters, kernel_size, strides=strides, padding=padding,
-            use_bias=settings.use_bias, group_size=settings.group_size,
-            coarsest_channels=settings.coarsest_width(filters), name=name)
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
-                               use_bias=settings.use_bias, name=name)
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            use_bias=settings.use_bias,
+            group_size=settings.group_size,
+            coarsest_channels=settings.coarsest_width(filters),
+            name=name,
+        )
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=settings.use_bias,
+        name=name,
+    )
 
 
 def check_factory_arguments(weights, include_top, pooling, classes, width):
@@ -150,16 +166,16 @@ def check_factory_arguments(weights, include_top, pooling, classes, width):
             "weights, build keras.applications' model with weights='imagenet' and copy "
             "its weights into the baseline layer by layer. Received: weights='imagenet'."
         )
-    if weights is not None and not (isinstance(weights, (str, os.PathLike))
-                                    and os.path.exists(weights)):
+    if weights is not None and not (
+        isinstance(weights, (str, os.PathLike)) and os.path.exists(weights)
+    ):
         raise ValueError(
             "The `weights` argument should be None or the path to an existing "
             f"weights file. Received: weights={weights!r}."
         )
     if pooling not in (None, "avg", "max"):
         raise ValueError(
-            "The `pooling` argument should be None, 'avg' or 'max'. "
-            f"Received: pooling={pooling!r}."
+            f"The `pooling` argument should be None, 'avg' or 'max'. Received: pooling={pooling!r}."
         )
     if include_top and pooling is not None:
         raise ValueError(
@@ -174,8 +190,12 @@ def check_factory_arguments(weights, include_top, pooling, classes, width):
 
 def positive_multiplier(name, value, what):
     """Returns `value` as a float if it is a finite number > 0, else raises."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value <= 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(
             f"Invalid value for argument `{name}`. Expected a finite positive multiplier "
             f"of {what}. Received: {name}={value!r}."
@@ -200,8 +220,11 @@ def batch_norm_momentum(value):
 
 def model_inputs(input_shape, input_tensor, default_shape, min_size):
     """The input layer of a factory, from `input_shape` or `input_tensor`."""
-    if input_tensor is not None and input_shape is not None and not _compatible(
-            tuple(input_shape), tuple(input_tensor.shape[1:])):
+    if (
+        input_tensor is not None
+        and input_shape is not None
+        and not _compatible(tuple(input_shape), tuple(input_tensor.shape[1:]))
+    ):
         # keras.applications refuses the conflict too.
         raise ValueError(
             "`input_shape` and `input_tensor` disagree: pass one of them, or the "
@@ -209,11 +232,13 @@ def model_inputs(input_shape, input_tensor, default_shape, min_size):
             f"{tuple(input_shape)}, input_tensor.shape={tuple(input_tensor.shape)}."
         )
     if input_shape is None:
-        input_shape = (default_shape if input_tensor is None
-                       else tuple(input_tensor.shape[1:]))
+        input_shape = default_shape if input_tensor is None else tuple(input_tensor.shape[1:])
     input_shape = tuple(input_shape)
-    if (len(input_shape) != 3 or input_shape[-1] is None
-            or any(size is not None and size < min_size for size in input_shape[:2])):
+    if (
+        len(input_shape) != 3
+        or input_shape[-1] is None
+        or any(size is not None and size < min_size for size in input_shape[:2])
+    ):
         raise ValueError(
             f"`input_shape` must be (height, width, channels) with known channels "
             f"and height and width of at least {min_size}. "
@@ -229,11 +254,13 @@ def model_inputs(input_shape, input_tensor, default_shape, min_size):
 def _compatible(shape, other):
     """Whether two shapes agree wherever both sizes are known."""
     return len(shape) == len(other) and all(
-        a is None or b is None or a == b for a, b in zip(shape, other))
+        a is None or b is None or a == b for a, b in zip(shape, other)
+    )
 
 
-def finish_model(inputs, input_tensor, x, include_top, pooling, classes,
-                 classifier_activation, weights, name):
+def finish_model(
+    inputs, input_tensor, x, include_top, pooling, classes, classifier_activation, weights, name
+):
     """Adds the classifier or pooling, builds the model, loads `weights`.
 
     The model is a `PreciseBatchNormModel`: its `fit` leaves BatchNormalization
@@ -253,9 +280,12 @@ def finish_model(inputs, input_tensor, x, include_top, pooling, classes,
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         policy = keras.mixed_precision.global_policy()
-        x = keras.layers.Dense(classes, activation=classifier_activation,
-                               dtype="float32" if policy.compute_dtype != "float32" else None,
-                               name="predictions")(x)
+        x = keras.layers.Dense(
+            classes,
+            activation=classifier_activation,
+            dtype="float32" if policy.compute_dtype != "float32" else None,
+            name="predictions",
+        )(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":

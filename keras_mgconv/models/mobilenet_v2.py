@@ -14,11 +14,21 @@ from keras_mgconv.models import common
 # (filters, stride, expansion) of the 17 inverted residual blocks.
 _BLOCKS = [
     (16, 1, 1),
-    (24, 2, 6), (24, 1, 6),
-    (32, 2, 6), (32, 1, 6), (32, 1, 6),
-    (64, 2, 6), (64, 1, 6), (64, 1, 6), (64, 1, 6),
-    (96, 1, 6), (96, 1, 6), (96, 1, 6),
-    (160, 2, 6), (160, 1, 6), (160, 1, 6),
+    (24, 2, 6),
+    (24, 1, 6),
+    (32, 2, 6),
+    (32, 1, 6),
+    (32, 1, 6),
+    (64, 2, 6),
+    (64, 1, 6),
+    (64, 1, 6),
+    (64, 1, 6),
+    (96, 1, 6),
+    (96, 1, 6),
+    (96, 1, 6),
+    (160, 2, 6),
+    (160, 1, 6),
+    (160, 1, 6),
     (320, 1, 6),
 ]
 
@@ -58,8 +68,12 @@ def _inverted_res_block(x, filters, stride, expansion, block_id, settings, momen
     if stride == 2:
         x = keras.layers.ZeroPadding2D(_correct_pad(x, 3), name=f"{prefix}pad")(x)
     x = keras.layers.DepthwiseConv2D(
-        3, strides=stride, use_bias=False, padding="same" if stride == 1 else "valid",
-        name=f"{prefix}depthwise")(x)
+        3,
+        strides=stride,
+        use_bias=False,
+        padding="same" if stride == 1 else "valid",
+        name=f"{prefix}depthwise",
+    )(x)
     x = _batch_norm(x, f"{prefix}depthwise_BN", momentum)
     x = keras.layers.ReLU(6.0, name=f"{prefix}depthwise_relu")(x)
     x = common.conv(settings, filters, 1, name=f"{prefix}project")(x)
@@ -69,11 +83,22 @@ def _inverted_res_block(x, filters, stride, expansion, block_id, settings, momen
     return x
 
 
-def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
-                input_tensor=None, pooling=None, classes=1000,
-                classifier_activation="softmax", name=None, multigrid=True,
-                group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.999):
+def MobileNetV2(
+    input_shape=None,
+    alpha=1.0,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name=None,
+    multigrid=True,
+    group_size=8,
+    coarsest_channels=None,
+    width=1.0,
+    batch_norm_momentum=0.999,
+):
     """MobileNetV2 (Sandler et al. 2018) with multigrid 1x1 convolutions.
 
     The signature of `keras.applications.MobileNetV2`, plus the multigrid
@@ -137,29 +162,44 @@ def MobileNetV2(input_shape=None, alpha=1.0, include_top=True, weights=None,
     common.batch_norm_momentum(batch_norm_momentum)
     settings = common.ConvSettings(multigrid, group_size, coarsest_channels)
     first_filters = make_divisible(32 * alpha)
-    block_filters = [make_divisible(int(filters * alpha * width))
-                     for filters, _, _ in _BLOCKS]
+    block_filters = [make_divisible(int(filters * alpha * width)) for filters, _, _ in _BLOCKS]
     in_channels = [first_filters, *block_filters[:-1]]
     settings.check_widths(
-        block_filters + [expansion * channels for channels, (_, _, expansion)
-                         in zip(in_channels, _BLOCKS) if expansion > 1],
-        "MobileNetV2")
+        block_filters
+        + [
+            expansion * channels
+            for channels, (_, _, expansion) in zip(in_channels, _BLOCKS)
+            if expansion > 1
+        ],
+        "MobileNetV2",
+    )
     inputs, input_tensor = common.model_inputs(
-        input_shape, input_tensor, (224, 224, 3), min_size=32)
+        input_shape, input_tensor, (224, 224, 3), min_size=32
+    )
 
-    x = keras.layers.Conv2D(first_filters, 3, strides=2, padding="same", use_bias=False,
-                            name="Conv1")(inputs)
+    x = keras.layers.Conv2D(
+        first_filters, 3, strides=2, padding="same", use_bias=False, name="Conv1"
+    )(inputs)
     x = _batch_norm(x, "bn_Conv1", batch_norm_momentum)
     x = keras.layers.ReLU(6.0, name="Conv1_relu")(x)
     for block_id, (filters, (_, stride, expansion)) in enumerate(zip(block_filters, _BLOCKS)):
-        x = _inverted_res_block(x, filters, stride, expansion, block_id, settings,
-                                batch_norm_momentum)
+        x = _inverted_res_block(
+            x, filters, stride, expansion, block_id, settings, batch_norm_momentum
+        )
     last_filters = make_divisible(1280 * alpha) if alpha > 1.0 else 1280
     x = keras.layers.Conv2D(last_filters, 1, use_bias=False, name="Conv_1")(x)
     x = _batch_norm(x, "Conv_1_bn", batch_norm_momentum)
     x = keras.layers.ReLU(6.0, name="out_relu")(x)
 
     return common.finish_model(
-        inputs, input_tensor, x, include_top, pooling, classes, classifier_activation,
+        inputs,
+        input_tensor,
+        x,
+        include_top,
+        pooling,
+        classes,
+        classifier_activation,
         # keras.applications' name: the alpha and the input's size.
-        weights, name or f"mobilenetv2_{alpha:0.2f}_{inputs.shape[1]}")
+        weights,
+        name or f"mobilenetv2_{alpha:0.2f}_{inputs.shape[1]}",
+    )

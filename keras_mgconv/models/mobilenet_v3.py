@@ -127,19 +127,30 @@ def _correct_pad(x, kernel_size):
 
 
 def _squeeze_excite(inputs, filters, prefix):
-    x = keras.layers.GlobalAveragePooling2D(
-        keepdims=True, name=f"{prefix}squeeze_excite_avg_pool")(inputs)
-    x = keras.layers.Conv2D(make_divisible(filters * _SE_RATIO), 1, padding="same",
-                            name=f"{prefix}squeeze_excite_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{prefix}squeeze_excite_avg_pool")(
+        inputs
+    )
+    x = keras.layers.Conv2D(
+        make_divisible(filters * _SE_RATIO), 1, padding="same", name=f"{prefix}squeeze_excite_conv"
+    )(x)
     x = keras.layers.ReLU(name=f"{prefix}squeeze_excite_relu")(x)
-    x = keras.layers.Conv2D(filters, 1, padding="same",
-                            name=f"{prefix}squeeze_excite_conv_1")(x)
+    x = keras.layers.Conv2D(filters, 1, padding="same", name=f"{prefix}squeeze_excite_conv_1")(x)
     x = _hard_sigmoid(x, f"{prefix}squeeze_excite_gate")
     return keras.layers.Multiply(name=f"{prefix}squeeze_excite_mul")([inputs, x])
 
 
-def _inverted_res_block(x, expanded, filters, kernel_size, stride, squeeze_excite,
-                        hard_swish, block_id, settings, momentum):
+def _inverted_res_block(
+    x,
+    expanded,
+    filters,
+    kernel_size,
+    stride,
+    squeeze_excite,
+    hard_swish,
+    block_id,
+    settings,
+    momentum,
+):
     in_channels = x.shape[-1]
     shortcut = x
     prefix = f"expanded_conv_{block_id}_" if block_id else "expanded_conv_"
@@ -148,11 +159,16 @@ def _inverted_res_block(x, expanded, filters, kernel_size, stride, squeeze_excit
         x = _batch_norm(x, f"{prefix}expand_bn", momentum)
         x = _activation(x, hard_swish, f"{prefix}expand_activation")
     if stride == 2:
-        x = keras.layers.ZeroPadding2D(_correct_pad(x, kernel_size),
-                                       name=f"{prefix}depthwise_pad")(x)
+        x = keras.layers.ZeroPadding2D(_correct_pad(x, kernel_size), name=f"{prefix}depthwise_pad")(
+            x
+        )
     x = keras.layers.DepthwiseConv2D(
-        kernel_size, strides=stride, padding="same" if stride == 1 else "valid",
-        use_bias=False, name=f"{prefix}depthwise")(x)
+        kernel_size,
+        strides=stride,
+        padding="same" if stride == 1 else "valid",
+        use_bias=False,
+        name=f"{prefix}depthwise",
+    )(x)
     x = _batch_norm(x, f"{prefix}depthwise_bn", momentum)
     x = _activation(x, hard_swish, f"{prefix}depthwise_activation")
     if squeeze_excite:
@@ -171,17 +187,42 @@ def _block_widths(blocks, alpha, width, minimalistic):
     widths = []
     for expansion, filters, kernel_size, stride, squeeze_excite, hard_swish in blocks:
         filters = make_divisible(filters * alpha * width)
-        widths.append((make_divisible(in_channels * expansion), filters,
-                       kernel_size or kernel, stride, squeeze_excite and not minimalistic,
-                       hard_swish and not minimalistic))
+        widths.append(
+            (
+                make_divisible(in_channels * expansion),
+                filters,
+                kernel_size or kernel,
+                stride,
+                squeeze_excite and not minimalistic,
+                hard_swish and not minimalistic,
+            )
+        )
         in_channels = filters
     return widths
 
 
-def _mobilenet_v3(factory, blocks, last_point_channels, input_shape, alpha,
-                  minimalistic, include_top, weights, input_tensor, classes, pooling,
-                  dropout_rate, classifier_activation, include_preprocessing, name,
-                  multigrid, group_size, coarsest_channels, width, batch_norm_momentum):
+def _mobilenet_v3(
+    factory,
+    blocks,
+    last_point_channels,
+    input_shape,
+    alpha,
+    minimalistic,
+    include_top,
+    weights,
+    input_tensor,
+    classes,
+    pooling,
+    dropout_rate,
+    classifier_activation,
+    include_preprocessing,
+    name,
+    multigrid,
+    group_size,
+    coarsest_channels,
+    width,
+    batch_norm_momentum,
+):
     alpha = common.positive_multiplier("alpha", alpha, "every layer's channels")
     if multigrid == "block":
         raise ValueError(
@@ -193,8 +234,11 @@ def _mobilenet_v3(factory, blocks, last_point_channels, input_shape, alpha,
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     width = float(width)
     common.batch_norm_momentum(batch_norm_momentum)
-    if (isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real)
-            or not 0 <= dropout_rate < 1):
+    if (
+        isinstance(dropout_rate, bool)
+        or not isinstance(dropout_rate, numbers.Real)
+        or not 0 <= dropout_rate < 1
+    ):
         raise ValueError(
             "Invalid value for argument `dropout_rate`. Expected a number in [0, 1), "
             f"the fraction of the classifier's inputs dropped in training. "
@@ -205,9 +249,11 @@ def _mobilenet_v3(factory, blocks, last_point_channels, input_shape, alpha,
     settings.check_widths(
         [filters for _, filters, *_ in widths]
         + [expanded for block_id, (expanded, *_) in enumerate(widths) if block_id],
-        factory)
+        factory,
+    )
     inputs, input_tensor = common.model_inputs(
-        input_shape, input_tensor, (None, None, 3), min_size=32)
+        input_shape, input_tensor, (None, None, 3), min_size=32
+    )
 
     x = inputs
     if include_preprocessing:
@@ -221,8 +267,7 @@ def _mobilenet_v3(factory, blocks, last_point_channels, input_shape, alpha,
     last_conv_channels = make_divisible(make_divisible(blocks[-1][1] * alpha) * 6)
     if alpha > 1.0:
         last_point_channels = make_divisible(last_point_channels * alpha)
-    x = keras.layers.Conv2D(last_conv_channels, 1, padding="same", use_bias=False,
-                            name="conv_1")(x)
+    x = keras.layers.Conv2D(last_conv_channels, 1, padding="same", use_bias=False, name="conv_1")(x)
     x = _batch_norm(x, "conv_1_bn", batch_norm_momentum)
     x = _activation(x, not minimalistic, "conv_1_activation")
     if include_top:
@@ -235,8 +280,9 @@ def _mobilenet_v3(factory, blocks, last_point_channels, input_shape, alpha,
         x = keras.layers.Flatten(name="flatten")(x)
         x = keras.layers.Activation(classifier_activation, name="predictions")(x)
     # The classifier is built above (1x1 convolutions, as keras.applications').
-    return common.finish_model(inputs, input_tensor, x, False, pooling, classes,
-                               classifier_activation, weights, name)
+    return common.finish_model(
+        inputs, input_tensor, x, False, pooling, classes, classifier_activation, weights, name
+    )
 
 
 _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
@@ -294,30 +340,90 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
     """
 
 
-def MobileNetV3Small(input_shape=None, alpha=1.0, minimalistic=False, include_top=True,
-                     weights=None, input_tensor=None, classes=1000, pooling=None,
-                     dropout_rate=0.2, classifier_activation="softmax",
-                     include_preprocessing=True, name="MobileNetV3Small", multigrid=True,
-                     group_size=8, coarsest_channels=None, width=1.0,
-                     batch_norm_momentum=0.999):
+def MobileNetV3Small(
+    input_shape=None,
+    alpha=1.0,
+    minimalistic=False,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    classes=1000,
+    pooling=None,
+    dropout_rate=0.2,
+    classifier_activation="softmax",
+    include_preprocessing=True,
+    name="MobileNetV3Small",
+    multigrid=True,
+    group_size=8,
+    coarsest_channels=None,
+    width=1.0,
+    batch_norm_momentum=0.999,
+):
     return _mobilenet_v3(
-        "MobileNetV3Small", _SMALL_BLOCKS, 1024, input_shape, alpha, minimalistic, include_top,
-        weights, input_tensor, classes, pooling, dropout_rate, classifier_activation,
-        include_preprocessing, name, multigrid, group_size, coarsest_channels, width,
-        batch_norm_momentum)
+        "MobileNetV3Small",
+        _SMALL_BLOCKS,
+        1024,
+        input_shape,
+        alpha,
+        minimalistic,
+        include_top,
+        weights,
+        input_tensor,
+        classes,
+        pooling,
+        dropout_rate,
+        classifier_activation,
+        include_preprocessing,
+        name,
+        multigrid,
+        group_size,
+        coarsest_channels,
+        width,
+        batch_norm_momentum,
+    )
 
 
-def MobileNetV3Large(input_shape=None, alpha=1.0, minimalistic=False, include_top=True,
-                     weights=None, input_tensor=None, classes=1000, pooling=None,
-                     dropout_rate=0.2, classifier_activation="softmax",
-                     include_preprocessing=True, name="MobileNetV3Large", multigrid=True,
-                     group_size=8, coarsest_channels=None, width=1.0,
-                     batch_norm_momentum=0.999):
+def MobileNetV3Large(
+    input_shape=None,
+    alpha=1.0,
+    minimalistic=False,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    classes=1000,
+    pooling=None,
+    dropout_rate=0.2,
+    classifier_activation="softmax",
+    include_preprocessing=True,
+    name="MobileNetV3Large",
+    multigrid=True,
+    group_size=8,
+    coarsest_channels=None,
+    width=1.0,
+    batch_norm_momentum=0.999,
+):
     return _mobilenet_v3(
-        "MobileNetV3Large", _LARGE_BLOCKS, 1280, input_shape, alpha, minimalistic, include_top,
-        weights, input_tensor, classes, pooling, dropout_rate, classifier_activation,
-        include_preprocessing, name, multigrid, group_size, coarsest_channels, width,
-        batch_norm_momentum)
+        "MobileNetV3Large",
+        _LARGE_BLOCKS,
+        1280,
+        input_shape,
+        alpha,
+        minimalistic,
+        include_top,
+        weights,
+        input_tensor,
+        classes,
+        pooling,
+        dropout_rate,
+        classifier_activation,
+        include_preprocessing,
+        name,
+        multigrid,
+        group_size,
+        coarsest_channels,
+        width,
+        batch_norm_momentum,
+    )
 
 
 MobileNetV3Small.__doc__ = _DOCSTRING.format(model="MobileNetV3Small")

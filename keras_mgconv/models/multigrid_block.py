@@ -53,16 +53,29 @@ from keras_mgconv.layers.multigrid_conv import connector_groups
 from keras_mgconv.models import common
 
 
-def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
-                     batch_norm_momentum, batch_norm_epsilon, expansion, name,
-                     zero_init_residual):
+def _multigrid_block(
+    x,
+    filters,
+    strides,
+    group_size,
+    coarsest_channels,
+    batch_norm_momentum,
+    batch_norm_epsilon,
+    expansion,
+    name,
+    zero_init_residual,
+):
     strides = _arguments.pair("strides", strides)
     common.batch_norm_momentum(batch_norm_momentum)
-    if (isinstance(batch_norm_epsilon, bool) or not isinstance(batch_norm_epsilon, numbers.Real)
-            or not 0 < batch_norm_epsilon < math.inf):
+    if (
+        isinstance(batch_norm_epsilon, bool)
+        or not isinstance(batch_norm_epsilon, numbers.Real)
+        or not 0 < batch_norm_epsilon < math.inf
+    ):
         raise ValueError(
             "Invalid value for argument `batch_norm_epsilon`. Expected a finite number > 0. "
-            f"Received: batch_norm_epsilon={batch_norm_epsilon!r}.")
+            f"Received: batch_norm_epsilon={batch_norm_epsilon!r}."
+        )
     levels = level_widths(filters, group_size, coarsest_channels)
     if len(levels) == 1:
         raise ValueError(
@@ -70,40 +83,58 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
             "multiple of `group_size` above `coarsest_channels` (default: "
             "`group_size`). Build a standard residual block for narrower widths. "
             f"Received: filters={filters}, group_size={group_size}, "
-            f"coarsest_channels={coarsest_channels}.")
+            f"coarsest_channels={coarsest_channels}."
+        )
     input_channels = x.shape[-1]
     if len(x.shape) != 4 or input_channels is None:
         raise ValueError(
             "A multigrid block takes 4D inputs (batch, height, width, channels) "
-            f"with known channels. Received: x.shape={tuple(x.shape)}.")
+            f"with known channels. Received: x.shape={tuple(x.shape)}."
+        )
 
     def batch_norm(tensor, layer_name, last=False):
         # The last normalisation of a unit and the correction's start at zero
         # scale with `zero_init_residual`, so that the block starts as ReLU.
         return keras.layers.BatchNormalization(
-            momentum=batch_norm_momentum, epsilon=batch_norm_epsilon,
+            momentum=batch_norm_momentum,
+            epsilon=batch_norm_epsilon,
             gamma_initializer="zeros" if last and zero_init_residual else "ones",
-            name=layer_name)(tensor)
+            name=layer_name,
+        )(tensor)
 
-    def conv_bn(tensor, conv_filters, kernel_size, groups, prefix, conv_strides=1,
-                last=False):
-        tensor = GroupedConv2D(conv_filters, kernel_size, groups=groups,
-                               strides=conv_strides, padding="same", use_bias=False,
-                               name=f"{prefix}_conv")(tensor)
+    def conv_bn(tensor, conv_filters, kernel_size, groups, prefix, conv_strides=1, last=False):
+        tensor = GroupedConv2D(
+            conv_filters,
+            kernel_size,
+            groups=groups,
+            strides=conv_strides,
+            padding="same",
+            use_bias=False,
+            name=f"{prefix}_conv",
+        )(tensor)
         return batch_norm(tensor, f"{prefix}_bn", last)
 
     def relu(tensor, layer_name):
         return keras.layers.Activation("relu", name=layer_name)(tensor)
 
     def residual_unit(z, width, groups, prefix, output_name):
-        convolutions = ([(width, 3), (width, 3)] if expansion == 1
-                        else [(width, 1), (width, 3), (expansion * width, 1)])
+        convolutions = (
+            [(width, 3), (width, 3)]
+            if expansion == 1
+            else [(width, 1), (width, 3), (expansion * width, 1)]
+        )
         y = z
         for index, (unit_filters, kernel_size) in enumerate(convolutions, start=1):
             if index > 1:
                 y = relu(y, f"{prefix}_{index - 1}_relu")
-            y = conv_bn(y, unit_filters, kernel_size, groups, f"{prefix}_{index}",
-                        last=index == len(convolutions))
+            y = conv_bn(
+                y,
+                unit_filters,
+                kernel_size,
+                groups,
+                f"{prefix}_{index}",
+                last=index == len(convolutions),
+            )
         y = keras.layers.Add(name=f"{prefix}_add")([z, y])
         return relu(y, output_name)
 
@@ -116,12 +147,16 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
         coarse = ChannelRestriction(transfer_group_size, name=f"{prefix}_restrict")(fine)
         solved = v_cycle(coarse, level + 1)
         difference = keras.layers.Subtract(name=f"{prefix}_difference")([solved, coarse])
-        correction = ChannelProlongation(
-            transfer_group_size, name=f"{prefix}_prolong")(difference)
+        correction = ChannelProlongation(transfer_group_size, name=f"{prefix}_prolong")(difference)
         correction = batch_norm(correction, f"{prefix}_prolong_bn", last=True)
         corrected = keras.layers.Add(name=f"{prefix}_correct")([fine, correction])
-        return residual_unit(corrected, width, width // group_size, prefix,
-                             f"{name}_out" if level == 0 else f"{prefix}_out")
+        return residual_unit(
+            corrected,
+            width,
+            width // group_size,
+            prefix,
+            f"{name}_out" if level == 0 else f"{prefix}_out",
+        )
 
     if strides != (1, 1) or input_channels != expansion * filters:
         groups = connector_groups(input_channels, expansion * filters, group_size)
@@ -130,9 +165,17 @@ def _multigrid_block(x, filters, strides, group_size, coarsest_channels,
     return v_cycle(x, 0)
 
 
-def multigrid_basic_block(x, filters, strides=1, group_size=16, coarsest_channels=None,
-                          batch_norm_momentum=0.99, batch_norm_epsilon=1e-3,
-                          name="multigrid_block", zero_init_residual=False):
+def multigrid_basic_block(
+    x,
+    filters,
+    strides=1,
+    group_size=16,
+    coarsest_channels=None,
+    batch_norm_momentum=0.99,
+    batch_norm_epsilon=1e-3,
+    name="multigrid_block",
+    zero_init_residual=False,
+):
     """A residual basic block as one V-cycle: the authors' block design.
 
     Levels C_0 = `filters`, C_0/2, ..., down to at most `coarsest_channels`.
@@ -191,15 +234,31 @@ def multigrid_basic_block(x, filters, strides=1, group_size=16, coarsest_channel
     >>> [layer.name for layer in model.layers if "restrict" in layer.name]
     ['block_level0_restrict', 'block_level1_restrict']
     """
-    return _multigrid_block(x, filters, strides, group_size, coarsest_channels,
-                            batch_norm_momentum, batch_norm_epsilon, 1, name,
-                            zero_init_residual)
+    return _multigrid_block(
+        x,
+        filters,
+        strides,
+        group_size,
+        coarsest_channels,
+        batch_norm_momentum,
+        batch_norm_epsilon,
+        1,
+        name,
+        zero_init_residual,
+    )
 
 
-def multigrid_bottleneck_block(x, filters, strides=1, group_size=16,
-                               coarsest_channels=None, batch_norm_momentum=0.99,
-                               batch_norm_epsilon=1e-3, name="multigrid_block",
-                               zero_init_residual=False):
+def multigrid_bottleneck_block(
+    x,
+    filters,
+    strides=1,
+    group_size=16,
+    coarsest_channels=None,
+    batch_norm_momentum=0.99,
+    batch_norm_epsilon=1e-3,
+    name="multigrid_block",
+    zero_init_residual=False,
+):
     """A bottleneck block as one V-cycle: the block design for ResNet50.
 
     As `multigrid_basic_block`, with `4 * filters` output channels: level l
@@ -232,6 +291,15 @@ def multigrid_bottleneck_block(x, filters, strides=1, group_size=16,
     >>> tuple(outputs.shape)
     (None, 8, 8, 128)
     """
-    return _multigrid_block(x, filters, strides, group_size, coarsest_channels,
-                            batch_norm_momentum, batch_norm_epsilon, 4, name,
-                            zero_init_residual)
+    return _multigrid_block(
+        x,
+        filters,
+        strides,
+        group_size,
+        coarsest_channels,
+        batch_norm_momentum,
+        batch_norm_epsilon,
+        4,
+        name,
+        zero_init_residual,
+    )

@@ -26,8 +26,8 @@ _BN_EPSILON = 1.001e-5
 
 def _batch_norm(x, name, momentum, gamma_initializer="ones"):
     return keras.layers.BatchNormalization(
-        epsilon=_BN_EPSILON, momentum=momentum, gamma_initializer=gamma_initializer,
-        name=name)(x)
+        epsilon=_BN_EPSILON, momentum=momentum, gamma_initializer=gamma_initializer, name=name
+    )(x)
 
 
 def _shortcut(x, filters, stride, option, momentum, name):
@@ -46,15 +46,24 @@ def basic_block(x, filters, stride, settings, shortcut, momentum, name):
     """Two 3x3 convolutions and the skip connection; a V-cycle in the block design."""
     if settings.design == "block" and settings.is_multigrid(filters):
         return multigrid_block.multigrid_basic_block(
-            x, filters, stride, settings.group_size, settings.coarsest_width(filters),
-            momentum, _BN_EPSILON, name, settings.zero_init(True))
+            x,
+            filters,
+            stride,
+            settings.group_size,
+            settings.coarsest_width(filters),
+            momentum,
+            _BN_EPSILON,
+            name,
+            settings.zero_init(True),
+        )
     skip = _shortcut(x, filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 3, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
     x = common.conv(settings, filters, 3, name=f"{name}_2_conv")(x)
-    x = _batch_norm(x, f"{name}_2_bn", momentum,
-                    settings.residual_gamma(settings.is_multigrid(filters)))
+    x = _batch_norm(
+        x, f"{name}_2_bn", momentum, settings.residual_gamma(settings.is_multigrid(filters))
+    )
     x = keras.layers.Add(name=f"{name}_add")([skip, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -69,8 +78,16 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
     """
     if settings.design == "block" and settings.is_multigrid(filters):
         return multigrid_block.multigrid_bottleneck_block(
-            x, filters, stride, settings.group_size, settings.coarsest_width(filters),
-            momentum, _BN_EPSILON, name, settings.zero_init(True))
+            x,
+            filters,
+            stride,
+            settings.group_size,
+            settings.coarsest_width(filters),
+            momentum,
+            _BN_EPSILON,
+            name,
+            settings.zero_init(True),
+        )
     skip = _shortcut(x, 4 * filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 1, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
@@ -79,8 +96,14 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
     x = _batch_norm(x, f"{name}_2_bn", momentum)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = common.conv(settings, 4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = _batch_norm(x, f"{name}_3_bn", momentum, settings.residual_gamma(
-        settings.is_multigrid(filters) or settings.is_multigrid(4 * filters)))
+    x = _batch_norm(
+        x,
+        f"{name}_3_bn",
+        momentum,
+        settings.residual_gamma(
+            settings.is_multigrid(filters) or settings.is_multigrid(4 * filters)
+        ),
+    )
     x = keras.layers.Add(name=f"{name}_add")([skip, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -88,11 +111,26 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
 bottleneck_block.expansion = 4
 
 
-def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
-           weights=None, input_tensor=None, pooling=None, classes=1000,
-           classifier_activation="softmax", name="resnet", multigrid=True,
-           group_size=8, coarsest_channels=None, width=1.0,
-           batch_norm_momentum=0.99, zero_init_residual=None):
+def ResNet(
+    block,
+    stages,
+    stem,
+    shortcut,
+    input_shape=None,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="resnet",
+    multigrid=True,
+    group_size=8,
+    coarsest_channels=None,
+    width=1.0,
+    batch_norm_momentum=0.99,
+    zero_init_residual=None,
+):
     """Builds a ResNet from its block function and stage specification.
 
     The named models (`ResNet20` ... `ResNet110`, `ResNet18`, `ResNet34`,
@@ -152,9 +190,13 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
     """
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     common.batch_norm_momentum(batch_norm_momentum)
-    settings = common.ConvSettings(multigrid, group_size, coarsest_channels,
-                                   use_bias=stem == "imagenet",
-                                   zero_init_residual=zero_init_residual)
+    settings = common.ConvSettings(
+        multigrid,
+        group_size,
+        coarsest_channels,
+        use_bias=stem == "imagenet",
+        zero_init_residual=zero_init_residual,
+    )
     stage_filters = [max(1, round(filters * width)) for filters, _, _ in stages]
     # A block-design block is multigrid by its `filters`, a layer-design
     # bottleneck by each convolution's width.
@@ -162,13 +204,17 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
     settings.check_widths([f * m for f in stage_filters for m in expansions], name)
     cifar = stem == "cifar"
     inputs, input_tensor = common.model_inputs(
-        input_shape, input_tensor, (32, 32, 3) if cifar else (224, 224, 3),
-        min_size=8 if cifar else 32)
+        input_shape,
+        input_tensor,
+        (32, 32, 3) if cifar else (224, 224, 3),
+        min_size=8 if cifar else 32,
+    )
 
     stem_filters = max(1, round((16 if cifar else 64) * width))
     if cifar:
-        x = keras.layers.Conv2D(stem_filters, 3, padding="same", use_bias=False,
-                                name="conv1_conv")(inputs)
+        x = keras.layers.Conv2D(stem_filters, 3, padding="same", use_bias=False, name="conv1_conv")(
+            inputs
+        )
         x = _batch_norm(x, "conv1_bn", batch_norm_momentum)
         x = keras.layers.Activation("relu", name="conv1_relu")(x)
     else:
@@ -181,18 +227,38 @@ def ResNet(block, stages, stem, shortcut, input_shape=None, include_top=True,
 
     for stage, (filters, (_, blocks, stride)) in enumerate(zip(stage_filters, stages)):
         for index in range(blocks):
-            x = block(x, filters, stride if index == 0 else 1, settings, shortcut,
-                      batch_norm_momentum, name=f"conv{stage + 2}_block{index + 1}")
+            x = block(
+                x,
+                filters,
+                stride if index == 0 else 1,
+                settings,
+                shortcut,
+                batch_norm_momentum,
+                name=f"conv{stage + 2}_block{index + 1}",
+            )
 
-    return common.finish_model(inputs, input_tensor, x, include_top, pooling, classes,
-                               classifier_activation, weights, name)
+    return common.finish_model(
+        inputs, input_tensor, x, include_top, pooling, classes, classifier_activation, weights, name
+    )
 
 
-def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
-                input_tensor=None, pooling=None, classes=10,
-                classifier_activation="softmax", name=None, multigrid=True,
-                group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.99, zero_init_residual=None):
+def CIFARResNet(
+    depth,
+    input_shape=None,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    pooling=None,
+    classes=10,
+    classifier_activation="softmax",
+    name=None,
+    multigrid=True,
+    group_size=8,
+    coarsest_channels=None,
+    width=1.0,
+    batch_norm_momentum=0.99,
+    zero_init_residual=None,
+):
     """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
 
     n basic blocks per stage of 16/32/64 channels, 32x32 inputs and 10 classes
@@ -231,47 +297,117 @@ def CIFARResNet(depth, input_shape=None, include_top=True, weights=None,
             f"Received: depth={depth!r}."
         )
     blocks = (depth - 2) // 6
-    return ResNet(basic_block, [(16, blocks, 1), (32, blocks, 2), (64, blocks, 2)],
-                  "cifar", "zero_pad", input_shape, include_top, weights, input_tensor,
-                  pooling, classes, classifier_activation, name or f"resnet{depth}",
-                  multigrid, group_size, coarsest_channels, width, batch_norm_momentum,
-                  zero_init_residual)
+    return ResNet(
+        basic_block,
+        [(16, blocks, 1), (32, blocks, 2), (64, blocks, 2)],
+        "cifar",
+        "zero_pad",
+        input_shape,
+        include_top,
+        weights,
+        input_tensor,
+        pooling,
+        classes,
+        classifier_activation,
+        name or f"resnet{depth}",
+        multigrid,
+        group_size,
+        coarsest_channels,
+        width,
+        batch_norm_momentum,
+        zero_init_residual,
+    )
 
 
 def _cifar_resnet(depth):
-    def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
-                pooling=None, classes=10, classifier_activation="softmax", name=None,
-                multigrid=True, group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.99, zero_init_residual=None):
-        return CIFARResNet(depth, input_shape, include_top, weights, input_tensor,
-                           pooling, classes, classifier_activation, name, multigrid,
-                           group_size, coarsest_channels, width, batch_norm_momentum,
-                           zero_init_residual)
+    def factory(
+        input_shape=None,
+        include_top=True,
+        weights=None,
+        input_tensor=None,
+        pooling=None,
+        classes=10,
+        classifier_activation="softmax",
+        name=None,
+        multigrid=True,
+        group_size=8,
+        coarsest_channels=None,
+        width=1.0,
+        batch_norm_momentum=0.99,
+        zero_init_residual=None,
+    ):
+        return CIFARResNet(
+            depth,
+            input_shape,
+            include_top,
+            weights,
+            input_tensor,
+            pooling,
+            classes,
+            classifier_activation,
+            name,
+            multigrid,
+            group_size,
+            coarsest_channels,
+            width,
+            batch_norm_momentum,
+            zero_init_residual,
+        )
 
     factory.__name__ = f"ResNet{depth}"
-    factory.__doc__ = (
-        f"CIFAR ResNet-{depth}: `CIFARResNet({depth}, ...)`; see its docstring.")
+    factory.__doc__ = f"CIFAR ResNet-{depth}: `CIFARResNet({depth}, ...)`; see its docstring."
     return factory
 
 
 def _imagenet_resnet(block, blocks_per_stage, depth):
-    def factory(input_shape=None, include_top=True, weights=None, input_tensor=None,
-                pooling=None, classes=1000, classifier_activation="softmax", name=None,
-                multigrid=True, group_size=8, coarsest_channels=None, width=1.0,
-                batch_norm_momentum=0.99, zero_init_residual=None):
-        stages = [(filters, blocks, 1 if index == 0 else 2) for index, (filters, blocks)
-                  in enumerate(zip((64, 128, 256, 512), blocks_per_stage))]
-        return ResNet(block, stages, "imagenet", "projection", input_shape, include_top,
-                      weights, input_tensor, pooling, classes, classifier_activation,
-                      name or f"resnet{depth}", multigrid, group_size,
-                      coarsest_channels, width, batch_norm_momentum, zero_init_residual)
+    def factory(
+        input_shape=None,
+        include_top=True,
+        weights=None,
+        input_tensor=None,
+        pooling=None,
+        classes=1000,
+        classifier_activation="softmax",
+        name=None,
+        multigrid=True,
+        group_size=8,
+        coarsest_channels=None,
+        width=1.0,
+        batch_norm_momentum=0.99,
+        zero_init_residual=None,
+    ):
+        stages = [
+            (filters, blocks, 1 if index == 0 else 2)
+            for index, (filters, blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage))
+        ]
+        return ResNet(
+            block,
+            stages,
+            "imagenet",
+            "projection",
+            input_shape,
+            include_top,
+            weights,
+            input_tensor,
+            pooling,
+            classes,
+            classifier_activation,
+            name or f"resnet{depth}",
+            multigrid,
+            group_size,
+            coarsest_channels,
+            width,
+            batch_norm_momentum,
+            zero_init_residual,
+        )
 
     factory.__name__ = f"ResNet{depth}"
     factory.__doc__ = (
         f"ImageNet ResNet-{depth}: 7x7 stem, {blocks_per_stage} "
         f"{'bottleneck' if block is bottleneck_block else 'basic'} blocks per stage "
         f"of 64/128/256/512 channels, 224x224 inputs by default.\n\n"
-        f"    Arguments as `ResNet`, whose docstring explains them.\n")
+        f"    Arguments as `ResNet`, whose docstring explains them.\n"
+    )
     return factory
 
 
