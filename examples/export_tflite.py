@@ -20,21 +20,30 @@ OUTPUT_DIR = os.path.join("runs", "export_example")
 
 
 def main():
-    summary = training.train("ResNet20", "digits", epochs=8, output_dir=OUTPUT_DIR,
-                             overwrite=True, verbose=2)
-    print(f"Keras model: {summary['parameters']:,} parameters, epoch "
-          f"{summary['selected_epoch']} selected on {summary['selected_by']}, "
-          f"test accuracy {summary['selected_test_accuracy']:.3f}\n")
+    summary = training.train(
+        "ResNet20", "digits", epochs=8, output_dir=OUTPUT_DIR, overwrite=True, verbose=2
+    )
+    print(
+        f"Keras model: {summary['parameters']:,} parameters, epoch "
+        f"{summary['selected_epoch']} selected on {summary['selected_by']}, "
+        f"test accuracy {summary['selected_test_accuracy']:.3f}\n"
+    )
 
     model = keras.models.load_model(os.path.join(OUTPUT_DIR, "best.keras"))
     image_shape = model.input_shape[1:]
     # A few hundred training images are enough to calibrate the activation ranges
     # (uncached: tf.data warns about a cache that is not read to its end).
-    calibration = data.image_pipeline("digits", "train", 64, image_shape=image_shape,
-                                      cache=False).take(4)
+    calibration = data.image_pipeline(
+        "digits", "train", 64, image_shape=image_shape, cache=False
+    ).take(4)
     test = data.image_pipeline("digits", "test", 64, image_shape=image_shape)
-    report = export_tflite(model, os.path.join(OUTPUT_DIR, "model.int8.tflite"), "int8",
-                           representative_data=calibration, verification_data=test)
+    report = export_tflite(
+        model,
+        os.path.join(OUTPUT_DIR, "model.int8.tflite"),
+        "int8",
+        representative_data=calibration,
+        verification_data=test,
+    )
     print(report, end="\n\n")
     print(format_latency(measure_latency(report.path)))
 

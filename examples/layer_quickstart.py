@@ -39,17 +39,22 @@ def main():
     digits = load_digits()
     images = (digits.images[..., None] / 16.0).astype("float32")
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
+        images, digits.target, test_size=0.25, random_state=0, stratify=digits.target
+    )
 
-    for name, conv in [("Conv2D", keras.layers.Conv2D),
-                       ("MultigridConv2D", keras_mgconv.MultigridConv2D)]:
+    for name, conv in [
+        ("Conv2D", keras.layers.Conv2D),
+        ("MultigridConv2D", keras_mgconv.MultigridConv2D),
+    ]:
         model = build(conv)
-        model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(3e-3),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         model.fit(x_train, y_train, batch_size=32, epochs=8, verbose=2)
         _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-        print(f"{name:>16}: {model.count_params():>8,} parameters, "
-              f"test accuracy {accuracy:.3f}")
+        print(f"{name:>16}: {model.count_params():>8,} parameters, test accuracy {accuracy:.3f}")
 
 
 if __name__ == "__main__":

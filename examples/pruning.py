@@ -43,23 +43,29 @@ EPOCHS = 8
 def prune(model, structured, train):
     """`model` pruned while fine-tuned, then stripped; and the sparsity of its pruned kernels."""
     schedule = tfmot.sparsity.keras.PolynomialDecay(
-        0.0, SPARSITY, begin_step=0, end_step=RAMP_EPOCHS * int(train.cardinality()),
-        frequency=5)
+        0.0, SPARSITY, begin_step=0, end_step=RAMP_EPOCHS * int(train.cardinality()), frequency=5
+    )
     pruned = optimization.prune_low_magnitude(model, schedule, structured=structured)
     compile_for_fine_tuning(pruned, 1e-3, EPOCHS, train)
-    pruned.fit(train, epochs=EPOCHS, verbose=0,
-               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
-    kernels = [weight.numpy() for layer in pruned.layers
-               for weight, _, _ in getattr(layer, "pruning_vars", [])]
+    pruned.fit(
+        train, epochs=EPOCHS, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
+    )
+    kernels = [
+        weight.numpy()
+        for layer in pruned.layers
+        for weight, _, _ in getattr(layer, "pruning_vars", [])
+    ]
     sparsity = sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
     return tfmot.sparsity.keras.strip_pruning(pruned), sparsity
 
 
 def report(name, model, sparsity, test):
     tflite_model = optimization.tflite_converter(model).convert()
-    print(f"{name:>16}: sparsity {sparsity:.3f}, TFLite test accuracy "
-          f"{tflite_accuracy(tflite_model, test):.4f}, gzipped "
-          f"{len(gzip.compress(tflite_model)) / 1024:.0f} KiB")
+    print(
+        f"{name:>16}: sparsity {sparsity:.3f}, TFLite test accuracy "
+        f"{tflite_accuracy(tflite_model, test):.4f}, gzipped "
+        f"{len(gzip.compress(tflite_model)) / 1024:.0f} KiB"
+    )
 
 
 def main(output_dir):

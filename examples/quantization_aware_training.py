@@ -34,24 +34,38 @@ BATCH_SIZE = 64
 def train_float_model(output_dir):
     """Trains a multigrid ResNet20 on the digits; returns its `.keras` path and test accuracy."""
     summary = training.train(
-        "ResNet20", "digits", epochs=FLOAT_EPOCHS, batch_size=BATCH_SIZE, optimizer="adam",
-        learning_rate=3e-3, weight_decay=0, group_size=8, output_dir=f"{output_dir}/float",
-        overwrite=True, verbose=0)
+        "ResNet20",
+        "digits",
+        epochs=FLOAT_EPOCHS,
+        batch_size=BATCH_SIZE,
+        optimizer="adam",
+        learning_rate=3e-3,
+        weight_decay=0,
+        group_size=8,
+        output_dir=f"{output_dir}/float",
+        overwrite=True,
+        verbose=0,
+    )
     return f"{output_dir}/float/last.keras", summary["final_test_accuracy"]
 
 
 def digits():
     """The digits' training split (shuffled, augmented) and test split."""
-    return (data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0),
-            data.image_pipeline("digits", "test", 256))
+    return (
+        data.image_pipeline("digits", "train", BATCH_SIZE, training=True, seed=0),
+        data.image_pipeline("digits", "test", 256),
+    )
 
 
 def compile_for_fine_tuning(model, learning_rate, epochs, train):
     """Adam, its learning rate decaying from `learning_rate` to 0 over `epochs` of `train`."""
     model.compile(
-        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-            learning_rate, epochs * int(train.cardinality()))),
-        keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        keras.optimizers.Adam(
+            keras.optimizers.schedules.CosineDecay(learning_rate, epochs * int(train.cardinality()))
+        ),
+        keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
 
 
 def tflite_accuracy(tflite_model, test):
@@ -75,8 +89,9 @@ def main(output_dir):
 
     # Activation ranges calibrated on 8 batches: tfmot's start at [-6, 6] and
     # would take thousands of steps to settle.
-    qat_model = optimization.quantize_model(keras.models.load_model(float_path),
-                                            calibration_data=train.take(8))
+    qat_model = optimization.quantize_model(
+        keras.models.load_model(float_path), calibration_data=train.take(8)
+    )
     compile_for_fine_tuning(qat_model, 1e-4, QAT_EPOCHS, train)
     qat_model.fit(train, epochs=QAT_EPOCHS, verbose=2)
     _, qat_accuracy = qat_model.evaluate(test, verbose=0)
@@ -91,8 +106,10 @@ def main(output_dir):
 
     print(f"float Keras model: test accuracy {float_accuracy:.4f}")
     print(f"QAT Keras model:   test accuracy {qat_accuracy:.4f}")
-    print(f"int8 TFLite model: test accuracy {tflite_accuracy(tflite_model, test):.4f}, "
-          f"{len(tflite_model) / 1024:.0f} KiB ({output_dir}/qat_int8.tflite)")
+    print(
+        f"int8 TFLite model: test accuracy {tflite_accuracy(tflite_model, test):.4f}, "
+        f"{len(tflite_model) / 1024:.0f} KiB ({output_dir}/qat_int8.tflite)"
+    )
 
 
 if __name__ == "__main__":
