@@ -353,17 +353,18 @@ def _three(rows, key):
 
 
 def _mean_of(rows, key):
-    values = [row[key] for row in rows if key in row]
-    return statistics.mean(values) if values else float("nan")
+    """The mean over blocks, as text; "-" where no block has one (a zero branch has none)."""
+    values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
+    return f"{statistics.mean(values):.2f}" if values else "-"
 
 
 def report():
     runs = read_runs()
-    lines = ["# Depth diagnosis (`benchmarks/depth_diagnosis.py`)", ""]
+    lines = []
     init = [r for r in runs if r["kind"] == "init"]
     if init:
         lines += [
-            "## At initialisation",
+            "### At initialisation",
             "",
             "One batch of 64 `digits16` training images, training mode, seeded. Stream: std of "
             "the residual stream after the first / middle / last block. Correlation: between "
@@ -379,14 +380,14 @@ def report():
             lines.append(
                 f"| {r['network']} | {r['design']} | {r['variant']} | {r['parameters']:,} | "
                 f"{_three(r['blocks'], 'stream_std')} | "
-                f"{_mean_of(r['blocks'], 'branch_correlation'):.2f} | "
+                f"{_mean_of(r['blocks'], 'branch_correlation')} | "
                 f"{_three(r['blocks'], 'relative_gradient')} |"
             )
         lines.append("")
     trained = [r for r in runs if r["kind"] == "train"]
     if trained:
         lines += [
-            "## Trained",
+            "### Trained",
             "",
             "Split 0 of each setting (`accuracy.py`). Test accuracy in inference mode with "
             "the BatchNormalization statistics recomputed on the training images; in training "
@@ -410,7 +411,7 @@ def report():
                 + " / ".join(f"{100 * p['test_accuracy']:.1f}" for p in points)
                 + " | "
                 f"{_three(r['blocks'], 'stream_std')} | "
-                f"{_mean_of(r['blocks'], 'branch_correlation'):.2f} | {r['time']:.0f} |"
+                f"{_mean_of(r['blocks'], 'branch_correlation')} | {r['time']:.0f} |"
             )
         lines.append("")
     from keras_mgconv._files import atomic_write
