@@ -93,11 +93,11 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # runs were recorded; c=32 keeps the layers of 32 channels or fewer dense, as
 # the authors' code does and as the factories have done by default since
 # (their `coarsest_channels=None`). The rows without zero-init start every
-# BatchNormalization scale at 1, as the factories did when they were recorded;
-# the zero-init rows start the multigrid residual branches at zero scale, the
-# factories' default since (`zero_init_residual=None`); "baseline zero-init"
-# starts the standard network's branches so too (`zero_init_residual=True`),
-# to tell what the start does for any ResNet from what it does for multigrid.
+# BatchNormalization scale at 1 (`zero_init_residual=False`, the factories'
+# default); the zero-init rows start the last one of every residual branch,
+# standard or multigrid, at zero scale (`zero_init_residual=True`), and
+# "baseline zero-init" the standard network's, to tell what the start does for
+# any ResNet from what it does for multigrid ones.
 DESIGNS = (
     ("baseline", False, None, None, False),
     ("layer", "layer", 8, None, False),

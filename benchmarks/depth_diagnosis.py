@@ -23,9 +23,9 @@ and recipes, so that a fix is chosen on evidence:
 
 Variants (`--variants`) are ways a multigrid network starts: `scale-1`
 starts every BatchNormalization scale at 1 (`zero_init_residual=False`, the
-factories' start before that argument existed); `zero-init` starts the last
-BatchNormalization of each multigrid residual branch at zero scale (Goyal et
-al. 2017; the factories' default `zero_init_residual=None`);
+factories' default); `zero-init` starts the last BatchNormalization of each
+multigrid residual branch at zero scale (Goyal et al. 2017;
+`zero_init_residual="multigrid"`);
 `random-transfers` is `scale-1` with the restriction and prolongation weights
 drawn from He's normal initialiser (as the authors' released code ends up
 doing) instead of the group average.
@@ -79,7 +79,7 @@ def build(network, design, variant, input_shape, seed):
         classes=10,
         classifier_activation=None,
         multigrid=multigrid,
-        zero_init_residual=None if variant == "zero-init" else False,
+        zero_init_residual="multigrid" if variant == "zero-init" else False,
         **extra,
     )
     if variant == "random-transfers":

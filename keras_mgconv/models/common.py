@@ -56,13 +56,13 @@ class ConvSettings:
             `group_size` where that is larger).
         use_bias: whether block convolutions have a bias (keras.applications'
             ResNet does, MobileNetV2 does not).
-        zero_init_residual: None (zero scale for the last BatchNormalization
-            of multigrid residual branches only), True (of every residual
-            branch) or False (of none); see `residual_gamma`.
+        zero_init_residual: False (no residual branch starts at zero
+            scale), True (every one) or "multigrid" (those of multigrid
+            blocks); see `residual_gamma`.
     """
 
     def __init__(
-        self, multigrid, group_size, coarsest_channels, use_bias=False, zero_init_residual=None
+        self, multigrid, group_size, coarsest_channels, use_bias=False, zero_init_residual=False
     ):
         self.design = multigrid_design(multigrid)
         self.multigrid = self.design is not None
@@ -73,30 +73,22 @@ class ConvSettings:
             else _arguments.positive_int("coarsest_channels", coarsest_channels)
         )
         self.use_bias = use_bias
-        if zero_init_residual not in (None, True, False):
+        if not (isinstance(zero_init_residual, bool) or zero_init_residual == "multigrid"):
             raise ValueError(
-                "Invalid value for argument `zero_init_residual`. Expected None (zero "
-                "scale in multigrid blocks only), True or False. "
+                "Invalid value for argument `zero_init_residual`. Expected False, True "
+                "or 'multigrid' (zero scale in multigrid blocks only). "
                 f"Received: zero_init_residual={zero_init_residual!r}."
             )
         self.zero_init_residual = zero_init_residual
 
     def zero_init(self, multigrid_block):
-        """Whether a residual branch starts at zero scale (multigrid or not)."""
-        if self.zero_init_residual is None:
+        """Whether a residual branch, of a multigrid block or not, starts at zero scale."""
+        if self.zero_init_residual == "multigrid":
             return bool(multigrid_block)
         return self.zero_init_residual
 
     def residual_gamma(self, multigrid_block):
-        """The initializer of the scale of a residual branch's last BatchNormalization.
-
-        Zeros by default in multigrid blocks: a V-cycle carries its input
-        through, so two of them make a branch correlated with the stream it
-        adds to, and the stream of a deep network grows with depth
-        (benchmarks/depth_diagnosis.py); at zero scale every block starts as
-        the identity (Goyal et al. 2017), and the standard blocks keep
-        keras.applications' initialisation.
-        """
+        """The initializer of the scale of a residual branch's last BatchNormalization."""
         return "zeros" if self.zero_init(multigrid_block) else "ones"
 
     def is_multigrid(self, filters):
