@@ -68,11 +68,6 @@ def test_statistics_are_the_average_batch_statistics_of_the_current_weights():
         np.testing.assert_array_equal(before, after.numpy())
 
 
-@pytest.mark.skipif(
-    USE_LEGACY_KERAS,
-    reason="tf_keras' fused batch norm keeps the unbiased "
-    "variance: inference mode divides by it, training mode by the biased one",
-)
 def test_inputs_and_targets_arrays_are_taken_as_inputs_and_targets():
     # As `fit` takes them: once refused inside Keras ("expects 1 input(s), received 2").
     images = batches(1, size=32)[0]
@@ -88,6 +83,11 @@ def test_inputs_and_targets_arrays_are_taken_as_inputs_and_targets():
         )
 
 
+@pytest.mark.skipif(
+    USE_LEGACY_KERAS,
+    reason="tf_keras' fused batch norm keeps the unbiased "
+    "variance: inference mode divides by it, training mode by the biased one",
+)
 def test_inference_then_matches_batch_statistics_on_the_same_batch():
     # Stale moving averages (here: Keras' initial ones) make inference mode
     # compute another function than training did; recomputed on the batch
