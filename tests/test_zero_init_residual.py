@@ -43,6 +43,55 @@ def test_a_multigrid_block_without_connector_starts_as_the_identity(multigrid, z
         np.testing.assert_array_equal(second, first)
 
 
+@pytest.mark.parametrize("multigrid", ["layer", "block"])
+def test_every_weight_of_a_zero_started_network_learns(multigrid):
+    """No saddle: every zero scale has a gradient at the start, every kernel after one step.
+
+    Two zero scales in series (a coarse unit started as the identity sends up
+    a difference of exactly zero to a zero-scaled correction) would leave the
+    block design's coarse levels at their initial values for good.
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    # 64 channels at s=8, c=8: four levels, so coarse units inside coarse levels.
+    model = keras_mgconv.models.ResNet20(
+        input_shape=(8, 8, 3),
+        classes=4,
+        multigrid=multigrid,
+        coarsest_channels=8,
+        zero_init_residual=True,
+    )
+    images, labels = _images(8), np.arange(16) % 4
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = keras.losses.sparse_categorical_crossentropy(
+                labels, model(images, training=True)
+            )
+        variables = model.trainable_variables
+        return dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
+
+    zero_scales = {
+        v.path
+        for v in model.trainable_variables
+        if v.path.endswith("gamma") and not np.any(v.numpy())
+    }
+    assert any("prolong_bn" in path or "level" in path for path in zero_scales) == (
+        multigrid == "block"
+    )
+    start = gradients()
+    assert zero_scales and all(np.any(start[path].numpy()) for path in zero_scales)
+    keras.optimizers.SGD(0.1).apply_gradients(
+        [
+            (gradient, variable)
+            for variable, gradient in zip(model.trainable_variables, start.values())
+        ]
+    )
+    still = [path for path, gradient in gradients().items() if not np.any(gradient.numpy())]
+    assert not still, still
+
+
 def test_multigrid_zeroes_the_multigrid_blocks_only():
     keras.utils.set_random_seed(0)
     model = keras_mgconv.models.ResNet20(input_shape=(8, 8, 3), zero_init_residual="multigrid")

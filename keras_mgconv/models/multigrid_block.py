@@ -92,17 +92,17 @@ def _multigrid_block(
             f"with known channels. Received: x.shape={tuple(x.shape)}."
         )
 
-    def batch_norm(tensor, layer_name, last=False):
-        # The last normalisation of a unit and the correction's start at zero
-        # scale with `zero_init_residual`, so that the block starts as ReLU.
+    def batch_norm(tensor, layer_name, zero_start=False):
         return keras.layers.BatchNormalization(
             momentum=batch_norm_momentum,
             epsilon=batch_norm_epsilon,
-            gamma_initializer="zeros" if last and zero_init_residual else "ones",
+            gamma_initializer="zeros" if zero_start else "ones",
             name=layer_name,
         )(tensor)
 
-    def conv_bn(tensor, conv_filters, kernel_size, groups, prefix, conv_strides=1, last=False):
+    def conv_bn(
+        tensor, conv_filters, kernel_size, groups, prefix, conv_strides=1, zero_start=False
+    ):
         tensor = GroupedConv2D(
             conv_filters,
             kernel_size,
@@ -112,12 +112,12 @@ def _multigrid_block(
             use_bias=False,
             name=f"{prefix}_conv",
         )(tensor)
-        return batch_norm(tensor, f"{prefix}_bn", last)
+        return batch_norm(tensor, f"{prefix}_bn", zero_start)
 
     def relu(tensor, layer_name):
         return keras.layers.Activation("relu", name=layer_name)(tensor)
 
-    def residual_unit(z, width, groups, prefix, output_name):
+    def residual_unit(z, width, groups, prefix, output_name, zero_start=False):
         convolutions = (
             [(width, 3), (width, 3)]
             if expansion == 1
@@ -133,7 +133,7 @@ def _multigrid_block(
                 kernel_size,
                 groups,
                 f"{prefix}_{index}",
-                last=index == len(convolutions),
+                zero_start=zero_start and index == len(convolutions),
             )
         y = keras.layers.Add(name=f"{prefix}_add")([z, y])
         return relu(y, output_name)
@@ -148,7 +148,14 @@ def _multigrid_block(
         solved = v_cycle(coarse, level + 1)
         difference = keras.layers.Subtract(name=f"{prefix}_difference")([solved, coarse])
         correction = ChannelProlongation(transfer_group_size, name=f"{prefix}_prolong")(difference)
-        correction = batch_norm(correction, f"{prefix}_prolong_bn", last=True)
+        # With `zero_init_residual`, the two branches that add into the
+        # block's stream, the correction and the finest unit's convolutions,
+        # start at zero scale, so that the block starts as ReLU of its input.
+        # The coarse levels start at scale 1: a coarse unit started as the
+        # identity would send up a difference of exactly zero, and a zero
+        # scale on both sides of it is a saddle the gradient never leaves.
+        zero_start = bool(zero_init_residual) and level == 0
+        correction = batch_norm(correction, f"{prefix}_prolong_bn", zero_start)
         corrected = keras.layers.Add(name=f"{prefix}_correct")([fine, correction])
         return residual_unit(
             corrected,
@@ -156,6 +163,7 @@ def _multigrid_block(
             width // group_size,
             prefix,
             f"{name}_out" if level == 0 else f"{prefix}_out",
+            zero_start,
         )
 
     if strides != (1, 1) or input_channels != expansion * filters:
@@ -205,11 +213,12 @@ def multigrid_basic_block(
             `group_size`).
         batch_norm_momentum, batch_norm_epsilon: of every BatchNormalization.
         name: the prefix of every layer name; unique in the model.
-        zero_init_residual: if True, the last BatchNormalization of every
-            unit and the one after every prolongation start at zero scale,
-            so that the block starts as `ReLU` of its input (after the
-            connector): the factories' default for multigrid networks (see
-            `keras_mgconv.models.ResNet`). False starts every scale at 1.
+        zero_init_residual: if True, the BatchNormalization after the
+            finest prolongation and the finest unit's last one start at zero
+            scale, so that the block starts as `ReLU` of its input (after the
+            connector), as Goyal et al.'s zero-initialised residual blocks
+            do. The coarse levels start at scale 1. False (the default)
+            starts every scale at 1.
 
     Returns:
         The block's output tensor, `(batch, height / strides, width / strides,
