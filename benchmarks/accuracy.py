@@ -97,7 +97,8 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # default); the zero-init rows start the last one of every residual branch,
 # standard or multigrid, at zero scale (`zero_init_residual=True`), and
 # "baseline zero-init" the standard network's, to tell what the start does for
-# any ResNet from what it does for multigrid ones.
+# any ResNet from what it does for multigrid ones; "zero-init=multigrid" rows
+# start the multigrid blocks' only (`zero_init_residual="multigrid"`).
 DESIGNS = (
     ("baseline", False, None, None, False),
     ("layer", "layer", 8, None, False),
@@ -107,6 +108,7 @@ DESIGNS = (
     ("layer", "layer", 8, 32, True),
     ("block", "block", 8, None, True),
     ("baseline", False, None, None, True),
+    ("layer", "layer", 8, 32, "multigrid"),
 )
 # The MobileNets' rows: the baseline and the factories' default multigrid network.
 MOBILENET_DESIGNS = (("baseline", False, None, None, None), ("layer", "layer", 8, 32, None))
@@ -133,12 +135,13 @@ MAX_STEPS_PER_EXECUTION = 20
 
 
 def design_label(design, group_size=None, coarsest_channels=None, zero_init=False):
-    """E.g. "layer s=8", "layer s=8 c=32", "layer s=8 c=32 zero-init" or "baseline"."""
+    """E.g. "layer s=8", "layer s=8 c=32 zero-init", "... zero-init=multigrid" or "baseline"."""
     return (
         design
         + ("" if group_size is None else f" s={group_size}")
         + ("" if coarsest_channels is None else f" c={coarsest_channels}")
         + (" zero-init" if zero_init else "")
+        + ("=multigrid" if zero_init == "multigrid" else "")
     )
 
 
@@ -167,8 +170,8 @@ def configurations():
             "group_size": group_size,
             "coarsest_channels": coarsest,
             "zero_init_residual": zero_init,
-            "zero_init": bool(zero_init),
-            "label": label(model, width, design, group_size, coarsest, bool(zero_init)),
+            "zero_init": zero_init or False,
+            "label": label(model, width, design, group_size, coarsest, zero_init or False),
         }
         for model, width in NETWORKS
         for design, multigrid, group_size, coarsest, zero_init in (
