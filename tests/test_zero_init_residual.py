@@ -43,13 +43,15 @@ def test_a_multigrid_block_without_connector_starts_as_the_identity(multigrid, z
         np.testing.assert_array_equal(second, first)
 
 
-@pytest.mark.parametrize("multigrid", ["layer", "block"])
-def test_every_weight_of_a_zero_started_network_learns(multigrid):
-    """No saddle: every zero scale has a gradient at the start, every kernel after one step.
+@pytest.mark.parametrize("multigrid", [False, "layer", "block"])
+def test_every_channel_of_a_zero_started_network_learns(multigrid):
+    """No channel stuck: every zero scale has a gradient at the start, every scale after a step.
 
-    Two zero scales in series (a coarse unit started as the identity sends up
-    a difference of exactly zero to a zero-scaled correction) would leave the
-    block design's coarse levels at their initial values for good.
+    Two traps leave weights at their initial values for good: two zero scales
+    in series (a block-design coarse unit started as the identity sends up a
+    difference of exactly zero to a zero-scaled correction), and a zero-started
+    branch beside a zero-padded shortcut (its new channels sit at exactly 0,
+    where ReLU passes no gradient).
     """
     import tensorflow as tf
 
@@ -72,33 +74,27 @@ def test_every_weight_of_a_zero_started_network_learns(multigrid):
         variables = model.trainable_variables
         return dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
 
-    zero_scales = {
-        v.path
-        for v in model.trainable_variables
-        if v.path.endswith("gamma") and not np.any(v.numpy())
-    }
-    assert any("prolong_bn" in path or "level" in path for path in zero_scales) == (
-        multigrid == "block"
-    )
+    scales = [v.path for v in model.trainable_variables if v.path.endswith("gamma")]
+    zero_scales = [v.path for v in model.trainable_variables if v.path in scales and not np.any(v)]
+    assert any("level" in path for path in zero_scales) == (multigrid == "block")
     start = gradients()
-    assert zero_scales and all(np.any(start[path].numpy()) for path in zero_scales)
+    assert zero_scales and all(np.all(start[path].numpy()) for path in zero_scales)
     keras.optimizers.SGD(0.1).apply_gradients(
-        [
-            (gradient, variable)
-            for variable, gradient in zip(model.trainable_variables, start.values())
-        ]
+        [(start[v.path], v) for v in model.trainable_variables]
     )
-    still = [path for path, gradient in gradients().items() if not np.any(gradient.numpy())]
-    assert not still, still
+    after = gradients()
+    assert not [path for path in scales if not np.all(after[path].numpy())]
+    assert not [path for path, gradient in after.items() if not np.any(gradient.numpy())]
 
 
 def test_multigrid_zeroes_the_multigrid_blocks_only():
     keras.utils.set_random_seed(0)
     model = keras_mgconv.models.ResNet20(input_shape=(8, 8, 3), zero_init_residual="multigrid")
     scales = {name: scale for name, scale in _scales(model).items() if name.endswith("_2_bn")}
-    # The 16- and 32-channel stages stay Conv2D (coarsest_channels=32): scale 1.
+    # The 16- and 32-channel stages stay Conv2D (coarsest_channels=32): scale 1;
+    # so does conv4_block1, beside a zero-padded shortcut.
     assert {name for name, scale in scales.items() if scale == 0} == {
-        f"conv4_block{index}_2_bn" for index in (1, 2, 3)
+        f"conv4_block{index}_2_bn" for index in (2, 3)
     }
     assert all(scale == 1 for name, scale in scales.items() if not name.startswith("conv4"))
 
@@ -130,7 +126,11 @@ def test_true_zeroes_every_residual_branch_and_the_default_none():
     everywhere = keras_mgconv.models.ResNet20(
         input_shape=(8, 8, 3), multigrid=False, zero_init_residual=True
     )
-    assert all(scale == 0 for name, scale in _scales(everywhere).items() if name.endswith("_2_bn"))
+    zero = {name for name, scale in _scales(everywhere).items() if scale == 0}
+    branches = {name for name in _scales(everywhere) if name.endswith("_2_bn")}
+    # Every branch but those beside a zero-padded shortcut (each stage's first
+    # block after the first stage).
+    assert zero == branches - {"conv3_block1_2_bn", "conv4_block1_2_bn"}
     default = keras_mgconv.models.ResNet20(
         input_shape=(8, 8, 3), multigrid="block", coarsest_channels=8
     )

@@ -87,9 +87,16 @@ class ConvSettings:
             return bool(multigrid_block)
         return self.zero_init_residual
 
-    def residual_gamma(self, multigrid_block):
-        """The initializer of the scale of a residual branch's last BatchNormalization."""
-        return "zeros" if self.zero_init(multigrid_block) else "ones"
+    def residual_gamma(self, multigrid_block, zero_padded_shortcut=False):
+        """The initializer of the scale of a residual branch's last BatchNormalization.
+
+        A branch whose shortcut pads channels with zeros (the CIFAR ResNets'
+        option A) starts at scale 1 whatever `zero_init_residual` says: started
+        at zero, it would leave the padded channels at exactly 0 after the
+        block's ReLU, whose gradient there is 0, so they would never learn.
+        """
+        zero = self.zero_init(multigrid_block) and not zero_padded_shortcut
+        return "zeros" if zero else "ones"
 
     def is_multigrid(self, filters):
         """Whether a block convolution (layer design) or a block (block design)

@@ -30,14 +30,18 @@ def _batch_norm(x, name, momentum, gamma_initializer="ones"):
     )(x)
 
 
+def _zero_pads(x, filters, stride, option):
+    """Whether a block's shortcut subsamples and pads channels with zeros (option A)."""
+    return option == "zero_pad" and not (stride == 1 and x.shape[-1] == filters)
+
+
 def _shortcut(x, filters, stride, option, momentum, name):
-    channels = x.shape[-1]
-    if stride == 1 and channels == filters:
+    if stride == 1 and x.shape[-1] == filters:
         return x
-    if option == "zero_pad":
+    if _zero_pads(x, filters, stride, option):
         if stride != 1:
             x = keras.layers.MaxPooling2D(1, strides=stride, name=f"{name}_subsample")(x)
-        return ChannelZeroPadding(filters - channels, name=f"{name}_pad")(x)
+        return ChannelZeroPadding(filters - x.shape[-1], name=f"{name}_pad")(x)
     x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_0_conv")(x)
     return _batch_norm(x, f"{name}_0_bn", momentum)
 
@@ -56,14 +60,15 @@ def basic_block(x, filters, stride, settings, shortcut, momentum, name):
             name,
             settings.zero_init(True),
         )
+    gamma = settings.residual_gamma(
+        settings.is_multigrid(filters), _zero_pads(x, filters, stride, shortcut)
+    )
     skip = _shortcut(x, filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 3, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
     x = common.conv(settings, filters, 3, name=f"{name}_2_conv")(x)
-    x = _batch_norm(
-        x, f"{name}_2_bn", momentum, settings.residual_gamma(settings.is_multigrid(filters))
-    )
+    x = _batch_norm(x, f"{name}_2_bn", momentum, gamma)
     x = keras.layers.Add(name=f"{name}_add")([skip, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -88,6 +93,10 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
             name,
             settings.zero_init(True),
         )
+    gamma = settings.residual_gamma(
+        settings.is_multigrid(filters) or settings.is_multigrid(4 * filters),
+        _zero_pads(x, 4 * filters, stride, shortcut),
+    )
     skip = _shortcut(x, 4 * filters, stride, shortcut, momentum, name)
     x = common.conv(settings, filters, 1, strides=stride, name=f"{name}_1_conv")(x)
     x = _batch_norm(x, f"{name}_1_bn", momentum)
@@ -96,14 +105,7 @@ def bottleneck_block(x, filters, stride, settings, shortcut, momentum, name):
     x = _batch_norm(x, f"{name}_2_bn", momentum)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = common.conv(settings, 4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = _batch_norm(
-        x,
-        f"{name}_3_bn",
-        momentum,
-        settings.residual_gamma(
-            settings.is_multigrid(filters) or settings.is_multigrid(4 * filters)
-        ),
-    )
+    x = _batch_norm(x, f"{name}_3_bn", momentum, gamma)
     x = keras.layers.Add(name=f"{name}_add")([skip, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
