@@ -78,6 +78,11 @@ _CENTER_CROP_FRACTION = 0.875
 # setting for that, so `_prepare` lowers its module constant while it runs.
 _DOWNLOAD_RETRIES = 2
 
+# TFDS' progress bars appear once a download or preparation has run this many
+# seconds: a long one shows its progress, and one that fails at once (offline)
+# says why in one line, not under a dozen empty bars.
+_PROGRESS_DELAY = 3.0
+
 # The most characters of a cause that an error quotes: requests' say which host
 # could not be reached, and why, in about 300.
 _CAUSE_LENGTH = 400
@@ -267,9 +272,29 @@ def _entries(top):
     }
 
 
+class _DelayedProgressBar(tqdm_utils.tqdm_lib.tqdm):
+    """tqdm's bar, drawn only once its work has taken `_PROGRESS_DELAY` seconds.
+
+    tqdm's own `delay` holds back only the draws of `update`: TFDS' bars are
+    also refreshed explicitly, and closing one never drawn must print nothing.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("delay", _PROGRESS_DELAY)
+        super().__init__(*args, **kwargs)
+
+    def display(self, *args, **kwargs):
+        start = getattr(self, "start_t", None)  # None while tqdm's __init__ draws.
+        if start is None or self._time() - start < self.delay:
+            return True
+        # Drawn: `close` then ends the bar's line.
+        self.last_print_t = max(self.last_print_t, start + self.delay)
+        return super().display(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _quietly():
-    """Hides TFDS' size lines and progress bars, and urllib3's warnings of retries.
+    """Delays TFDS' progress bars; hides its size lines and urllib3's warnings of retries.
 
     A download that fails says why in one line (`_prepare`); drawn before it,
     a dozen lines of empty progress bars and retries hid that line.
@@ -279,7 +304,7 @@ def _quietly():
     urllib3.setLevel(logging.ERROR)
     try:
         with (
-            mock.patch.object(tqdm_utils, "_active", False),
+            mock.patch.object(tqdm_utils.tqdm_lib, "tqdm", _DelayedProgressBar),
             contextlib.redirect_stdout(io.StringIO()),
         ):
             yield

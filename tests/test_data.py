@@ -1,5 +1,6 @@
 import collections
 import logging
+import math
 import os
 import re
 import threading
@@ -268,7 +269,16 @@ def test_failed_first_use_of_a_new_data_dir_leaves_nothing_behind(tmp_path, caps
     assert message.endswith("Received: dataset='unreachable_configured_images/small'.")
 
 
-def test_new_data_dir_is_created_and_said_so(tmp_path, capsys):
+def test_preparation_that_takes_a_while_shows_tfds_progress_bars(tmp_path, capsys, monkeypatch):
+    # Preparing the digits takes about a second: bars due at once.
+    monkeypatch.setattr(data, "_PROGRESS_DELAY", 0.0)
+    data.image_dataset_info("digits", str(tmp_path))
+    assert "Generating splits" in capsys.readouterr().err
+
+
+def test_new_data_dir_is_created_and_said_so(tmp_path, capsys, monkeypatch):
+    # However slow the machine, no progress bar between the lines compared.
+    monkeypatch.setattr(data, "_PROGRESS_DELAY", math.inf)
     data_dir = tmp_path / "new" / "tensorflow_datasets"
     assert data.image_dataset_info("digits", str(data_dir)).num_examples["test"] == 355
     assert capsys.readouterr().err == (
