@@ -35,6 +35,10 @@ def _block_model(input_channels, filters, strides=1, bottleneck=False, group_siz
         batch_norm_momentum=MOMENTUM,
         batch_norm_epsilon=EPSILON,
         name=name,
+        # Every scale at 1: a zero start cuts the correction and the finest
+        # unit's convolutions until training moves them, and these untrained
+        # blocks are to compute through all of the cycle.
+        zero_init_residual=False,
     )
     return keras.Model(inputs, outputs)
 

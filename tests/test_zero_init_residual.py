@@ -1,4 +1,4 @@
-"""`zero_init_residual`: residual blocks that start as the identity; by default as before."""
+"""`zero_init_residual`: residual blocks that start as the identity; multigrid ones by default."""
 
 import numpy as np
 import pytest
@@ -100,13 +100,13 @@ def test_multigrid_zeroes_the_multigrid_blocks_only():
 
 
 @pytest.mark.parametrize(
-    "zero_init_residual, within", [(True, True), ("multigrid", True), (False, False)]
+    "zero_init_residual, within", [(True, True), ("multigrid", True), (None, True), (False, False)]
 )
 def test_a_deep_multigrid_stream_stays_within_1_5x_of_the_baselines(zero_init_residual, within):
     """ResNet56 at initialisation: the stream's std after the last block, against the baseline's.
 
-    Every scale starting at 1 (False, the default) grows it to about 3x the
-    baseline's; a zero start keeps it below.
+    Every scale starting at 1 (False) grows it to about 3x the baseline's; a
+    zero start, the default's included, keeps it below.
     """
     images = _images(16, count=32)
     deviations = {}
@@ -115,13 +115,18 @@ def test_a_deep_multigrid_stream_stays_within_1_5x_of_the_baselines(zero_init_re
         model = keras_mgconv.models.ResNet56(
             input_shape=(16, 16, 3),
             multigrid=multigrid,
-            zero_init_residual=zero_init_residual if multigrid else False,
+            # None: the factory's default.
+            **(
+                {}
+                if zero_init_residual is None
+                else {"zero_init_residual": zero_init_residual if multigrid else False}
+            ),
         )
         deviations[multigrid] = float(np.std(_stream(model, "conv4_block9", images)))
     assert (deviations[True] <= 1.5 * deviations[False]) == within, deviations
 
 
-def test_true_zeroes_every_residual_branch_and_the_default_none():
+def test_true_zeroes_every_residual_branch_false_none_and_the_default_the_multigrid_ones():
     keras.utils.set_random_seed(0)
     everywhere = keras_mgconv.models.ResNet20(
         input_shape=(8, 8, 3), multigrid=False, zero_init_residual=True
@@ -131,10 +136,20 @@ def test_true_zeroes_every_residual_branch_and_the_default_none():
     # Every branch but those beside a zero-padded shortcut (each stage's first
     # block after the first stage).
     assert zero == branches - {"conv3_block1_2_bn", "conv4_block1_2_bn"}
-    default = keras_mgconv.models.ResNet20(
-        input_shape=(8, 8, 3), multigrid="block", coarsest_channels=8
-    )
-    assert all(scale == 1 for scale in _scales(default).values())
+    # The baseline's default start is keras.applications': every scale at 1.
+    baseline = keras_mgconv.models.ResNet20(input_shape=(8, 8, 3), multigrid=False)
+    assert all(scale == 1 for scale in _scales(baseline).values())
+    for multigrid in ("layer", "block"):
+        default, chosen, ones = (
+            _scales(
+                keras_mgconv.models.ResNet20(
+                    input_shape=(8, 8, 3), multigrid=multigrid, coarsest_channels=8, **start
+                )
+            )
+            for start in ({}, {"zero_init_residual": "multigrid"}, {"zero_init_residual": False})
+        )
+        assert default == chosen and 0 in default.values()
+        assert all(scale == 1 for scale in ones.values())
 
 
 @pytest.mark.parametrize("value", ["yes", None])

@@ -182,7 +182,7 @@ def multigrid_basic_block(
     batch_norm_momentum=0.99,
     batch_norm_epsilon=1e-3,
     name="multigrid_block",
-    zero_init_residual=False,
+    zero_init_residual=True,
 ):
     """A residual basic block as one V-cycle: the authors' block design.
 
@@ -213,11 +213,11 @@ def multigrid_basic_block(
             `group_size`).
         batch_norm_momentum, batch_norm_epsilon: of every BatchNormalization.
         name: the prefix of every layer name; unique in the model.
-        zero_init_residual: if True, the BatchNormalization after the
-            finest prolongation and the finest unit's last one start at zero
-            scale, so that the block starts as `ReLU` of its input (after the
-            connector), as Goyal et al.'s zero-initialised residual blocks
-            do. The coarse levels start at scale 1. False (the default)
+        zero_init_residual: if True (default), the BatchNormalization
+            after the finest prolongation and the finest unit's last one
+            start at zero scale, so that the block starts as `ReLU` of its
+            input (after the connector), as Goyal et al.'s zero-initialised
+            residual blocks do; the coarse levels start at scale 1. False
             starts every scale at 1.
 
     Returns:
@@ -266,7 +266,7 @@ def multigrid_bottleneck_block(
     batch_norm_momentum=0.99,
     batch_norm_epsilon=1e-3,
     name="multigrid_block",
-    zero_init_residual=False,
+    zero_init_residual=True,
 ):
     """A bottleneck block as one V-cycle: the block design for ResNet50.
 

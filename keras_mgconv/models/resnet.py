@@ -131,7 +131,7 @@ def ResNet(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.99,
-    zero_init_residual=False,
+    zero_init_residual="multigrid",
 ):
     """Builds a ResNet from its block function and stage specification.
 
@@ -164,21 +164,19 @@ def ResNet(
         width: multiplier on every stage's channels (and the stem's).
         batch_norm_momentum: momentum of every BatchNormalization; lower it
             (e.g. 0.9) for runs of a few hundred steps.
-        zero_init_residual: whether the last BatchNormalization of a residual
-            branch starts at zero scale, so that the block starts as the
-            identity (Goyal et al. 2017; in the block design, the last of
-            every unit and the one after every prolongation). False (default):
-            every scale starts at 1, as in keras.applications. True: every
-            residual block. "multigrid": multigrid blocks only. A V-cycle
-            carries its input through, so a branch of two starts correlated
-            with the stream it adds to, and a deep multigrid network's stream
-            grows with depth (`benchmarks/depth_diagnosis.py`); zero scales
-            start every block as the identity. On the digits of
-            `benchmarks/accuracy.py` (Adam, 15-30 epochs) True raised
-            multigrid ResNet56 by 3.3 and 6.3 points and the standard one by
-            about 2 and 3, but cost ResNet20 4 points on 500 images, and in a
-            ResNet8 fine-tuned for QAT and pruning it left transfer weights
-            untrained: it is not the default.
+        zero_init_residual: which residual branches start at zero scale, so
+            that their blocks start as the identity (Goyal et al. 2017): the
+            last BatchNormalization of the branch, and in the block design
+            those of the finest level (see `multigrid_basic_block`).
+            "multigrid" (default): the multigrid blocks'. A V-cycle carries
+            its input through, so a branch of two starts correlated with the
+            stream it adds to, and a deep multigrid network's stream grows
+            with depth (`benchmarks/depth_diagnosis.py`); started at zero, it
+            grows as the baseline's. Baselines (`multigrid=False`) have no
+            multigrid block and start as keras.applications'. False: every
+            scale starts at 1. True: every residual block, standard ones too.
+            A branch beside a zero-padded shortcut (the CIFAR ResNets' stage
+            changes) always starts at 1, so that the padded channels learn.
 
     Returns:
         A `keras.Model`.
@@ -262,7 +260,7 @@ def CIFARResNet(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.99,
-    zero_init_residual=False,
+    zero_init_residual="multigrid",
 ):
     """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
 
@@ -339,7 +337,7 @@ def _cifar_resnet(depth):
         coarsest_channels=None,
         width=1.0,
         batch_norm_momentum=0.99,
-        zero_init_residual=False,
+        zero_init_residual="multigrid",
     ):
         return CIFARResNet(
             depth,
@@ -379,7 +377,7 @@ def _imagenet_resnet(block, blocks_per_stage, depth):
         coarsest_channels=None,
         width=1.0,
         batch_norm_momentum=0.99,
-        zero_init_residual=False,
+        zero_init_residual="multigrid",
     ):
         stages = [
             (filters, blocks, 1 if index == 0 else 2)
