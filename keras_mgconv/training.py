@@ -1053,7 +1053,8 @@ def train(
         warmup_epochs: epochs over which the learning rate first rises
             linearly to `learning_rate` (`keras_mgconv.schedules.LinearWarmup`);
             0 for none; None: 2, or a fifth of the epochs where that is fewer.
-            Without it the block design at SGD's 0.1 can fail to learn at all
+            Without it the block design started at scale 1
+            (`zero_init_residual=False`) can fail to learn at all at SGD's 0.1
             (the digits: 18.9% test accuracy).
         coarsest_channels: the widest coarsest level of the multigrid layers
             and widest block convolution that stays dense (None: the
