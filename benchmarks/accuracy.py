@@ -31,7 +31,9 @@ designs: the baseline; the layer design (`MultigridConv2D`) at group sizes 8
 and 16 and the block design at group size 8, each with its coarsest level at
 the group size (the factories' default when the runs were recorded); and the
 layer design at group size 8 with the layers of 32 channels or fewer dense
-(`coarsest_channels=32`, the factories' default since). Training is the
+(`coarsest_channels=32`, the factories' default since), started at scale 1,
+zero-started in its multigrid blocks (`zero_init_residual="multigrid"`, the
+factories' default since) or in every block. Training is the
 plain Keras route a user takes: the factory model, `compile` with Adam
 (learning rate 1e-3, cosine decay to 0 over the run, which settles the weights
 and so the seed-to-seed spread), sparse categorical cross-entropy, `fit` with
@@ -94,11 +96,12 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # the authors' code does and as the factories have done by default since
 # (their `coarsest_channels=None`). The rows without zero-init start every
 # BatchNormalization scale at 1 (`zero_init_residual=False`, the factories'
-# default); the zero-init rows start the last one of every residual branch,
-# standard or multigrid, at zero scale (`zero_init_residual=True`), and
-# "baseline zero-init" the standard network's, to tell what the start does for
-# any ResNet from what it does for multigrid ones; "zero-init=multigrid" rows
-# start the multigrid blocks' only (`zero_init_residual="multigrid"`).
+# default when they were recorded); the zero-init rows start the last one of
+# every residual branch, standard or multigrid, at zero scale
+# (`zero_init_residual=True`), and "baseline zero-init" the standard network's,
+# to tell what the start does for any ResNet from what it does for multigrid
+# ones; "zero-init=multigrid" rows start the multigrid blocks' only
+# (`zero_init_residual="multigrid"`, the factories' default since).
 DESIGNS = (
     ("baseline", False, None, None, False),
     ("layer", "layer", 8, None, False),
