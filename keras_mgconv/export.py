@@ -43,7 +43,7 @@ from tensorflow.lite.python.convert_phase import ConverterError
 
 from keras_mgconv import _pointwise, _tensorflow_logs
 from keras_mgconv._files import atomic_write
-from keras_mgconv._keras import keras
+from keras_mgconv._keras import USE_LEGACY_KERAS, keras
 from keras_mgconv.layers import MultigridConv2D, _arguments
 from keras_mgconv.layers.grouped_conv import (
     GroupedConvBase,
@@ -920,7 +920,8 @@ def export_tflite(
             wrong shape or with NaN or infinite values, a model that takes
             inputs of any size with neither `input_shape` nor data, or a
             `model` that needs Flex ops without `allow_flex_ops`.
-        RuntimeError: an export whose outputs, or the Keras model's, are NaN
+        RuntimeError: under tf_keras (TF_USE_LEGACY_KERAS=1); an export
+            whose outputs, or the Keras model's, are NaN
             or infinite on the verification inputs, or a float32 export whose
             outputs differ from Keras' by more than rounding can make them
             differ (relative: `float32_tolerance(model)`), or an "int8" export
@@ -939,6 +940,14 @@ def export_tflite(
     >>> report.op_counts["CONV_2D"]  # connector, 2 + 2 transfers, 2 smoothers, coarsest
     8
     """
+    if USE_LEGACY_KERAS:
+        raise RuntimeError(
+            "keras_mgconv.export.export_tflite needs Keras 3: it converts through "
+            "`model.export(format='litert')`, which tf_keras lacks. Under tf_keras, export a "
+            "quantization-aware model with keras_mgconv.optimization.export_int8, or convert "
+            "with keras_mgconv.optimization.tflite_converter(model). "
+            f"Received: Keras {keras.__version__}, TF_USE_LEGACY_KERAS=1."
+        )
     _check_model(model)
     path = _check_path(path)
     _arguments.choice("quantization", quantization, QUANTIZATIONS)
