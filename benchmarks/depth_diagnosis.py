@@ -23,9 +23,9 @@ and recipes, so that a fix is chosen on evidence:
 
 Variants (`--variants`) are ways a multigrid network starts: `scale-1`
 starts every BatchNormalization scale at 1 (`zero_init_residual=False`, the
-factories' default); `zero-init` starts the last BatchNormalization of each
-multigrid residual branch at zero scale (Goyal et al. 2017;
-`zero_init_residual="multigrid"`);
+factories' default when this diagnosis was made); `zero-init` starts the last
+BatchNormalization of each multigrid residual branch at zero scale (Goyal et
+al. 2017; `zero_init_residual="multigrid"`, the factories' default since);
 `random-transfers` is `scale-1` with the restriction and prolongation weights
 drawn from He's normal initialiser (as the authors' released code ends up
 doing) instead of the group average.
