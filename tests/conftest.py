@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import filelock
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_mgconv import models
 from keras_mgconv._keras import keras
@@ -77,7 +78,8 @@ def layer_kinds(model):
 
     def kind(layer):
         config = {key: value for key, value in layer.get_config().items() if key != "name"}
-        shapes = keras.tree.map_structure(lambda tensor: tuple(tensor.shape), layer.input)
+        # tf.nest: tf_keras has no keras.tree.
+        shapes = tf.nest.map_structure(lambda tensor: tuple(tensor.shape), layer.input)
         return type(layer).__name__, repr(sorted(config.items())), repr(shapes)
 
     return {kind(layer) for layer in model.layers}
