@@ -497,6 +497,18 @@ def aggregate(runs):
                 references["coarsest_at_group_size"] = label(
                     config["model"], config["width"], config["design"], config["group_size"]
                 )
+            if config["design"] == "block":
+                # The default layer design with the same start: at c=8 every
+                # block is multigrid, so the block design's zero start is the
+                # layer design's "multigrid" one.
+                references["layer_design"] = label(
+                    config["model"],
+                    config["width"],
+                    "layer",
+                    8,
+                    32,
+                    "multigrid" if config["zero_init"] else False,
+                )
             for name, reference in references.items():
                 base = by_key.get((setting, reference), {})
                 common = sorted(set(mine) & set(base))
@@ -554,6 +566,18 @@ def markdown(rows):
                 f"- {r['model']} {r['width']}x {shown_design(r)}: "
                 f"{_difference(r, 'coarsest_at_group_size')}"
                 for r in against_group_size
+            ]
+            lines.append("")
+        against_layer = [r for r in mine if "difference_layer_design" in r]
+        if against_layer:
+            lines += [
+                "The block design against the default layer design (s=8 c=32) with the same "
+                "start, paired:",
+                "",
+            ]
+            lines += [
+                f"- {r['model']} {r['width']}x {shown_design(r)}: {_difference(r, 'layer_design')}"
+                for r in against_layer
             ]
             lines.append("")
         against_scale_one = [r for r in mine if "difference_without_zero_init" in r]
