@@ -521,6 +521,26 @@ def aggregate(runs):
     return rows
 
 
+# The paired comparisons listed under each setting's table besides the baselines:
+# (reference in `aggregate`, heading).
+PAIRED_LISTS = (
+    (
+        "coarsest_at_group_size",
+        "Against the same design with its coarsest level at the group size "
+        "(the factories' default when these runs were recorded), paired:",
+    ),
+    (
+        "layer_design",
+        "The block design against the default layer design (s=8 c=32) with the same start, paired:",
+    ),
+    (
+        "without_zero_init",
+        "Zero-init against the same design with every BatchNormalization scale starting at 1, "
+        "paired:",
+    ),
+)
+
+
 def _difference(row, name):
     if f"difference_{name}" not in row:
         return "-"
@@ -555,44 +575,15 @@ def markdown(rows):
                 f"{r['step_time']:.3f} |"
             )
         lines.append("")
-        against_group_size = [r for r in mine if "difference_coarsest_at_group_size" in r]
-        if against_group_size:
-            lines += [
-                "Against the same design with its coarsest level at the group size "
-                "(the factories' default when these runs were recorded), paired:",
-                "",
-            ]
-            lines += [
-                f"- {r['model']} {r['width']}x {shown_design(r)}: "
-                f"{_difference(r, 'coarsest_at_group_size')}"
-                for r in against_group_size
-            ]
-            lines.append("")
-        against_layer = [r for r in mine if "difference_layer_design" in r]
-        if against_layer:
-            lines += [
-                "The block design against the default layer design (s=8 c=32) with the same "
-                "start, paired:",
-                "",
-            ]
-            lines += [
-                f"- {r['model']} {r['width']}x {shown_design(r)}: {_difference(r, 'layer_design')}"
-                for r in against_layer
-            ]
-            lines.append("")
-        against_scale_one = [r for r in mine if "difference_without_zero_init" in r]
-        if against_scale_one:
-            lines += [
-                "Zero-init against the same design with every BatchNormalization scale "
-                "starting at 1, paired:",
-                "",
-            ]
-            lines += [
-                f"- {r['model']} {r['width']}x {shown_design(r)}: "
-                f"{_difference(r, 'without_zero_init')}"
-                for r in against_scale_one
-            ]
-            lines.append("")
+        for reference, heading in PAIRED_LISTS:
+            paired = [r for r in mine if f"difference_{reference}" in r]
+            if paired:
+                lines += [heading, ""]
+                lines += [
+                    f"- {r['model']} {r['width']}x {shown_design(r)}: {_difference(r, reference)}"
+                    for r in paired
+                ]
+                lines.append("")
     lines.append(
         "Accuracies: mean ± std over runs. Paired differences: mean ± standard error over "
         "the runs both configurations finished, in points. Moving averages: the same weights "
