@@ -26,6 +26,11 @@ starts every BatchNormalization scale at 1 (`zero_init_residual=False`, the
 factories' default when this diagnosis was made); `zero-init` starts the last
 BatchNormalization of each multigrid residual branch at zero scale (Goyal et
 al. 2017; `zero_init_residual="multigrid"`, the factories' default since);
+`fan-per-group` is `scale-1` with the grouped kernels of every
+`MultigridConv2D` drawn from Glorot's uniform initialiser with the fans of one
+group, where Keras counts the fan-out over all groups, so that a grouped
+layer starts smaller than the `Conv2D` it replaces (PyTorch's default
+initialiser uses the fan-in alone and does not shrink them);
 `random-transfers` is `scale-1` with the restriction and prolongation weights
 drawn from He's normal initialiser (as the authors' released code ends up
 doing) instead of the group average.
@@ -56,15 +61,25 @@ RESULTS = accuracy.RESULTS
 RUNS = os.path.join(RESULTS, "depth_diagnosis_runs.jsonl")
 REPORT = os.path.join(RESULTS, "depth_diagnosis.md")
 
-NETWORKS = ("ResNet20", "ResNet56")
+NETWORKS = ("ResNet20", "ResNet56", "MobileNetV2")
 # (label, multigrid, group size, coarsest channels)
 DESIGNS = (
     ("baseline", False, None, None),
     ("layer s=8 c=32", "layer", 8, 32),
     ("layer s=8 c=8", "layer", 8, 8),
     ("block s=8 c=8", "block", 8, 8),
+    ("layer s=16 c=32", "layer", 16, 32),
+    ("layer s=8 c=128", "layer", 8, 128),
 )
-VARIANTS = ("scale-1", "zero-init", "random-transfers")
+# The designs each network is measured in: the ResNets' layers are at most
+# 64 channels wide, so the wider designs would be their baselines; MobileNetV2
+# has only the layer design.
+NETWORK_DESIGNS = {
+    "ResNet20": DESIGNS[:4],
+    "ResNet56": DESIGNS[:4],
+    "MobileNetV2": (DESIGNS[0], DESIGNS[1], DESIGNS[4], DESIGNS[5]),
+}
+VARIANTS = ("scale-1", "zero-init", "random-transfers", "fan-per-group")
 
 
 def build(network, design, variant, input_shape, seed):
@@ -74,12 +89,13 @@ def build(network, design, variant, input_shape, seed):
     _, multigrid, group_size, coarsest = next(d for d in DESIGNS if d[0] == design)
     keras.utils.set_random_seed(seed)
     extra = {} if group_size is None else {"group_size": group_size, "coarsest_channels": coarsest}
+    if network.startswith("ResNet"):
+        extra["zero_init_residual"] = "multigrid" if variant == "zero-init" else False
     model = getattr(keras_mgconv.models, network)(
         input_shape=input_shape,
         classes=10,
         classifier_activation=None,
         multigrid=multigrid,
-        zero_init_residual="multigrid" if variant == "zero-init" else False,
         **extra,
     )
     if variant == "random-transfers":
@@ -87,7 +103,27 @@ def build(network, design, variant, input_shape, seed):
         for layer in _sublayers(model):
             if type(layer).__name__ in ("ChannelRestriction", "ChannelProlongation"):
                 layer.kernel.assign(initializer(layer.kernel.shape))
+    if variant == "fan-per-group":
+        rng = np.random.default_rng(seed)
+        for layer in model.layers:
+            if isinstance(layer, keras_mgconv.MultigridConv2D):
+                for convolution in layer.convolutions:
+                    if hasattr(convolution, "groups"):
+                        convolution.kernel.assign(_glorot_per_group(convolution, rng))
     return model
+
+
+def _glorot_per_group(convolution, rng):
+    """A Glorot-uniform kernel with the fans of one group.
+
+    Keras counts a grouped kernel's fan-out over all its output channels, so a
+    connector of 80 groups mapping 960 to 160 channels starts 12 times smaller
+    than the `Conv2D` it replaces; counted per group, the two start alike.
+    """
+    kh, kw, inputs, outputs = convolution.kernel.shape
+    fan_in, fan_out = kh * kw * inputs, kh * kw * outputs // convolution.groups
+    limit = math.sqrt(6 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, convolution.kernel.shape).astype("float32")
 
 
 def _sublayers(model):
@@ -100,11 +136,23 @@ def _sublayers(model):
 
 
 def block_names(model):
+    """The residual blocks' name prefixes: "conv2_block1" (ResNets) or "block_3" (MobileNetV2)."""
     return [
-        layer.name[: -len("_out")]
+        layer.name[: -len(suffix)]
         for layer in model.layers
-        if layer.name.endswith("_out") and "level" not in layer.name
+        for suffix in ("_out", "_project_BN")
+        if layer.name.endswith(suffix) and "level" not in layer.name
     ]
+
+
+def block_output(model, name):
+    """A block's output layer: a ResNet block's "_out", else its sum or its projection."""
+    for suffix in ("_out", "_add", "_project_BN"):
+        try:
+            return model.get_layer(name + suffix)
+        except ValueError:
+            continue
+    raise ValueError(f"no output layer for block {name!r}")
 
 
 def block_scales(model, images, labels):
@@ -114,7 +162,7 @@ def block_scales(model, images, labels):
     from keras_mgconv._keras import keras
 
     names = block_names(model)
-    outputs = [model.get_layer(f"{name}_out").output for name in names]
+    outputs = [block_output(model, name).output for name in names]
     pairs = {}
     for name in names:
         try:
@@ -172,19 +220,33 @@ def append(record):
         file.write(json.dumps(record) + "\n")
 
 
+def measured(network, design, variant):
+    """Whether a network is measured in a design and variant: the baselines
+    start only at scale 1, and only the ResNets' factories have a zero start."""
+    return any(d[0] == design for d in NETWORK_DESIGNS[network]) and (
+        variant == "scale-1"
+        or (design != "baseline" and (variant != "zero-init" or network.startswith("ResNet")))
+    )
+
+
 def measure_init(networks, designs, variants, seed):
-    images, labels = accuracy.load_images(16)
-    batch = np.random.default_rng(seed).choice(len(labels), 64, replace=False)
     done = {(r["kind"], r["network"], r["design"], r["variant"]) for r in read_runs()}
     for network in networks:
+        # The MobileNets downsample 32-fold: they meet the 32x32 images.
+        images, labels = accuracy.load_images(32 if network in accuracy.MOBILENETS else 16)
+        batch = np.random.default_rng(seed).choice(len(labels), 64, replace=False)
         for design in designs:
             for variant in variants:
-                if (variant != "scale-1" and design == "baseline") or (
-                    "init",
-                    network,
-                    design,
-                    variant,
-                ) in done:
+                if (
+                    not measured(network, design, variant)
+                    or (
+                        "init",
+                        network,
+                        design,
+                        variant,
+                    )
+                    in done
+                ):
                     continue
                 model = build(network, design, variant, images.shape[1:], seed)
                 rows, loss = block_scales(model, images[batch], labels[batch])
@@ -231,10 +293,13 @@ def measure_training(networks, designs, variants, setting, recipe, factor, split
         for r in read_runs()
     }
     for network in networks:
+        if setting not in accuracy.network_settings(network):
+            print(f"{network} does not meet {setting}: skipped", flush=True)
+            continue
         for design in designs:
             for variant in variants:
                 key = ("train", network, design, variant, setting, recipe, epochs, split)
-                if (variant != "scale-1" and design == "baseline") or key in done:
+                if not measured(network, design, variant) or key in done:
                     continue
                 start = time.perf_counter()
                 model = build(network, design, variant, images.shape[1:], seed)
@@ -366,7 +431,8 @@ def report():
         lines += [
             "### At initialisation",
             "",
-            "One batch of 64 `digits16` training images, training mode, seeded. Stream: std of "
+            "One batch of 64 `digits16` training images (`digits32` for MobileNetV2), training "
+            "mode, seeded. Stream: std of "
             "the residual stream after the first / middle / last block. Correlation: between "
             "a block's residual branch and its shortcut (mean over blocks with a shortcut). "
             "Gradient: norm of the loss's gradient over a block's weights relative to their "
