@@ -92,7 +92,8 @@ NETWORKS = (
 # the digits upscaled to 32x32 (the same folds as `digits`), the ResNets the
 # 8x8 and 16x16 settings their rows were recorded on.
 MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
-# (design, multigrid, group size, coarsest_channels, zero_init_residual). None
+# (design, multigrid, group size, coarsest_channels, zero_init_residual,
+# initializer_fans). None
 # is a coarsest level at the group size, the factories' default when these
 # runs were recorded; c=32 keeps the layers of 32 channels or fewer dense, as
 # the authors' code does and as the factories have done by default since
@@ -103,20 +104,29 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # (`zero_init_residual=True`), and "baseline zero-init" the standard network's,
 # to tell what the start does for any ResNet from what it does for multigrid
 # ones; "zero-init=multigrid" rows start the multigrid blocks' only
-# (`zero_init_residual="multigrid"`, the factories' default since).
+# (`zero_init_residual="multigrid"`, the factories' default since). The
+# multigrid layers' Glorot kernels count their fans over all groups, as Keras
+# does (`initializer_fans="layer"`, the factories' default), except in the
+# "fans=group" rows, which count those of one group (`"group"`).
 DESIGNS = (
-    ("baseline", False, None, None, False),
-    ("layer", "layer", 8, None, False),
-    ("block", "block", 8, None, False),
-    ("layer", "layer", 16, None, False),
-    ("layer", "layer", 8, 32, False),
-    ("layer", "layer", 8, 32, True),
-    ("block", "block", 8, None, True),
-    ("baseline", False, None, None, True),
-    ("layer", "layer", 8, 32, "multigrid"),
+    ("baseline", False, None, None, False, "layer"),
+    ("layer", "layer", 8, None, False, "layer"),
+    ("block", "block", 8, None, False, "layer"),
+    ("layer", "layer", 16, None, False, "layer"),
+    ("layer", "layer", 8, 32, False, "layer"),
+    ("layer", "layer", 8, 32, True, "layer"),
+    ("block", "block", 8, None, True, "layer"),
+    ("baseline", False, None, None, True, "layer"),
+    ("layer", "layer", 8, 32, "multigrid", "layer"),
+    ("layer", "layer", 8, 32, "multigrid", "group"),
 )
-# The MobileNets' rows: the baseline and the factories' default multigrid network.
-MOBILENET_DESIGNS = (("baseline", False, None, None, None), ("layer", "layer", 8, 32, None))
+# The MobileNets' rows: the baseline and the factories' default multigrid
+# network, and the latter with its kernels at the fans of one group.
+MOBILENET_DESIGNS = (
+    ("baseline", False, None, None, None, "layer"),
+    ("layer", "layer", 8, 32, None, "layer"),
+    ("layer", "layer", 8, 32, None, "group"),
+)
 SETTINGS = {
     "digits": {"image_size": 8, "epochs": 15, "repeats": 2, "folds": 5},
     "digits16-500": {"image_size": 16, "epochs": 30, "splits": 10, "train_size": 500},
@@ -139,14 +149,17 @@ WARMUP_EPOCHS = 0
 MAX_STEPS_PER_EXECUTION = 20
 
 
-def design_label(design, group_size=None, coarsest_channels=None, zero_init=False):
-    """E.g. "layer s=8", "layer s=8 c=32 zero-init", "... zero-init=multigrid" or "baseline"."""
+def design_label(
+    design, group_size=None, coarsest_channels=None, zero_init=False, initializer_fans="layer"
+):
+    """E.g. "layer s=8", "layer s=8 c=32 zero-init", "... zero-init=multigrid fans=group"."""
     return (
         design
         + ("" if group_size is None else f" s={group_size}")
         + ("" if coarsest_channels is None else f" c={coarsest_channels}")
         + (" zero-init" if zero_init else "")
         + ("=multigrid" if zero_init == "multigrid" else "")
+        + ("" if initializer_fans == "layer" else f" fans={initializer_fans}")
     )
 
 
@@ -157,12 +170,27 @@ def coarsest_channels(config):
 
 def shown_design(row):
     """A row's design as the report shows it, its coarsest level always named ("layer s=8 c=8")."""
-    return design_label(row["design"], row["group_size"], coarsest_channels(row), row["zero_init"])
+    return design_label(
+        row["design"],
+        row["group_size"],
+        coarsest_channels(row),
+        row["zero_init"],
+        row["initializer_fans"],
+    )
 
 
-def label(model, width, design, group_size=None, coarsest_channels=None, zero_init=False):
+def label(
+    model,
+    width,
+    design,
+    group_size=None,
+    coarsest_channels=None,
+    zero_init=False,
+    initializer_fans="layer",
+):
     """E.g. "ResNet20 2x layer s=8" or "ResNet56 1x baseline"."""
-    return f"{model} {width}x {design_label(design, group_size, coarsest_channels, zero_init)}"
+    shown = design_label(design, group_size, coarsest_channels, zero_init, initializer_fans)
+    return f"{model} {width}x {shown}"
 
 
 def configurations():
@@ -176,10 +204,11 @@ def configurations():
             "coarsest_channels": coarsest,
             "zero_init_residual": zero_init,
             "zero_init": zero_init or False,
-            "label": label(model, width, design, group_size, coarsest, zero_init or False),
+            "initializer_fans": fans,
+            "label": label(model, width, design, group_size, coarsest, zero_init or False, fans),
         }
         for model, width in NETWORKS
-        for design, multigrid, group_size, coarsest, zero_init in (
+        for design, multigrid, group_size, coarsest, zero_init, fans in (
             MOBILENET_DESIGNS if model in MOBILENETS else DESIGNS
         )
     ]
@@ -281,6 +310,8 @@ def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
     )
     if config["zero_init_residual"] is not None:
         extra["zero_init_residual"] = config["zero_init_residual"]
+    if config["multigrid"]:
+        extra["initializer_fans"] = config["initializer_fans"]
     if config["model"].startswith("MobileNetV3"):
         # The images are already in [0, 1]: no rescaling of 0-255 pixels inside.
         extra["include_preprocessing"] = False
@@ -485,7 +516,17 @@ def aggregate(runs):
                 "same_width": label(config["model"], config["width"], "baseline"),
                 "1x": label(config["model"], 1, "baseline"),
             }
-            if config["zero_init"]:
+            if config["initializer_fans"] != "layer":
+                # The same design with Keras' count of the fans.
+                references["fans_layer"] = label(
+                    config["model"],
+                    config["width"],
+                    config["design"],
+                    config["group_size"],
+                    config["coarsest_channels"],
+                    config["zero_init"],
+                )
+            elif config["zero_init"]:
                 # The same design starting every scale at 1.
                 references["without_zero_init"] = label(
                     config["model"],
@@ -534,6 +575,11 @@ PAIRED_LISTS = (
     (
         "layer_design",
         "The block design against the default layer design (s=8 c=32) with the same start, paired:",
+    ),
+    (
+        "fans_layer",
+        "Kernels at the fans of one group against Keras' count over all groups, the same "
+        "design otherwise, paired:",
     ),
     (
         "without_zero_init",

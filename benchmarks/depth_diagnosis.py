@@ -28,9 +28,10 @@ BatchNormalization of each multigrid residual branch at zero scale (Goyal et
 al. 2017; `zero_init_residual="multigrid"`, the factories' default since);
 `fan-per-group` is `scale-1` with the grouped kernels of every
 `MultigridConv2D` drawn from Glorot's uniform initialiser with the fans of one
-group, where Keras counts the fan-out over all groups, so that a grouped
-layer starts smaller than the `Conv2D` it replaces (PyTorch's default
-initialiser uses the fan-in alone and does not shrink them);
+group (`initializer_fans="group"`), where Keras counts the fan-out over all
+groups, so that a grouped layer starts smaller than the `Conv2D` it replaces
+(PyTorch's default initialiser uses the fan-in alone and does not shrink
+them; the first runs of this variant drew the same distribution with NumPy);
 `random-transfers` is `scale-1` with the restriction and prolongation weights
 drawn from He's normal initialiser (as the authors' released code ends up
 doing) instead of the group average.
@@ -91,6 +92,8 @@ def build(network, design, variant, input_shape, seed):
     extra = {} if group_size is None else {"group_size": group_size, "coarsest_channels": coarsest}
     if network.startswith("ResNet"):
         extra["zero_init_residual"] = "multigrid" if variant == "zero-init" else False
+    if variant == "fan-per-group":
+        extra["initializer_fans"] = "group"
     model = getattr(keras_mgconv.models, network)(
         input_shape=input_shape,
         classes=10,
@@ -103,27 +106,7 @@ def build(network, design, variant, input_shape, seed):
         for layer in _sublayers(model):
             if type(layer).__name__ in ("ChannelRestriction", "ChannelProlongation"):
                 layer.kernel.assign(initializer(layer.kernel.shape))
-    if variant == "fan-per-group":
-        rng = np.random.default_rng(seed)
-        for layer in model.layers:
-            if isinstance(layer, keras_mgconv.MultigridConv2D):
-                for convolution in layer.convolutions:
-                    if hasattr(convolution, "groups"):
-                        convolution.kernel.assign(_glorot_per_group(convolution, rng))
     return model
-
-
-def _glorot_per_group(convolution, rng):
-    """A Glorot-uniform kernel with the fans of one group.
-
-    Keras counts a grouped kernel's fan-out over all its output channels, so a
-    connector of 80 groups mapping 960 to 160 channels starts 12 times smaller
-    than the `Conv2D` it replaces; counted per group, the two start alike.
-    """
-    kh, kw, inputs, outputs = convolution.kernel.shape
-    fan_in, fan_out = kh * kw * inputs, kh * kw * outputs // convolution.groups
-    limit = math.sqrt(6 / (fan_in + fan_out))
-    return rng.uniform(-limit, limit, convolution.kernel.shape).astype("float32")
 
 
 def _sublayers(model):
