@@ -438,23 +438,25 @@ def report():
         lines += [
             "### Trained",
             "",
-            "Split 0 of each setting (`accuracy.py`). Test accuracy in inference mode with "
+            "One split of a setting (`accuracy.py`). Test accuracy in inference mode with "
             "the BatchNormalization statistics recomputed on the training images; in training "
             "mode (batch statistics, batches of 64). Curve: test accuracy at a tenth, half "
             "and the end of the run.",
             "",
-            "| setting | recipe | epochs | network | design | variant | test % | training "
-            "mode % | curve (test %) | stream std after training | mean branch correlation "
-            "| s |",
-            "|---|---|---:|---|---|---|---:|---:|---|---|---:|---:|",
+            "| setting | split | recipe | epochs | network | design | variant | test % | "
+            "training mode % | curve (test %) | stream std after training | mean branch "
+            "correlation | s |",
+            "|---|---|---|---:|---|---|---|---:|---:|---|---|---:|---:|",
         ]
         for r in sorted(
-            trained, key=lambda r: (r["setting"], r["recipe"], r["epochs"], r["network"])
+            trained,
+            key=lambda r: (r["setting"], r["split"], r["recipe"], r["epochs"], r["network"]),
         ):
             curve = r["curve"]
             points = [curve[0], curve[len(curve) // 2], curve[-1]]
             lines.append(
-                f"| {r['setting']} | {r['recipe']} | {r['epochs']} | {r['network']} | "
+                f"| {r['setting']} | {r['split']} | {r['recipe']} | {r['epochs']} | "
+                f"{r['network']} | "
                 f"{r['design']} | {r['variant']} | {100 * r['test_accuracy']:.2f} | "
                 f"{100 * r['test_accuracy_training_mode']:.2f} | "
                 + " / ".join(f"{100 * p['test_accuracy']:.1f}" for p in points)
