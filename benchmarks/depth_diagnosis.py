@@ -28,10 +28,11 @@ BatchNormalization of each multigrid residual branch at zero scale (Goyal et
 al. 2017; `zero_init_residual="multigrid"`, the factories' default since);
 `fan-per-group` is `scale-1` with the grouped kernels of every
 `MultigridConv2D` drawn from Glorot's uniform initialiser with the fans of one
-group (`initializer_fans="group"`), where Keras counts the fan-out over all
-groups, so that a grouped layer starts smaller than the `Conv2D` it replaces
-(PyTorch's default initialiser uses the fan-in alone and does not shrink
-them; the first runs of this variant drew the same distribution with NumPy);
+group (`accuracy.start_at_group_fans`), where Keras counts the fan-out over
+all groups, so that a grouped layer starts smaller than the `Conv2D` it
+replaces (PyTorch's default initialiser uses the fan-in alone and does not
+shrink them; the first runs of this variant drew the same distribution with
+NumPy);
 `random-transfers` is `scale-1` with the restriction and prolongation weights
 drawn from He's normal initialiser (as the authors' released code ends up
 doing) instead of the group average.
@@ -92,8 +93,6 @@ def build(network, design, variant, input_shape, seed):
     extra = {} if group_size is None else {"group_size": group_size, "coarsest_channels": coarsest}
     if network.startswith("ResNet"):
         extra["zero_init_residual"] = "multigrid" if variant == "zero-init" else False
-    if variant == "fan-per-group":
-        extra["initializer_fans"] = "group"
     model = getattr(keras_mgconv.models, network)(
         input_shape=input_shape,
         classes=10,
@@ -101,6 +100,8 @@ def build(network, design, variant, input_shape, seed):
         multigrid=multigrid,
         **extra,
     )
+    if variant == "fan-per-group":
+        accuracy.start_at_group_fans(model)
     if variant == "random-transfers":
         initializer = keras.initializers.HeNormal(seed=seed)
         for layer in _sublayers(model):

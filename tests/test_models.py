@@ -192,9 +192,6 @@ def test_weights_file_is_loaded(tmp_path):
         (lambda: models.ResNet50(multigrid=None), "multigrid=None"),
         (lambda: models.CIFARResNet(8, multigrid=1), "multigrid=1"),
         (lambda: models.MobileNetV2(multigrid="block"), "only the layer design.*multigrid='block'"),
-        (lambda: models.ResNet20(initializer_fans="channel"), "initializer_fans='channel'"),
-        (lambda: models.MobileNetV2(initializer_fans=None), "initializer_fans=None"),
-        (lambda: models.MobileNetV3Small(initializer_fans="Group"), "initializer_fans='Group'"),
         # Accepted before, and NaN predictions after one fit.
         (lambda: models.ResNet20(batch_norm_momentum=float("nan")), r"batch_norm_momentum=nan\."),
         (lambda: models.ResNet50(batch_norm_momentum=1.5), r"batch_norm_momentum=1\.5\."),
@@ -227,17 +224,6 @@ def test_weights_file_is_loaded(tmp_path):
 def test_invalid_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
-
-
-@pytest.mark.parametrize(
-    "factory", [models.ResNet20, models.ResNet50, models.MobileNetV2, models.MobileNetV3Small]
-)
-@pytest.mark.parametrize("initializer_fans", ["group", "layer"])
-def test_initializer_fans_reach_every_multigrid_layer(factory, initializer_fans):
-    model = factory(input_shape=(32, 32, 3), initializer_fans=initializer_fans)
-    layers = [layer for layer in model.layers if isinstance(layer, keras_mgconv.MultigridConv2D)]
-    assert layers
-    assert {layer.initializer_fans for layer in layers} == {initializer_fans}
 
 
 @pytest.mark.parametrize("multigrid", ["layer", "block"])

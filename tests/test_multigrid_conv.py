@@ -44,13 +44,6 @@ from layer_checks import check_layer, v_cycle_sum_length
             (None, 7, 5, 16),
             5,
         ),
-        # Kernels started at the fans of one group (same weights, other scales).
-        (
-            {"filters": 32, "kernel_size": 1, "group_size": 8, "initializer_fans": "group"},
-            (None, 5, 5, 64),
-            (None, 5, 5, 32),
-            9,
-        ),
         # No wider than the coarsest level: a single full convolution.
         (
             {"filters": 8, "kernel_size": 3, "strides": 2, "group_size": 8},
@@ -341,7 +334,6 @@ def test_regularizers_reach_every_kernel():
         ({"filters": 32, "implementation": "xla"}, "implementation='xla'"),
         ({"filters": 32, "dilation_rate": 2}, "does not support dilated.*dilation_rate=2"),
         ({"filters": 32, "groups": 4}, "pass `group_size`.*groups=4"),
-        ({"filters": 32, "initializer_fans": "channel"}, "initializer_fans='channel'"),
     ],
 )
 def test_rejects_bad_arguments_at_construction(kwargs, message):
@@ -427,67 +419,3 @@ def test_empty_batch_gives_an_empty_output_of_the_right_shape(layer, channels, o
     """oneDNN's convolution returns its input for an empty batch; the layers must not."""
     outputs = layer()(np.zeros((0, 8, 8, channels), "float32"))
     assert tuple(outputs.shape) == output_shape
-
-
-def _pointwise_960_to_160(initializer_fans, kernel_initializer="glorot_uniform"):
-    """MobileNetV2's last projections: a connector of 80 groups, 12 inputs to 2 outputs each."""
-    keras.utils.set_random_seed(0)
-    layer = keras_mgconv.MultigridConv2D(
-        160,
-        1,
-        group_size=8,
-        coarsest_channels=32,
-        kernel_initializer=kernel_initializer,
-        initializer_fans=initializer_fans,
-    )
-    layer.build((None, 4, 4, 960))
-    return layer
-
-
-def test_group_fans_start_a_connector_at_the_scale_of_the_conv2d_it_replaces():
-    inputs = np.random.default_rng(0).standard_normal((8, 4, 4, 960)).astype("float32")
-    keras.utils.set_random_seed(0)
-    dense = float(np.var(keras.ops.convert_to_numpy(keras.layers.Conv2D(160, 1)(inputs))))
-    variances = {}
-    for fans in ("group", "layer"):
-        layer = _pointwise_960_to_160(fans)
-        assert layer.connector.groups == 80
-        variances[fans] = float(np.var(keras.ops.convert_to_numpy(layer.connector(inputs))))
-    # Glorot over one group's fans (12 in, 2 out) gives each output the
-    # variance of a Conv2D's over its fans (960 in, 160 out): 12 / 7 = 960 / 560.
-    assert variances["group"] == pytest.approx(dense, rel=0.2)
-    # Keras counts the fan-out over all 160 outputs: 12 * 2 / 172, 12x smaller.
-    assert variances["layer"] < dense / 8
-
-
-@pytest.mark.parametrize(
-    "kernel_initializer,factor",
-    [
-        # fan_avg: (fan_in + fan_out) / (fan_in + fan_out / groups) = 172 / 14.
-        ("glorot_uniform", 172 / 14),
-        # fan_in is one group's already.
-        ("he_normal", 1.0),
-        # fan_out: one group's is a groups-th.
-        (keras.initializers.VarianceScaling(mode="fan_out"), 80.0),
-    ],
-)
-def test_group_fans_rescale_the_kernel_the_initializer_draws(kernel_initializer, factor):
-    kernels = {
-        fans: keras.ops.convert_to_numpy(
-            _pointwise_960_to_160(fans, kernel_initializer).connector.kernel
-        )
-        for fans in ("group", "layer")
-    }
-    # Uniform draws are scaled and shifted in float32: a rounding's worth apart.
-    np.testing.assert_allclose(
-        kernels["group"], kernels["layer"] * math.sqrt(factor), rtol=1e-5, atol=1e-6
-    )
-
-
-def test_group_fans_leave_ungrouped_kernels_and_other_initializers_alone():
-    layer = _pointwise_960_to_160("group", keras.initializers.Orthogonal(seed=1))
-    reference = _pointwise_960_to_160("layer", keras.initializers.Orthogonal(seed=1))
-    for mine, theirs in zip(layer.convolutions, reference.convolutions):
-        np.testing.assert_array_equal(
-            keras.ops.convert_to_numpy(mine.kernel), keras.ops.convert_to_numpy(theirs.kernel)
-        )

@@ -108,36 +108,6 @@ def _copy(keras_object):
     )
 
 
-def _per_group_fans(initializer, kernel_shape, groups):
-    """`initializer` for a grouped kernel, scaled to the fans of one group.
-
-    Keras' variance-scaling initialisers (Glorot, He, LeCun) count a kernel's
-    fan-out over all its output channels, though each group's outputs see only
-    that group's inputs: a grouped kernel then starts smaller than the
-    `Conv2D` of one group's width, and a connector of 80 groups from 960 to 160
-    channels 12 times smaller in variance than the `Conv2D` it replaces.
-    Counted per group, a `kernel_shape` kernel of `groups` groups starts as a
-    group's `Conv2D` would. Other initialisers are returned as they are.
-    """
-    if groups == 1 or not isinstance(initializer, keras.initializers.VarianceScaling):
-        return initializer
-    receptive_field = kernel_shape[0] * kernel_shape[1]
-    fan_in = receptive_field * kernel_shape[2]
-    fan_out = receptive_field * kernel_shape[3]
-    scale = (
-        initializer.scale
-        * {
-            "fan_in": 1.0,
-            "fan_out": groups,
-            "fan_avg": (fan_in + fan_out) / (fan_in + fan_out / groups),
-        }[initializer.mode]
-    )
-    # The same seed: the kernel is the one `initializer` draws, rescaled.
-    return keras.initializers.VarianceScaling(
-        scale, initializer.mode, initializer.distribution, seed=initializer.seed
-    )
-
-
 def _build_sublayer(layer, input_shape):
     """Builds `layer` with its weights named under its own name (see `ops.name_scope`)."""
     with ops.name_scope(layer.name):
@@ -193,16 +163,6 @@ class MultigridConv2D(keras.layers.Layer):
         use_bias: whether to add one bias per output channel.
         kernel_initializer, kernel_regularizer, kernel_constraint: applied to
             every k x k kernel (connector, smoothers, coarsest level).
-        initializer_fans: how a variance-scaling `kernel_initializer` (Glorot,
-            He, LeCun) counts the fans of a grouped kernel. `"layer"`
-            (default): the fan-out over all groups, as Keras'
-            `Conv2D(groups=...)` does, which starts a Glorot kernel of G
-            groups up to G times smaller in variance than one group's
-            `Conv2D` (a 1x1 connector from 960 to 160 channels in 80 groups
-            starts its output 12x below the `Conv2D` it replaces). `"group"`:
-            the fans of one group, so that every kernel starts as a `Conv2D`
-            of its group's width would, and the connector's output at the
-            scale of the `Conv2D` it replaces.
         bias_initializer, bias_regularizer, bias_constraint: for the bias.
         group_size: even int, channels per group (default 16).
         coarsest_channels: int, the widest allowed coarsest level, where one full
@@ -251,7 +211,6 @@ class MultigridConv2D(keras.layers.Layer):
         group_size=16,
         coarsest_channels=None,
         implementation="auto",
-        initializer_fans="layer",
         **kwargs,
     ):
         _refuse_dilation_and_groups(kwargs)
@@ -277,9 +236,6 @@ class MultigridConv2D(keras.layers.Layer):
         )
         self._levels = level_widths(self.filters, self.group_size, self.coarsest_channels)
         self.implementation = _arguments.implementation_mode(implementation)
-        self.initializer_fans = _arguments.choice(
-            "initializer_fans", initializer_fans, ("group", "layer")
-        )
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     @property
@@ -298,14 +254,7 @@ class MultigridConv2D(keras.layers.Layer):
         """The kernels of all `convolutions`, for tensorflow-model-optimization's pruning."""
         return [convolution.kernel for convolution in self.convolutions]
 
-    def _conv(
-        self, name, channels, filters, groups, strides=(1, 1), padding="same", residual=False
-    ):
-        initializer = _copy(self.kernel_initializer)
-        if self.initializer_fans == "group":
-            initializer = _per_group_fans(
-                initializer, (*self.kernel_size, channels // groups, filters), groups
-            )
+    def _conv(self, name, filters, groups, strides=(1, 1), padding="same", residual=False):
         return GroupedConv2D(
             filters,
             self.kernel_size,
@@ -313,7 +262,7 @@ class MultigridConv2D(keras.layers.Layer):
             strides=strides,
             padding=padding,
             use_bias=False,
-            kernel_initializer=initializer,
+            kernel_initializer=_copy(self.kernel_initializer),
             kernel_regularizer=_copy(self.kernel_regularizer),
             kernel_constraint=_copy(self.kernel_constraint),
             implementation=self.implementation,
@@ -333,9 +282,7 @@ class MultigridConv2D(keras.layers.Layer):
         self.prolongations = []
         self.smoothers = []
         if len(self._levels) == 1:
-            self.coarsest = self._conv(
-                "coarsest", channels, coarsest_width, 1, self.strides, self.padding
-            )
+            self.coarsest = self._conv("coarsest", coarsest_width, 1, self.strides, self.padding)
             _build_sublayer(self.coarsest, input_shape)
         else:
             changes_shape = (
@@ -346,7 +293,6 @@ class MultigridConv2D(keras.layers.Layer):
             if changes_shape:
                 self.connector = self._conv(
                     "connector",
-                    channels,
                     self.filters,
                     connector_groups(channels, self.filters, self.group_size),
                     self.strides,
@@ -369,7 +315,7 @@ class MultigridConv2D(keras.layers.Layer):
                     name=f"prolongation_{level}",
                 )
                 smoother = self._conv(
-                    f"smoother_{level}", width, width, width // self.group_size, residual=True
+                    f"smoother_{level}", width, width // self.group_size, residual=True
                 )
                 _build_sublayer(restriction, shape)
                 _build_sublayer(prolongation, coarse_shape)
@@ -377,7 +323,7 @@ class MultigridConv2D(keras.layers.Layer):
                 self.restrictions.append(restriction)
                 self.prolongations.append(prolongation)
                 self.smoothers.append(smoother)
-            self.coarsest = self._conv("coarsest", coarsest_width, coarsest_width, 1)
+            self.coarsest = self._conv("coarsest", coarsest_width, 1)
             _build_sublayer(self.coarsest, (None, None, None, coarsest_width))
         self.bias = None
         if self.use_bias:
@@ -468,5 +414,4 @@ class MultigridConv2D(keras.layers.Layer):
             "group_size": self.group_size,
             "coarsest_channels": self.coarsest_channels,
             "implementation": self.implementation,
-            "initializer_fans": self.initializer_fans,
         }

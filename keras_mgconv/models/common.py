@@ -59,17 +59,10 @@ class ConvSettings:
         zero_init_residual: False (no residual branch starts at zero
             scale), True (every one) or "multigrid" (those of multigrid
             blocks); see `residual_gamma`.
-        initializer_fans: "layer" or "group", `MultigridConv2D`'s argument.
     """
 
     def __init__(
-        self,
-        multigrid,
-        group_size,
-        coarsest_channels,
-        use_bias=False,
-        zero_init_residual=False,
-        initializer_fans="layer",
+        self, multigrid, group_size, coarsest_channels, use_bias=False, zero_init_residual=False
     ):
         self.design = multigrid_design(multigrid)
         self.multigrid = self.design is not None
@@ -87,9 +80,6 @@ class ConvSettings:
                 f"Received: zero_init_residual={zero_init_residual!r}."
             )
         self.zero_init_residual = zero_init_residual
-        self.initializer_fans = _arguments.choice(
-            "initializer_fans", initializer_fans, ("group", "layer")
-        )
 
     def zero_init(self, multigrid_block):
         """Whether a residual branch, of a multigrid block or not, starts at zero scale."""
@@ -151,7 +141,6 @@ def conv(settings, filters, kernel_size, strides=1, padding="same", name=None):
             use_bias=settings.use_bias,
             group_size=settings.group_size,
             coarsest_channels=settings.coarsest_width(filters),
-            initializer_fans=settings.initializer_fans,
             name=name,
         )
     return keras.layers.Conv2D(

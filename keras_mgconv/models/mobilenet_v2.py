@@ -98,7 +98,6 @@ def MobileNetV2(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.999,
-    initializer_fans="layer",
 ):
     """MobileNetV2 (Sandler et al. 2018) with multigrid 1x1 convolutions.
 
@@ -132,12 +131,6 @@ def MobileNetV2(
             `alpha`'s), for widened networks.
         batch_norm_momentum: momentum of every BatchNormalization (0.999 as
             keras.applications; lower it for short runs).
-        initializer_fans: how the multigrid layers' Glorot initialiser counts
-            the fans of their grouped kernels (`MultigridConv2D`'s argument):
-            "layer" (default) over all groups, as Keras' grouped `Conv2D`
-            does, which starts a 1x1 layer of many groups far smaller than the
-            `Conv2D` it replaces; "group" per group, which starts it at that
-            `Conv2D`'s scale.
 
     Returns:
         A `keras.Model`.
@@ -147,9 +140,8 @@ def MobileNetV2(
             False or "layer", an alpha or width that is not a finite number > 0,
             a `batch_norm_momentum` outside [0, 1), 'imagenet' weights, a missing
             weights file, pooling with include_top, classes < 1, inputs smaller
-            than 32x32, an `input_shape` that disagrees with `input_tensor`,
-            a `group_size` dividing none of the block widths, or an
-            `initializer_fans` other than "layer" or "group".
+            than 32x32, an `input_shape` that disagrees with `input_tensor`, or
+            a `group_size` dividing none of the block widths.
 
     Example:
 
@@ -168,9 +160,7 @@ def MobileNetV2(
         )
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     common.batch_norm_momentum(batch_norm_momentum)
-    settings = common.ConvSettings(
-        multigrid, group_size, coarsest_channels, initializer_fans=initializer_fans
-    )
+    settings = common.ConvSettings(multigrid, group_size, coarsest_channels)
     first_filters = make_divisible(32 * alpha)
     block_filters = [make_divisible(int(filters * alpha * width)) for filters, _, _ in _BLOCKS]
     in_channels = [first_filters, *block_filters[:-1]]

@@ -222,7 +222,6 @@ def _mobilenet_v3(
     coarsest_channels,
     width,
     batch_norm_momentum,
-    initializer_fans,
 ):
     alpha = common.positive_multiplier("alpha", alpha, "every layer's channels")
     if multigrid == "block":
@@ -245,9 +244,7 @@ def _mobilenet_v3(
             f"the fraction of the classifier's inputs dropped in training. "
             f"Received: dropout_rate={dropout_rate!r}."
         )
-    settings = common.ConvSettings(
-        multigrid, group_size, coarsest_channels, initializer_fans=initializer_fans
-    )
+    settings = common.ConvSettings(multigrid, group_size, coarsest_channels)
     widths = _block_widths(blocks, alpha, width, minimalistic)
     settings.check_widths(
         [filters for _, filters, *_ in widths]
@@ -322,12 +319,6 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
             `alpha`'s), for widened networks.
         batch_norm_momentum: momentum of every BatchNormalization (0.999 as
             keras.applications; lower it for short runs).
-        initializer_fans: how the multigrid layers' Glorot initialiser counts
-            the fans of their grouped kernels (`MultigridConv2D`'s argument):
-            "layer" (default) over all groups, as Keras' grouped `Conv2D`
-            does, which starts a 1x1 layer of many groups far smaller than the
-            `Conv2D` it replaces; "group" per group, which starts it at that
-            `Conv2D`'s scale.
 
     Returns:
         A `keras.Model` (a `PreciseBatchNormModel`).
@@ -338,9 +329,8 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
             a `dropout_rate` outside [0, 1), a `batch_norm_momentum` outside
             [0, 1), 'imagenet' weights, a missing weights file, pooling with
             include_top, classes < 1, inputs smaller than 32x32, an
-            `input_shape` that disagrees with `input_tensor`, a `group_size`
-            dividing none of the block widths, or an `initializer_fans` other
-            than "layer" or "group".
+            `input_shape` that disagrees with `input_tensor`, or a
+            `group_size` dividing none of the block widths.
 
     Example:
 
@@ -368,7 +358,6 @@ def MobileNetV3Small(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.999,
-    initializer_fans="layer",
 ):
     return _mobilenet_v3(
         "MobileNetV3Small",
@@ -391,7 +380,6 @@ def MobileNetV3Small(
         coarsest_channels,
         width,
         batch_norm_momentum,
-        initializer_fans,
     )
 
 
@@ -413,7 +401,6 @@ def MobileNetV3Large(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.999,
-    initializer_fans="layer",
 ):
     return _mobilenet_v3(
         "MobileNetV3Large",
@@ -436,7 +423,6 @@ def MobileNetV3Large(
         coarsest_channels,
         width,
         batch_norm_momentum,
-        initializer_fans,
     )
 
 

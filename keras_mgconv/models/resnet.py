@@ -132,7 +132,6 @@ def ResNet(
     width=1.0,
     batch_norm_momentum=0.99,
     zero_init_residual="multigrid",
-    initializer_fans="layer",
 ):
     """Builds a ResNet from its block function and stage specification.
 
@@ -178,12 +177,6 @@ def ResNet(
             scale starts at 1. True: every residual block, standard ones too.
             A branch beside a zero-padded shortcut (the CIFAR ResNets' stage
             changes) always starts at 1, so that the padded channels learn.
-        initializer_fans: how the multigrid layers' Glorot initialiser counts
-            the fans of their grouped kernels (`MultigridConv2D`'s argument):
-            "layer" (default) over all groups, as Keras' grouped `Conv2D`
-            does, which starts a 1x1 layer of many groups far smaller than the
-            `Conv2D` it replaces; "group" per group, which starts it at that
-            `Conv2D`'s scale.
 
     Returns:
         A `keras.Model`.
@@ -196,8 +189,7 @@ def ResNet(
             network's minimum, an `input_shape` that disagrees with
             `input_tensor`, a `group_size` that is not a positive even int,
             or one that divides none of the block widths, a
-            `zero_init_residual` other than False, True or "multigrid", an
-            `initializer_fans` other than "layer" or "group".
+            `zero_init_residual` other than False, True or "multigrid".
     """
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     common.batch_norm_momentum(batch_norm_momentum)
@@ -207,7 +199,6 @@ def ResNet(
         coarsest_channels,
         use_bias=stem == "imagenet",
         zero_init_residual=zero_init_residual,
-        initializer_fans=initializer_fans,
     )
     stage_filters = [max(1, round(filters * width)) for filters, _, _ in stages]
     # A block-design block is multigrid by its `filters`, a layer-design
@@ -270,7 +261,6 @@ def CIFARResNet(
     width=1.0,
     batch_norm_momentum=0.99,
     zero_init_residual="multigrid",
-    initializer_fans="layer",
 ):
     """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
 
@@ -329,7 +319,6 @@ def CIFARResNet(
         width,
         batch_norm_momentum,
         zero_init_residual,
-        initializer_fans,
     )
 
 
@@ -349,7 +338,6 @@ def _cifar_resnet(depth):
         width=1.0,
         batch_norm_momentum=0.99,
         zero_init_residual="multigrid",
-        initializer_fans="layer",
     ):
         return CIFARResNet(
             depth,
@@ -367,7 +355,6 @@ def _cifar_resnet(depth):
             width,
             batch_norm_momentum,
             zero_init_residual,
-            initializer_fans,
         )
 
     factory.__name__ = f"ResNet{depth}"
@@ -391,7 +378,6 @@ def _imagenet_resnet(block, blocks_per_stage, depth):
         width=1.0,
         batch_norm_momentum=0.99,
         zero_init_residual="multigrid",
-        initializer_fans="layer",
     ):
         stages = [
             (filters, blocks, 1 if index == 0 else 2)
@@ -416,7 +402,6 @@ def _imagenet_resnet(block, blocks_per_stage, depth):
             width,
             batch_norm_momentum,
             zero_init_residual,
-            initializer_fans,
         )
 
     factory.__name__ = f"ResNet{depth}"
