@@ -365,9 +365,10 @@ def start_at_group_fans(model):
     output channels, though each group's outputs see only that group's inputs:
     a 1x1 connector of 80 groups from 960 to 160 channels (MobileNetV2's last
     projections) starts 12x smaller in variance than the `Conv2D` it replaces.
-    Each connector, smoother and coarsest kernel is multiplied by the square
-    root of `(fan_in + fan_out) / (fan_in + fan_out / groups)`, which gives it
-    the variance Glorot gives one group's kernel (the "fans=group" rows).
+    Each connector and smoother kernel (the coarsest is never grouped) is
+    multiplied by the square root of `(fan_in + fan_out) / (fan_in + fan_out /
+    groups)`, which gives it the variance Glorot gives one group's kernel (the
+    "fans=group" rows).
     """
     import keras_mgconv
     from keras_mgconv._keras import keras
@@ -375,7 +376,7 @@ def start_at_group_fans(model):
     for layer in model.layers:
         if not isinstance(layer, keras_mgconv.MultigridConv2D):
             continue
-        for convolution in [layer.connector, *layer.smoothers, layer.coarsest]:
+        for convolution in [layer.connector, *layer.smoothers]:
             if convolution is None or convolution.groups == 1:
                 continue
             kh, kw, inputs, outputs = convolution.kernel.shape
