@@ -31,8 +31,10 @@ MobileNetV3Small and MobileNetV2 (alpha 1.0) at 1x, these two as the
 baseline and the factories' default multigrid network, that network with its
 grouped kernels started at one group's fans ("fans=group",
 `start_at_group_fans`), with the layers of 128 channels or fewer dense
-(c=128), and with the residual branches whose projection is multigrid
-started at zero scale ("zero-init=multigrid", `zero_start_multigrid_branches`). The ResNets'
+(c=128), all three with every BatchNormalization scale at 1
+(`zero_init_residual=False`, the factories' start when they were recorded),
+and with the residual branches whose projection is multigrid started at zero
+scale ("zero-init=multigrid", the factories' default since). The ResNets'
 designs: the baseline; the layer design (`MultigridConv2D`) at group sizes 8
 and 16 and the block design at group size 8, each with its coarsest level at
 the group size (the factories' default when the runs were recorded); and the
@@ -123,16 +125,17 @@ DESIGNS = (
     ("baseline", False, None, None, True, "layer"),
     ("layer", "layer", 8, 32, "multigrid", "layer"),
 )
-# The MobileNets' rows: the baseline and the factories' default multigrid
-# network, the latter with its kernels at the fans of one group (does the
-# small start cost MobileNetV2 its accuracy?), and with the layers of 128
-# channels or fewer dense (more parameters: does capacity?), and with its
-# multigrid residual branches started at zero scale (`zero_start_multigrid_branches`).
+# The MobileNets' rows: the baseline and the factories' multigrid network
+# started at scale 1 (their default when it was recorded), the latter with its
+# kernels at the fans of one group (does the small start cost MobileNetV2 its
+# accuracy?), and with the layers of 128 channels or fewer dense (more
+# parameters: does capacity?), and with its multigrid residual branches
+# started at zero scale (the factories' default since).
 MOBILENET_DESIGNS = (
-    ("baseline", False, None, None, None, "layer"),
-    ("layer", "layer", 8, 32, None, "layer"),
-    ("layer", "layer", 8, 32, None, "group"),
-    ("layer", "layer", 8, 128, None, "layer"),
+    ("baseline", False, None, None, False, "layer"),
+    ("layer", "layer", 8, 32, False, "layer"),
+    ("layer", "layer", 8, 32, False, "group"),
+    ("layer", "layer", 8, 128, False, "layer"),
     ("layer", "layer", 8, 32, "multigrid", "layer"),
 )
 SETTINGS = {
@@ -210,10 +213,9 @@ def configurations():
             "multigrid": multigrid,
             "group_size": group_size,
             "coarsest_channels": coarsest,
-            "zero_init_residual": zero_init,
-            "zero_init": zero_init or False,
+            "zero_init": zero_init,
             "initializer_fans": fans,
-            "label": label(model, width, design, group_size, coarsest, zero_init or False, fans),
+            "label": label(model, width, design, group_size, coarsest, zero_init, fans),
         }
         for model, width in NETWORKS
         for design, multigrid, group_size, coarsest, zero_init, fans in (
@@ -316,10 +318,7 @@ def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
         if config["group_size"] is None
         else {"group_size": config["group_size"], "coarsest_channels": coarsest_channels(config)}
     )
-    # The MobileNet factories have no zero start: the benchmark applies it.
-    zero_start_here = config["model"] in MOBILENETS and config["zero_init_residual"]
-    if config["zero_init_residual"] is not None and not zero_start_here:
-        extra["zero_init_residual"] = config["zero_init_residual"]
+    extra["zero_init_residual"] = config["zero_init"]
     if config["model"].startswith("MobileNetV3"):
         # The images are already in [0, 1]: no rescaling of 0-255 pixels inside.
         extra["include_preprocessing"] = False
@@ -333,8 +332,6 @@ def _compiled_model(config, input_shape, steps_per_epoch, steps, warmup_steps):
     )
     if config["initializer_fans"] == "group":
         start_at_group_fans(fresh)
-    if zero_start_here:
-        zero_start_multigrid_branches(fresh)
     key = (config["label"], input_shape, steps_per_epoch, steps, warmup_steps)
     model = _COMPILED.get(key)
     if model is None:
@@ -384,28 +381,6 @@ def start_at_group_fans(model):
             factor = (fan_in + fan_out) / (fan_in + fan_out / convolution.groups)
             kernel = keras.ops.convert_to_numpy(convolution.kernel)
             convolution.kernel.assign(kernel * np.float32(math.sqrt(factor)))
-    return model
-
-
-def zero_start_multigrid_branches(model):
-    """Starts a MobileNet's residual branches whose projection is multigrid at zero scale.
-
-    The last BatchNormalization of each such branch (`..._project_BN` or
-    `..._project_bn`) gets a zero scale, as the ResNet factories'
-    `zero_init_residual="multigrid"` does, so that those blocks start as the
-    identity (the MobileNets' "zero-init=multigrid" rows).
-    """
-    import keras_mgconv
-
-    names = {layer.name for layer in model.layers}
-    for name in names:
-        if not name.endswith("_add"):
-            continue
-        prefix = name[: -len("add")]
-        if isinstance(model.get_layer(prefix + "project"), keras_mgconv.MultigridConv2D):
-            norm = prefix + ("project_BN" if prefix + "project_BN" in names else "project_bn")
-            gamma = model.get_layer(norm).gamma
-            gamma.assign(np.zeros(gamma.shape, "float32"))
     return model
 
 

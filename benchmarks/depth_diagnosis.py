@@ -91,8 +91,7 @@ def build(network, design, variant, input_shape, seed):
     _, multigrid, group_size, coarsest = next(d for d in DESIGNS if d[0] == design)
     keras.utils.set_random_seed(seed)
     extra = {} if group_size is None else {"group_size": group_size, "coarsest_channels": coarsest}
-    if network.startswith("ResNet"):
-        extra["zero_init_residual"] = "multigrid" if variant == "zero-init" else False
+    extra["zero_init_residual"] = "multigrid" if variant == "zero-init" else False
     model = getattr(keras_mgconv.models, network)(
         input_shape=input_shape,
         classes=10,
@@ -206,10 +205,9 @@ def append(record):
 
 def measured(network, design, variant):
     """Whether a network is measured in a design and variant: the baselines
-    start only at scale 1, and only the ResNets' factories have a zero start."""
+    start only at scale 1."""
     return any(d[0] == design for d in NETWORK_DESIGNS[network]) and (
-        variant == "scale-1"
-        or (design != "baseline" and (variant != "zero-init" or network.startswith("ResNet")))
+        variant == "scale-1" or design != "baseline"
     )
 
 

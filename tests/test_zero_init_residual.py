@@ -163,3 +163,59 @@ def test_true_zeroes_every_residual_branch_false_none_and_the_default_the_multig
 def test_a_bad_zero_init_residual_is_refused_naming_it(value):
     with pytest.raises(ValueError, match=rf"Received: zero_init_residual={value!r}\."):
         keras_mgconv.models.ResNet20(zero_init_residual=value)
+
+
+MOBILENETS = ("MobileNetV2", "MobileNetV3Small", "MobileNetV3Large")
+
+
+def _mobilenet(factory, **kwargs):
+    keras.utils.set_random_seed(0)
+    return getattr(keras_mgconv.models, factory)(input_shape=(32, 32, 3), classes=10, **kwargs)
+
+
+def _projections(model):
+    """{projection BatchNormalization: whether its projection is multigrid}, by residual block."""
+    names = {layer.name for layer in model.layers}
+    blocks = [name[: -len("add")] for name in names if name.endswith("_add")]
+    return {
+        next(f"{block}project_{bn}" for bn in ("BN", "bn") if f"{block}project_{bn}" in names): (
+            isinstance(model.get_layer(f"{block}project"), keras_mgconv.MultigridConv2D)
+        )
+        for block in blocks
+    }
+
+
+@pytest.mark.parametrize("factory", MOBILENETS)
+def test_a_mobilenet_zeroes_the_residual_branches_whose_projection_is_multigrid(factory):
+    default, false, true = (
+        _mobilenet(factory, **start)
+        for start in ({}, {"zero_init_residual": False}, {"zero_init_residual": True})
+    )
+    projections = _projections(default)
+    multigrid = {name for name, is_multigrid in projections.items() if is_multigrid}
+    # Some residual projections stay dense (24 and 32 channels), some are multigrid.
+    assert multigrid and set(projections) - multigrid
+    assert {name for name, scale in _scales(default).items() if scale == 0} == multigrid
+    assert {name for name, scale in _scales(true).items() if scale == 0} == set(projections)
+    assert all(scale == 1 for scale in _scales(false).values())
+    # The baseline's default start is keras.applications': every scale at 1.
+    baseline = _mobilenet(factory, multigrid=False)
+    assert all(scale == 1 for scale in _scales(baseline).values())
+
+
+@pytest.mark.parametrize(
+    "factory, block", [("MobileNetV2", "block_8"), ("MobileNetV3Small", "expanded_conv_5")]
+)
+def test_a_zero_started_mobilenet_block_starts_as_the_identity(factory, block):
+    model = _mobilenet(factory, include_top=False)
+    add = model.get_layer(f"{block}_add")
+    probe = keras.Model(model.input, [add.input[0], add.output])
+    stream, output = (t.numpy() for t in probe(_images(32, count=4) * 255, training=True))
+    np.testing.assert_array_equal(output, stream)
+    assert np.std(stream) > 0
+
+
+@pytest.mark.parametrize("factory", MOBILENETS)
+def test_a_bad_mobilenet_zero_init_residual_is_refused_naming_it(factory):
+    with pytest.raises(ValueError, match=r"Received: zero_init_residual='yes'\."):
+        getattr(keras_mgconv.models, factory)(zero_init_residual="yes")
