@@ -38,8 +38,9 @@ grouped kernels started at one group's fans ("fans=group",
 (c=128), all three with every BatchNormalization scale at 1
 (`zero_init_residual=False`, the factories' start when they were recorded),
 and with the residual branches whose projection is multigrid started at zero
-scale ("zero-init=multigrid", the factories' default since). The ResNets'
-designs: the baseline; the layer design (`MultigridConv2D`) at group sizes 8
+scale ("zero-init=multigrid", the factories' default since); and the baseline
+with every residual branch started at zero scale ("baseline zero-init"). The
+ResNets' designs: the baseline; the layer design (`MultigridConv2D`) at group sizes 8
 and 16 and the block design at group size 8, each with its coarsest level at
 the group size (the factories' default when the runs were recorded); and the
 layer design at group size 8 with the layers of 32 channels or fewer dense
@@ -134,9 +135,12 @@ DESIGNS = (
 # kernels at the fans of one group (does the small start cost MobileNetV2 its
 # accuracy?), and with the layers of 128 channels or fewer dense (more
 # parameters: does capacity?), and with its multigrid residual branches
-# started at zero scale (the factories' default since).
+# started at zero scale (the factories' default since); and the baseline with
+# every residual branch started at zero scale (does the zero start help any
+# MobileNet under this recipe, or the multigrid ones?).
 MOBILENET_DESIGNS = (
     ("baseline", False, None, None, False, "layer"),
+    ("baseline", False, None, None, True, "layer"),
     ("layer", "layer", 8, 32, False, "layer"),
     ("layer", "layer", 8, 32, False, "group"),
     ("layer", "layer", 8, 128, False, "layer"),
