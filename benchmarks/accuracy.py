@@ -587,6 +587,12 @@ def aggregate(runs):
                 references["coarsest_at_group_size"] = label(
                     config["model"], config["width"], config["design"], config["group_size"]
                 )
+            if config["zero_init"] and config["design"] != "baseline":
+                # The baseline with its residual branches started at zero too:
+                # what the design costs at a like start.
+                references["baseline_zero_init"] = label(
+                    config["model"], config["width"], "baseline", zero_init=True
+                )
             if config["design"] == "block":
                 # The default layer design with the same start: at c=8 every
                 # block is multigrid, so the block design's zero start is the
@@ -632,6 +638,11 @@ PAIRED_LISTS = (
         "without_zero_init",
         "Zero-init against the same design with every BatchNormalization scale starting at 1, "
         "paired:",
+    ),
+    (
+        "baseline_zero_init",
+        "Zero-init against the baseline with every residual branch started at zero scale "
+        "(baseline zero-init), paired:",
     ),
 )
 
