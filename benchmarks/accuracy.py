@@ -136,9 +136,11 @@ DESIGNS = (
 # kernels at the fans of one group (does the small start cost MobileNetV2 its
 # accuracy?), and with the layers of 128 channels or fewer dense (more
 # parameters: does capacity?), and with its multigrid residual branches
-# started at zero scale (the factories' default since); and the baseline with
-# every residual branch started at zero scale (does the zero start help any
-# MobileNet under this recipe, or the multigrid ones?).
+# started at zero scale (the factories' default since), and with every one
+# started so (the dense ones too: is the rest of the gap at a like start the
+# start?); and the baseline with every residual branch started at zero scale
+# (does the zero start help any MobileNet under this recipe, or the multigrid
+# ones?).
 MOBILENET_DESIGNS = (
     ("baseline", False, None, None, False, "layer"),
     ("baseline", False, None, None, True, "layer"),
@@ -146,6 +148,7 @@ MOBILENET_DESIGNS = (
     ("layer", "layer", 8, 32, False, "group"),
     ("layer", "layer", 8, 128, False, "layer"),
     ("layer", "layer", 8, 32, "multigrid", "layer"),
+    ("layer", "layer", 8, 32, True, "layer"),
 )
 SETTINGS = {
     "digits": {"image_size": 8, "epochs": 15, "repeats": 2, "folds": 5},
@@ -593,6 +596,18 @@ def aggregate(runs):
                 references["baseline_zero_init"] = label(
                     config["model"], config["width"], "baseline", zero_init=True
                 )
+            if config["zero_init"] is True and config["design"] == "layer":
+                # The same design with its multigrid branches only started at
+                # zero (the factories' default): what starting the dense ones
+                # at zero too does.
+                references["zero_init_multigrid"] = label(
+                    config["model"],
+                    config["width"],
+                    config["design"],
+                    config["group_size"],
+                    config["coarsest_channels"],
+                    "multigrid",
+                )
             if config["design"] == "block":
                 # The default layer design with the same start: at c=8 every
                 # block is multigrid, so the block design's zero start is the
@@ -638,6 +653,11 @@ PAIRED_LISTS = (
         "without_zero_init",
         "Zero-init against the same design with every BatchNormalization scale starting at 1, "
         "paired:",
+    ),
+    (
+        "zero_init_multigrid",
+        "Every residual branch started at zero scale against the multigrid ones only "
+        "(zero-init=multigrid), the same design otherwise, paired:",
     ),
     (
         "baseline_zero_init",

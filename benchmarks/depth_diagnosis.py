@@ -26,6 +26,9 @@ starts every BatchNormalization scale at 1 (`zero_init_residual=False`, the
 factories' default when this diagnosis was made); `zero-init` starts the last
 BatchNormalization of each multigrid residual branch at zero scale (Goyal et
 al. 2017; `zero_init_residual="multigrid"`, the factories' default since);
+`zero-init-all` starts every residual branch's, multigrid or standard, at
+zero scale (`zero_init_residual=True`; the baselines are measured in it too,
+to compare networks at a like start);
 `fan-per-group` is `scale-1` with the grouped kernels of every
 `MultigridConv2D` drawn from Glorot's uniform initialiser with the fans of one
 group (`accuracy.start_at_group_fans`), where Keras counts the fan-out over
@@ -81,7 +84,9 @@ NETWORK_DESIGNS = {
     "ResNet56": DESIGNS[:4],
     "MobileNetV2": (DESIGNS[0], DESIGNS[1], DESIGNS[4], DESIGNS[5]),
 }
-VARIANTS = ("scale-1", "zero-init", "random-transfers", "fan-per-group")
+VARIANTS = ("scale-1", "zero-init", "random-transfers", "fan-per-group", "zero-init-all")
+# The value of the factories' `zero_init_residual` each variant starts with.
+ZERO_INIT = {"zero-init": "multigrid", "zero-init-all": True}
 
 
 def build(network, design, variant, input_shape, seed):
@@ -91,7 +96,7 @@ def build(network, design, variant, input_shape, seed):
     _, multigrid, group_size, coarsest = next(d for d in DESIGNS if d[0] == design)
     keras.utils.set_random_seed(seed)
     extra = {} if group_size is None else {"group_size": group_size, "coarsest_channels": coarsest}
-    extra["zero_init_residual"] = "multigrid" if variant == "zero-init" else False
+    extra["zero_init_residual"] = ZERO_INIT.get(variant, False)
     model = getattr(keras_mgconv.models, network)(
         input_shape=input_shape,
         classes=10,
@@ -205,9 +210,9 @@ def append(record):
 
 def measured(network, design, variant):
     """Whether a network is measured in a design and variant: the baselines
-    start only at scale 1."""
+    start at scale 1 or with every residual branch at zero scale."""
     return any(d[0] == design for d in NETWORK_DESIGNS[network]) and (
-        variant == "scale-1" or design != "baseline"
+        variant in ("scale-1", "zero-init-all") or design != "baseline"
     )
 
 
