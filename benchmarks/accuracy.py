@@ -39,15 +39,17 @@ grouped kernels started at one group's fans ("fans=group",
 (c=128), all three with every BatchNormalization scale at 1
 (`zero_init_residual=False`, the factories' start when they were recorded),
 and with the residual branches whose projection is multigrid started at zero
-scale ("zero-init=multigrid", the factories' default since); and the baseline
-with every residual branch started at zero scale ("baseline zero-init"). The
+scale ("zero-init=multigrid", the factories' default for a while) or every
+one ("zero-init", the factories' default now); and the baseline with every
+residual branch started at zero scale ("baseline zero-init"). The
 ResNets' designs: the baseline; the layer design (`MultigridConv2D`) at group sizes 8
 and 16 and the block design at group size 8, each with its coarsest level at
 the group size (the factories' default when the runs were recorded); and the
 layer design at group size 8 with the layers of 32 channels or fewer dense
 (`coarsest_channels=32`, the factories' default since), started at scale 1,
 zero-started in its multigrid blocks (`zero_init_residual="multigrid"`, the
-factories' default since) or in every block. Training is the
+factories' default for a while) or in every block (`zero_init_residual="auto"`
+for a multigrid network, the factories' default now). Training is the
 plain Keras route a user takes: the factory model, `compile` with Adam
 (learning rate 1e-3, cosine decay to 0 over the run, which settles the weights
 and so the seed-to-seed spread), sparse categorical cross-entropy, `fit` with
@@ -113,10 +115,11 @@ MOBILENETS = ("MobileNetV3Small", "MobileNetV2")
 # BatchNormalization scale at 1 (`zero_init_residual=False`, the factories'
 # default when they were recorded); the zero-init rows start the last one of
 # every residual branch, standard or multigrid, at zero scale
-# (`zero_init_residual=True`), and "baseline zero-init" the standard network's,
-# to tell what the start does for any ResNet from what it does for multigrid
-# ones; "zero-init=multigrid" rows start the multigrid blocks' only
-# (`zero_init_residual="multigrid"`, the factories' default since). The
+# (`zero_init_residual=True`; for a multigrid network the factories' default
+# now, "auto"), and "baseline zero-init" the standard network's, to tell what
+# the start does for any ResNet from what it does for multigrid ones;
+# "zero-init=multigrid" rows start the multigrid blocks' only
+# (`zero_init_residual="multigrid"`, the factories' default before "auto"). The
 # multigrid layers' Glorot kernels count their fans over all groups, as Keras
 # does (the factories' start, "layer"), except in the "fans=group" rows, which
 # count those of one group ("group", `start_at_group_fans`).
@@ -136,9 +139,9 @@ DESIGNS = (
 # kernels at the fans of one group (does the small start cost MobileNetV2 its
 # accuracy?), and with the layers of 128 channels or fewer dense (more
 # parameters: does capacity?), and with its multigrid residual branches
-# started at zero scale (the factories' default since), and with every one
-# started so (the dense ones too: is the rest of the gap at a like start the
-# start?); and the baseline with every residual branch started at zero scale
+# started at zero scale (the factories' default before "auto"), and with
+# every one started so (the dense ones too, the factories' default now); and
+# the baseline with every residual branch started at zero scale
 # (does the zero start help any MobileNet under this recipe, or the multigrid
 # ones?).
 MOBILENET_DESIGNS = (
@@ -610,15 +613,10 @@ def aggregate(runs):
                 )
             if config["design"] == "block":
                 # The default layer design with the same start: at c=8 every
-                # block is multigrid, so the block design's zero start is the
-                # layer design's "multigrid" one.
+                # block is multigrid, so the block design's zero start is
+                # every branch's.
                 references["layer_design"] = label(
-                    config["model"],
-                    config["width"],
-                    "layer",
-                    8,
-                    32,
-                    "multigrid" if config["zero_init"] else False,
+                    config["model"], config["width"], "layer", 8, 32, config["zero_init"]
                 )
             for name, reference in references.items():
                 base = by_key.get((setting, reference), {})

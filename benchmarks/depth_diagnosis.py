@@ -25,10 +25,11 @@ Variants (`--variants`) are ways a multigrid network starts: `scale-1`
 starts every BatchNormalization scale at 1 (`zero_init_residual=False`, the
 factories' default when this diagnosis was made); `zero-init` starts the last
 BatchNormalization of each multigrid residual branch at zero scale (Goyal et
-al. 2017; `zero_init_residual="multigrid"`, the factories' default since);
-`zero-init-all` starts every residual branch's, multigrid or standard, at
-zero scale (`zero_init_residual=True`; the baselines are measured in it too,
-to compare networks at a like start);
+al. 2017; `zero_init_residual="multigrid"`, the factories' default before
+"auto"); `zero-init-all` starts every residual branch's, multigrid or
+standard, at zero scale (`zero_init_residual=True`, for a multigrid network
+the factories' default now; the baselines are measured in it too, to compare
+networks at a like start);
 `fan-per-group` is `scale-1` with the grouped kernels of every
 `MultigridConv2D` drawn from Glorot's uniform initialiser with the fans of one
 group (`accuracy.start_at_group_fans`), where Keras counts the fan-out over

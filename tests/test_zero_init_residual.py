@@ -1,4 +1,4 @@
-"""`zero_init_residual`: residual blocks that start as the identity; multigrid ones by default."""
+"""`zero_init_residual`: residual blocks that start as the identity (all of a multigrid net)."""
 
 import numpy as np
 import pytest
@@ -133,7 +133,7 @@ def test_a_deep_multigrid_stream_stays_within_1_5x_of_the_baselines(zero_init_re
     assert (deviations[True] <= 1.5 * deviations[False]) == within, deviations
 
 
-def test_true_zeroes_every_residual_branch_false_none_and_the_default_the_multigrid_ones():
+def test_true_and_the_multigrid_default_zero_every_residual_branch_false_none():
     keras.utils.set_random_seed(0)
     everywhere = keras_mgconv.models.ResNet20(
         input_shape=(8, 8, 3), multigrid=False, zero_init_residual=True
@@ -149,14 +149,40 @@ def test_true_zeroes_every_residual_branch_false_none_and_the_default_the_multig
     for multigrid in ("layer", "block"):
         default, chosen, ones = (
             _scales(
-                keras_mgconv.models.ResNet20(
-                    input_shape=(8, 8, 3), multigrid=multigrid, coarsest_channels=8, **start
-                )
+                keras_mgconv.models.ResNet20(input_shape=(8, 8, 3), multigrid=multigrid, **start)
             )
-            for start in ({}, {"zero_init_residual": "multigrid"}, {"zero_init_residual": False})
+            for start in ({}, {"zero_init_residual": True}, {"zero_init_residual": False})
         )
-        assert default == chosen and 0 in default.values()
+        # A multigrid network starts as the baseline started at zero, its
+        # dense blocks (16 and 32 channels, coarsest_channels=32) included.
+        assert default == chosen
+        zero_here = {name for name, scale in default.items() if scale == 0}
+        dense = {name for name in zero if not name.startswith("conv4")}
+        assert zero_here == zero if multigrid == "layer" else zero_here >= dense
         assert all(scale == 1 for scale in ones.values())
+
+
+def test_auto_and_multigrid_differ_only_in_the_dense_blocks_of_a_multigrid_network():
+    """'multigrid' leaves the dense blocks at scale 1; with every block
+    multigrid (coarsest level 8) it is the default's start."""
+    starts = {}
+    for coarsest_channels in (None, 8):
+        for start in ("auto", "multigrid"):
+            keras.utils.set_random_seed(0)
+            model = keras_mgconv.models.ResNet20(
+                input_shape=(8, 8, 3),
+                coarsest_channels=coarsest_channels,
+                zero_init_residual=start,
+            )
+            starts[coarsest_channels, start] = {
+                name for name, scale in _scales(model).items() if scale == 0
+            }
+    assert starts[None, "multigrid"] < starts[None, "auto"]
+    assert {name[:5] for name in starts[None, "auto"] - starts[None, "multigrid"]} == {
+        "conv2",
+        "conv3",
+    }
+    assert starts[8, "multigrid"] == starts[8, "auto"] == starts[None, "auto"]
 
 
 @pytest.mark.parametrize("value", ["yes", None])
@@ -187,9 +213,14 @@ def _projections(model):
 
 @pytest.mark.parametrize("factory", MOBILENETS)
 def test_a_mobilenet_zeroes_the_residual_branches_whose_projection_is_multigrid(factory):
-    default, false, true = (
+    default, false, true, multigrid_only = (
         _mobilenet(factory, **start)
-        for start in ({}, {"zero_init_residual": False}, {"zero_init_residual": True})
+        for start in (
+            {},
+            {"zero_init_residual": False},
+            {"zero_init_residual": True},
+            {"zero_init_residual": "multigrid"},
+        )
     )
     projections = _projections(default)
     multigrid = {name for name, is_multigrid in projections.items() if is_multigrid}
@@ -197,6 +228,7 @@ def test_a_mobilenet_zeroes_the_residual_branches_whose_projection_is_multigrid(
     assert multigrid and set(projections) - multigrid
     assert {name for name, scale in _scales(default).items() if scale == 0} == multigrid
     assert {name for name, scale in _scales(true).items() if scale == 0} == set(projections)
+    assert {name for name, scale in _scales(multigrid_only).items() if scale == 0} == multigrid
     assert all(scale == 1 for scale in _scales(false).values())
     # The baseline's default start is keras.applications': every scale at 1.
     baseline = _mobilenet(factory, multigrid=False)

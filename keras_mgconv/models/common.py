@@ -56,9 +56,10 @@ class ConvSettings:
             `group_size` where that is larger).
         use_bias: whether block convolutions have a bias (keras.applications'
             ResNet does, MobileNetV2 does not).
-        zero_init_residual: False (no residual branch starts at zero
-            scale), True (every one) or "multigrid" (those of multigrid
-            blocks); see `residual_gamma`.
+        zero_init_residual: "auto" (every residual branch of a multigrid
+            network starts at zero scale, none of a baseline's), False (no
+            residual branch does), True (every one) or "multigrid" (those of
+            multigrid blocks); see `residual_gamma`.
     """
 
     def __init__(
@@ -73,16 +74,21 @@ class ConvSettings:
             else _arguments.positive_int("coarsest_channels", coarsest_channels)
         )
         self.use_bias = use_bias
-        if not (isinstance(zero_init_residual, bool) or zero_init_residual == "multigrid"):
+        if not (
+            isinstance(zero_init_residual, bool) or zero_init_residual in ("auto", "multigrid")
+        ):
             raise ValueError(
-                "Invalid value for argument `zero_init_residual`. Expected False, True "
-                "or 'multigrid' (zero scale in multigrid blocks only). "
+                "Invalid value for argument `zero_init_residual`. Expected 'auto' (zero "
+                "scale in every residual branch of a multigrid network), True, False or "
+                "'multigrid' (in multigrid blocks only). "
                 f"Received: zero_init_residual={zero_init_residual!r}."
             )
         self.zero_init_residual = zero_init_residual
 
     def zero_init(self, multigrid_block):
         """Whether a residual branch, of a multigrid block or not, starts at zero scale."""
+        if self.zero_init_residual == "auto":
+            return self.multigrid
         if self.zero_init_residual == "multigrid":
             return bool(multigrid_block)
         return self.zero_init_residual
@@ -97,6 +103,12 @@ class ConvSettings:
         """
         zero = self.zero_init(multigrid_block) and not zero_padded_shortcut
         return "zeros" if zero else "ones"
+
+    def projection_gamma(self, filters, residual):
+        """The initializer of the scale of an inverted residual block's
+        projection BatchNormalization (the MobileNets'): that of a residual
+        branch where the block adds its input back, else 1."""
+        return self.residual_gamma(self.is_multigrid(filters)) if residual else "ones"
 
     def is_multigrid(self, filters):
         """Whether a block convolution (layer design) or a block (block design)

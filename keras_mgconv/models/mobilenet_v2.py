@@ -79,11 +79,10 @@ def _inverted_res_block(x, filters, stride, expansion, block_id, settings, momen
     x = _batch_norm(x, f"{prefix}depthwise_BN", momentum)
     x = keras.layers.ReLU(6.0, name=f"{prefix}depthwise_relu")(x)
     residual = in_channels == filters and stride == 1
-    # A residual branch whose projection is multigrid starts at zero scale
-    # under `zero_init_residual="multigrid"`: see `MobileNetV2`.
-    gamma = settings.residual_gamma(settings.is_multigrid(filters)) if residual else "ones"
     x = common.conv(settings, filters, 1, name=f"{prefix}project")(x)
-    x = _batch_norm(x, f"{prefix}project_BN", momentum, gamma)
+    x = _batch_norm(
+        x, f"{prefix}project_BN", momentum, settings.projection_gamma(filters, residual)
+    )
     if residual:
         return keras.layers.Add(name=f"{prefix}add")([inputs, x])
     return x
@@ -148,7 +147,8 @@ def MobileNetV2(
             block and starts as keras.applications'. False: every scale
             starts at 1. True: every residual branch, standard ones too (on
             those digits it lifted the baseline by 4.7 points, 2.4 above the
-            default multigrid network).
+            default multigrid network). "auto": True for a multigrid
+            network, False for a baseline (the ResNets' default).
 
     Returns:
         A `keras.Model`.
@@ -160,7 +160,7 @@ def MobileNetV2(
             weights file, pooling with include_top, classes < 1, inputs smaller
             than 32x32, an `input_shape` that disagrees with `input_tensor`,
             a `group_size` dividing none of the block widths, or a
-            `zero_init_residual` other than False, True or "multigrid".
+            `zero_init_residual` other than "auto", True, False or "multigrid".
 
     Example:
 

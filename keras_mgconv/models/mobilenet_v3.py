@@ -176,9 +176,10 @@ def _inverted_res_block(
     if squeeze_excite:
         x = _squeeze_excite(x, expanded, prefix)
     residual = stride == 1 and in_channels == filters
-    gamma = settings.residual_gamma(settings.is_multigrid(filters)) if residual else "ones"
     x = common.conv(settings, filters, 1, name=f"{prefix}project")(x)
-    x = _batch_norm(x, f"{prefix}project_bn", momentum, gamma)
+    x = _batch_norm(
+        x, f"{prefix}project_bn", momentum, settings.projection_gamma(filters, residual)
+    )
     if residual:
         x = keras.layers.Add(name=f"{prefix}add")([shortcut, x])
     return x
@@ -334,6 +335,8 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
             0.2, within its spread; `benchmarks/accuracy.py`). The baseline
             (`multigrid=False`) starts as keras.applications'. False: every
             scale starts at 1. True: every residual branch, standard ones too.
+            "auto": True for a multigrid network, False for a baseline (the
+            ResNets' default).
 
     Returns:
         A `keras.Model` (a `PreciseBatchNormModel`).
@@ -346,7 +349,7 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
             include_top, classes < 1, inputs smaller than 32x32, an
             `input_shape` that disagrees with `input_tensor`, a
             `group_size` dividing none of the block widths, or a
-            `zero_init_residual` other than False, True or "multigrid".
+            `zero_init_residual` other than "auto", True, False or "multigrid".
 
     Example:
 

@@ -131,7 +131,7 @@ def ResNet(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.99,
-    zero_init_residual="multigrid",
+    zero_init_residual="auto",
 ):
     """Builds a ResNet from its block function and stage specification.
 
@@ -168,15 +168,18 @@ def ResNet(
             that their blocks start as the identity (Goyal et al. 2017): the
             last BatchNormalization of the branch, and in the block design
             those of the finest level (see `multigrid_basic_block`).
-            "multigrid" (default): the multigrid blocks'. A V-cycle carries
-            its input through, so a branch of two starts correlated with the
-            stream it adds to, and a deep multigrid network's stream grows
-            with depth (`benchmarks/depth_diagnosis.py`); started at zero, it
-            grows as the baseline's. Baselines (`multigrid=False`) have no
-            multigrid block and start as keras.applications'. False: every
-            scale starts at 1. True: every residual block, standard ones too.
-            A branch beside a zero-padded shortcut (the CIFAR ResNets' stage
-            changes) always starts at 1, so that the padded channels learn.
+            "auto" (default): every branch of a multigrid network, its dense
+            blocks' too; none of a baseline's (`multigrid=False`), which
+            starts as keras.applications'. A V-cycle carries its input
+            through, so a branch of two starts correlated with the stream it
+            adds to, and a deep multigrid network's stream grows with depth
+            (`benchmarks/depth_diagnosis.py`); started at zero, it does not.
+            "multigrid": the multigrid blocks' only; the dense ones start at
+            1, which cost ResNet56 1.4 points on the digits against "auto"
+            (`benchmarks/accuracy.py`). True: every branch, a baseline's too.
+            False: every scale starts at 1. A branch beside a zero-padded
+            shortcut (the CIFAR ResNets' stage changes) always starts at 1,
+            so that the padded channels learn.
 
     Returns:
         A `keras.Model`.
@@ -189,7 +192,7 @@ def ResNet(
             network's minimum, an `input_shape` that disagrees with
             `input_tensor`, a `group_size` that is not a positive even int,
             or one that divides none of the block widths, a
-            `zero_init_residual` other than False, True or "multigrid".
+            `zero_init_residual` other than "auto", True, False or "multigrid".
     """
     common.check_factory_arguments(weights, include_top, pooling, classes, width)
     common.batch_norm_momentum(batch_norm_momentum)
@@ -260,7 +263,7 @@ def CIFARResNet(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.99,
-    zero_init_residual="multigrid",
+    zero_init_residual="auto",
 ):
     """CIFAR ResNet of any depth 6n+2 (He et al. 2016, section 4.2).
 
@@ -337,7 +340,7 @@ def _cifar_resnet(depth):
         coarsest_channels=None,
         width=1.0,
         batch_norm_momentum=0.99,
-        zero_init_residual="multigrid",
+        zero_init_residual="auto",
     ):
         return CIFARResNet(
             depth,
@@ -377,7 +380,7 @@ def _imagenet_resnet(block, blocks_per_stage, depth):
         coarsest_channels=None,
         width=1.0,
         batch_norm_momentum=0.99,
-        zero_init_residual="multigrid",
+        zero_init_residual="auto",
     ):
         stages = [
             (filters, blocks, 1 if index == 0 else 2)
