@@ -103,7 +103,7 @@ def MobileNetV2(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.999,
-    zero_init_residual="multigrid",
+    zero_init_residual="auto",
 ):
     """MobileNetV2 (Sandler et al. 2018) with multigrid 1x1 convolutions.
 
@@ -139,16 +139,15 @@ def MobileNetV2(
             keras.applications; lower it for short runs).
         zero_init_residual: which residual branches start at zero scale
             (their projection's BatchNormalization), so that their blocks
-            start as the identity. "multigrid" (default): those whose
-            projection is multigrid. Started at scale 1 instead (False),
-            the multigrid network scored 6.2 points lower on the digits at
-            32x32 (10 paired runs, `benchmarks/accuracy.py`), 3.8 below the
-            baseline's. The baseline (`multigrid=False`) has no multigrid
-            block and starts as keras.applications'. False: every scale
-            starts at 1. True: every residual branch, standard ones too (on
-            those digits it lifted the baseline by 4.7 points, 2.4 above the
-            default multigrid network). "auto": True for a multigrid
-            network, False for a baseline (the ResNets' default).
+            start as the identity. "auto" (default): every one of a
+            multigrid network, none of a baseline's (`multigrid=False`),
+            which starts as keras.applications'. On the digits at 32x32
+            (`benchmarks/accuracy.py`), started at scale 1 (False) the
+            multigrid network scored 3.8 points below the baseline; started
+            at zero in the branches whose projection is multigrid only
+            ("multigrid"), 1.2 below "auto". True: every residual branch,
+            a baseline's too (it lifts the baseline by 4.7 points on those
+            digits: compare networks at a like start).
 
     Returns:
         A `keras.Model`.

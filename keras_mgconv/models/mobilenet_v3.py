@@ -329,14 +329,12 @@ _DOCSTRING = """{model} (Howard et al. 2019) with multigrid 1x1 convolutions.
             keras.applications; lower it for short runs).
         zero_init_residual: which residual branches start at zero scale
             (their projection's BatchNormalization), so that their blocks
-            start as the identity. "multigrid" (default): those whose
-            projection is multigrid, as in `MobileNetV2`, where the start at
-            scale 1 cost 6.2 points on the digits at 32x32 (MobileNetV3Small
-            0.2, within its spread; `benchmarks/accuracy.py`). The baseline
-            (`multigrid=False`) starts as keras.applications'. False: every
-            scale starts at 1. True: every residual branch, standard ones too.
-            "auto": True for a multigrid network, False for a baseline (the
-            ResNets' default).
+            start as the identity. "auto" (default): every one of a
+            multigrid network, none of a baseline's (`multigrid=False`),
+            which starts as keras.applications', as in `MobileNetV2`.
+            "multigrid": those whose projection is multigrid. False: every
+            scale starts at 1. True: every residual branch, a baseline's
+            too.
 
     Returns:
         A `keras.Model` (a `PreciseBatchNormModel`).
@@ -377,7 +375,7 @@ def MobileNetV3Small(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.999,
-    zero_init_residual="multigrid",
+    zero_init_residual="auto",
 ):
     return _mobilenet_v3(
         "MobileNetV3Small",
@@ -422,7 +420,7 @@ def MobileNetV3Large(
     coarsest_channels=None,
     width=1.0,
     batch_norm_momentum=0.999,
-    zero_init_residual="multigrid",
+    zero_init_residual="auto",
 ):
     return _mobilenet_v3(
         "MobileNetV3Large",
